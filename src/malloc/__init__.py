@@ -1,0 +1,3 @@
+"""MALLOC: memory-aware long-sequence compression for large sequential recommenders."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""Jagged per-user event sequences and explicit CTR rows.
+
+Every source reader produces a :class:`Sequences` (all users' chronological histories, stored jagged) and,
+where the source defines its own click-through rows (reczoo, LongCTR), a :class:`CTRRows` that indexes into it.
+Task views (:mod:`malloc.data.tasks`) only hold indices into these arrays; no prefix is ever materialised.
+
+Jagged convention: user ``u`` owns the events ``offsets[u] : offsets[u + 1]`` of the flat arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Event label meaning "not observed" (retrieval data, or a click log without labels).
+UNKNOWN_LABEL = -1
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """All users' histories, chronological within each user.
+
+    Attributes:
+        name: data set name, for logs and results.
+        offsets: ``(U + 1,)`` int64, ``offsets[0] == 0``, non-decreasing.
+        items: ``(E,)`` int64 item ids in ``1 .. num_items`` (0 is reserved for padding).
+        timestamps: ``(E,)`` int64 seconds (or order indices where the source has no time), non-decreasing per user.
+        labels: ``(E,)`` int8, 1 positive, 0 negative, ``UNKNOWN_LABEL`` where the source has none.
+        num_items: size of the item vocabulary, excluding padding.
+        user_ids: ``(U,)`` the source's user ids (for reports), in the same order as ``offsets``.
+        item_ids: ``(num_items + 1,)`` the source's item id of each dense id (entry 0 is padding).
+    """
+
+    name: str
+    offsets: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    labels: np.ndarray
+    num_items: int
+    user_ids: np.ndarray
+    item_ids: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        num_events = int(self.offsets[-1]) if len(self.offsets) else 0
+        assert self.offsets.ndim == 1 and self.offsets[0] == 0, "offsets must start at 0"
+        assert np.all(np.diff(self.offsets) >= 0), "offsets must be non-decreasing"
+        assert len(self.items) == len(self.timestamps) == len(self.labels) == num_events
+        assert len(self.user_ids) == len(self.offsets) - 1
+        assert num_events == 0 or (self.items.min() >= 1 and self.items.max() <= self.num_items)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_events(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(U,)`` int64 number of events per user."""
+        return np.diff(self.offsets)
+
+    def user_slice(self, user: int) -> slice:
+        return slice(int(self.offsets[user]), int(self.offsets[user + 1]))
+
+    def has_labels(self) -> bool:
+        return bool(self.num_events) and bool(np.all(self.labels != UNKNOWN_LABEL))
+
+
+@dataclass(frozen=True)
+class CTRRows:
+    """Explicit click-through rows defined by a source (one candidate item per row).
+
+    Row ``r`` asks: given user ``user[r]``'s first ``history_len[r]`` events, will they click ``item[r]``?
+
+    Attributes:
+        user: ``(R,)`` int64 index into :class:`Sequences` users.
+        history_len: ``(R,)`` int64 number of the user's events visible to the row (``<= lengths[user]``).
+        item: ``(R,)`` int64 dense candidate item id.
+        timestamp: ``(R,)`` int64 time of the request (used by the time bias).
+        label: ``(R,)`` int8 0/1.
+        split: ``(R,)`` int8, 0 train, 1 valid, 2 test.
+    """
+
+    user: np.ndarray
+    history_len: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+    label: np.ndarray
+    split: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.user)
+        assert all(len(a) == n for a in (self.history_len, self.item, self.timestamp, self.label, self.split))
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, mask: np.ndarray) -> CTRRows:
+        return CTRRows(*(a[mask] for a in (self.user, self.history_len, self.item, self.timestamp,
+                                           self.label, self.split)))
+
+
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What a source reader returns: the sequences and, if the source defines them, its own CTR rows."""
+
+    sequences: Sequences
+    ctr_rows: CTRRows | None = None
+
+
+class DataError(ValueError):
+    """A user-caused data problem: the message names the input (file, line) and what was expected."""
+
+
+def build_sequences(
+    name: str,
+    user_raw: np.ndarray,
+    item_raw: np.ndarray,
+    timestamps: np.ndarray,
+    labels: np.ndarray,
+) -> Sequences:
+    """Group flat interactions by user, sort each user's events by time (stable), and densify item ids.
+
+    Args:
+        user_raw: ``(E,)`` source user ids (any sortable dtype).
+        item_raw: ``(E,)`` source item ids (any sortable dtype).
+        timestamps: ``(E,)`` int64.
+        labels: ``(E,)`` int8 (``UNKNOWN_LABEL`` allowed).
+    Returns:
+        Sequences with users in ascending source-id order and dense items ``1..num_items`` in ascending
+        source-id order.
+    """
+    order = np.lexsort((np.arange(len(user_raw)), timestamps, user_raw))
+    user_sorted = user_raw[order]
+    user_ids, counts = np.unique(user_sorted, return_counts=True)
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    item_ids, item_dense = np.unique(item_raw[order], return_inverse=True)
+    return Sequences(
+        name=name,
+        offsets=offsets,
+        items=(item_dense.astype(np.int64) + 1),
+        timestamps=timestamps[order].astype(np.int64),
+        labels=labels[order].astype(np.int8),
+        num_items=len(item_ids),
+        user_ids=user_ids,
+        item_ids=np.concatenate([np.zeros(1, dtype=item_ids.dtype), item_ids]),
+    )

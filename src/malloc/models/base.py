@@ -1,0 +1,217 @@
+"""What every backbone shares: embeddings, heads, the training forward and the serving path.
+
+Serving path (DESIGN.md section 3.5), batched over users of different lengths:
+
+- ``prefill(events) -> states``: encode histories and write each user's state (in chunks, so a 16k-event
+  history never builds a 16k x 16k attention matrix: each chunk is an append to the state written so far);
+- ``append(states, events) -> states``: compute only the new events, against the stored state;
+- ``score(states, candidates) -> logits``: candidates attend to the state and to themselves only, never to each
+  other, and never enter the state; processed in micro-batches (M-FALCON style);
+- ``retrieval_logits(states)``: the last stored event's output dotted with every item embedding.
+
+With no compression, prefill + append + score equals :meth:`forward` over the same tokens (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from malloc.memory.state import LayerState, UserState, collate_layer
+from malloc.models.config import ModelConfig
+from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Events:
+    """New events for a batch of users, padded.
+
+    Attributes:
+        items: ``(B, t)`` int64, 0 for padding.
+        actions: ``(B, t)`` int64 action ids.
+        timestamps: ``(B, t)`` int64.
+        lengths: ``(B,)`` int64 number of real events per user (events are left-aligned).
+    """
+
+    items: torch.Tensor
+    actions: torch.Tensor
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.arange(self.items.shape[1])[None, :] < self.lengths[:, None]
+
+    def slice(self, start: int, stop: int) -> Events:
+        return Events(self.items[:, start:stop], self.actions[:, start:stop], self.timestamps[:, start:stop],
+                      (self.lengths - start).clamp(0, stop - start))
+
+
+class AttentionLayer(nn.Module):
+    """Interface of one backbone layer.
+
+    ``forward(x, tokens, cache)`` takes the new tokens' inputs ``x (B, T, D)``, their metadata and the cached
+    history block (or None), and returns ``(y (B, T, D), new (KVBlock with B, H, T keys))``.
+    """
+
+    heads: int
+    key_dim: int
+    value_dim: int
+
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None
+                ) -> tuple[torch.Tensor, KVBlock]:
+        raise NotImplementedError
+
+
+class SequentialRecommender(nn.Module):
+    """Embeddings + a stack of :class:`AttentionLayer` + CTR and retrieval heads.
+
+    Args:
+        cfg: hyperparameters.
+        num_items: item vocabulary size (dense ids ``1..num_items``; 0 is padding).
+    """
+
+    def __init__(self, cfg: ModelConfig, num_items: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        self.action_embedding = nn.Embedding(NUM_ACTIONS, cfg.dim)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(self.build_layer() for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.ctr_head = nn.Linear(cfg.dim, 1)
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.action_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    # -- hooks for the backbones -------------------------------------------------------------------------------
+    def build_layer(self) -> AttentionLayer:
+        raise NotImplementedError
+
+    def embed(self, tokens: TokenBatch) -> torch.Tensor:
+        """Input embeddings ``(B, T, D)``."""
+        return self.item_embedding(tokens.items) + self.action_embedding(tokens.actions)
+
+    # -- training forward --------------------------------------------------------------------------------------
+    def encode(self, tokens: TokenBatch, caches: list[KVBlock] | None = None
+               ) -> tuple[torch.Tensor, list[KVBlock]]:
+        """Run the layer stack over new tokens against optional cached blocks.
+
+        Returns:
+            ``h (B, T, D)`` final normalised outputs, and the new tokens' keys/values per layer.
+        """
+        x = self.input_dropout(self.embed(tokens))
+        new_blocks = []
+        for index, layer in enumerate(self.layers):
+            x, block = layer(x, tokens, None if caches is None else caches[index])
+            new_blocks.append(block)
+        return self.final_norm(x), new_blocks
+
+    def forward(self, tokens: TokenBatch) -> torch.Tensor:
+        """The plain full forward used for training: ``(B, T)`` tokens -> ``(B, T, D)`` outputs."""
+        return self.encode(tokens)[0]
+
+    def ctr_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` candidate outputs -> ``(...)`` click logits."""
+        return self.ctr_head(hidden).squeeze(-1)
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` user representations -> ``(..., num_items + 1)`` logits; column 0 (padding) is -inf."""
+        logits = hidden @ self.item_embedding.weight.T
+        logits[..., 0] = float("-inf")
+        return logits
+
+    # -- serving path ------------------------------------------------------------------------------------------
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.state_dtype]
+
+    def empty_state(self) -> UserState:
+        layers = tuple(LayerState.empty(layer.heads, layer.key_dim, layer.value_dim, self.state_dtype)
+                       for layer in self.layers)
+        return UserState(layers=layers, last_hidden=torch.zeros(0), next_position=0, last_timestamp=0)
+
+    def _caches(self, states: list[UserState]) -> list[KVBlock]:
+        dtype = self.item_embedding.weight.dtype
+        return [collate_layer(states, index, dtype) for index in range(len(self.layers))]
+
+    @torch.no_grad()
+    def prefill(self, events: Events, chunk_size: int = 1024) -> list[UserState]:
+        """Encode histories from scratch and write one state per user."""
+        states = [self.empty_state() for _ in range(events.items.shape[0])]
+        return self.append(states, events, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def append(self, states: list[UserState], events: Events, chunk_size: int = 1024) -> list[UserState]:
+        """Compute only the new events against the stored states and return the extended states.
+
+        The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk.
+        """
+        for start in range(0, events.items.shape[1], chunk_size):
+            states = self._append_chunk(states, events.slice(start, start + chunk_size))
+        return states
+
+    def _append_chunk(self, states: list[UserState], events: Events) -> list[UserState]:
+        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64)
+        length = events.items.shape[1]
+        valid = events.valid
+        tokens = TokenBatch(
+            items=events.items, actions=events.actions,
+            positions=next_pos[:, None] + torch.arange(length)[None, :],
+            timestamps=events.timestamps, is_history=valid, valid=valid,
+        )
+        hidden, blocks = self.encode(tokens, self._caches(states))
+        updated = []
+        for b, state in enumerate(states):
+            t = int(events.lengths[b])
+            if t == 0:
+                updated.append(state)
+                continue
+            layers = tuple(
+                layer_state.extend(block.keys[b, :, :t], block.values[b, :, :t],
+                                   tokens.positions[b, :t], tokens.timestamps[b, :t])
+                for layer_state, block in zip(state.layers, blocks, strict=True))
+            updated.append(UserState(layers=layers, last_hidden=hidden[b, t - 1].to(self.state_dtype).clone(),
+                                     next_position=state.next_position + t,
+                                     last_timestamp=int(events.timestamps[b, t - 1])))
+        return updated
+
+    @torch.no_grad()
+    def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor,
+              chunk_size: int = 256) -> torch.Tensor:
+        """Click logits of candidates read from the stored states; the states are left unchanged.
+
+        Args:
+            items: ``(B, c)`` candidate item ids (0 = padding, its logit is meaningless).
+            timestamps: ``(B, c)`` request times.
+            chunk_size: candidates per micro-batch.
+        Returns:
+            ``(B, c)`` logits.
+        """
+        caches = self._caches(states)
+        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64)
+        logits = []
+        for start in range(0, items.shape[1], chunk_size):
+            part = items[:, start:start + chunk_size]
+            valid = part > 0
+            tokens = TokenBatch(
+                items=part, actions=torch.zeros_like(part),
+                positions=next_pos[:, None].expand_as(part),
+                timestamps=timestamps[:, start:start + chunk_size], is_history=torch.zeros_like(valid),
+                valid=valid,
+            )
+            hidden, _ = self.encode(tokens, caches)
+            logits.append(self.ctr_logits(hidden))
+        return torch.cat(logits, dim=1)
+
+    @torch.no_grad()
+    def retrieval_logits(self, states: list[UserState]) -> torch.Tensor:
+        """``(B, num_items + 1)`` next-item logits from each state's last hidden output."""
+        hidden = torch.stack([s.last_hidden.to(self.item_embedding.weight.dtype) for s in states])
+        return self.item_logits(hidden)

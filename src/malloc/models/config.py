@@ -1,0 +1,45 @@
+"""Typed hyperparameters shared by the backbones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone hyperparameters.
+
+    Attributes:
+        backbone: "hstu" (pointwise SiLU attention, arXiv 2402.17152) or "sasrec" (causal softmax, arXiv 1808.09781).
+        dim: model width ``D``.
+        layers: number of attention layers ``L``.
+        heads: attention heads ``H`` (at least 4 by default, so head-level schemes have room).
+        head_dim: per-head key/value width ``d_k = d_v``.
+        dropout: dropout rate in training.
+        max_len: training window in events; HSTU divides attention by it (a constant normaliser keeps stored
+            state valid across appends); SASRec's learned position table has this many rows.
+        pos_buckets: HSTU relative-position bias buckets (log-spaced distance).
+        time_buckets: HSTU relative-time bias buckets (log-spaced seconds).
+        ffn_mult: SASRec feed-forward width as a multiple of ``dim``.
+        state_dtype: dtype of stored keys/values ("float32" is the exact reference).
+    """
+
+    backbone: Literal["hstu", "sasrec"] = "hstu"
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    head_dim: int = 16
+    dropout: float = 0.2
+    max_len: int = 200
+    pos_buckets: int = 64
+    time_buckets: int = 64
+    ffn_mult: int = 1
+    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "layers", "heads", "head_dim", "max_len", "pos_buckets", "time_buckets", "ffn_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

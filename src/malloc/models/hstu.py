@@ -1,0 +1,106 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., ICML 2024, arXiv 2402.17152).
+
+One layer, for new tokens ``x (B, T, D)`` against cached history keys:
+
+    u, v, q, k = split(SiLU(f1(LayerNorm(x))))             # the paper's phi1 = SiLU on all four
+    a_ij = SiLU(alpha q_i . k_j + rab(p_i - p_j, t_i - t_j)) / N   on visible (i, j), else 0
+    o_i  = sum_j a_ij v_j
+    y    = x + Dropout(f2(LayerNorm(o) * u))                # U-gating, no feed-forward block
+
+``alpha = 1/sqrt(d_k)``; ``N = max_len`` is a constant normaliser, so a stored key's contribution never changes
+when events are appended; ``rab`` is a learned bias on log-bucketed relative position and relative time, shared
+across heads (one table per layer). Only ``k`` and ``v`` are stored; ``u`` and ``q`` are recomputed for new
+tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from malloc.models.base import AttentionLayer, SequentialRecommender
+from malloc.models.config import ModelConfig
+from malloc.tokens import KVBlock, TokenBatch, concat_keys, visibility
+
+
+def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
+    """Bucketise non-negative distances: ``floor(scale * log2(1 + |x|))``, clamped to ``num_buckets - 1``."""
+    buckets = torch.floor(scale * torch.log2(1.0 + values.abs().to(torch.float32)))
+    return buckets.clamp(0, num_buckets - 1).long()
+
+
+class RelativeBias(nn.Module):
+    """Learned bias on relative position (4 buckets per octave) and relative time (2 buckets per octave)."""
+
+    def __init__(self, pos_buckets: int, time_buckets: int) -> None:
+        super().__init__()
+        self.pos_buckets = pos_buckets
+        self.time_buckets = time_buckets
+        self.position_bias = nn.Embedding(pos_buckets, 1)
+        self.time_bias = nn.Embedding(time_buckets, 1)
+        nn.init.zeros_(self.position_bias.weight)
+        nn.init.zeros_(self.time_bias.weight)
+
+    def forward(self, q_pos: torch.Tensor, q_time: torch.Tensor, k_pos: torch.Tensor, k_time: torch.Tensor
+                ) -> torch.Tensor:
+        """``q_* (B, T)``, ``k_* (B, H, S)`` -> bias ``(B, H, T, S)``."""
+        pos = log_bucket(q_pos[:, None, :, None] - k_pos[:, :, None, :], 4.0, self.pos_buckets)
+        time = log_bucket(q_time[:, None, :, None] - k_time[:, :, None, :], 2.0, self.time_buckets)
+        return (self.position_bias(pos) + self.time_bias(time)).squeeze(-1)
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                   visible: torch.Tensor, alpha: float, normaliser: float) -> torch.Tensor:
+    """Reference pointwise attention.
+
+    Args:
+        q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``.
+        bias: ``(B, H, T, S)``; visible: ``(B, H, T, S)`` bool.
+    Returns:
+        ``(B, H, T, d_v)``.
+    """
+    weights = F.silu(alpha * (q @ k.transpose(-1, -2)) + bias) / normaliser
+    return torch.where(visible, weights, torch.zeros_like(weights)) @ v
+
+
+class HSTULayer(AttentionLayer):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.key_dim = cfg.head_dim
+        self.value_dim = cfg.head_dim
+        self.alpha = 1.0 / math.sqrt(cfg.head_dim)
+        self.normaliser = float(cfg.max_len)
+        width = cfg.heads * cfg.head_dim
+        self.input_norm = nn.LayerNorm(cfg.dim)
+        self.uvqk = nn.Linear(cfg.dim, 4 * width)
+        self.output_norm = nn.LayerNorm(width)
+        self.output = nn.Linear(width, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.bias = RelativeBias(cfg.pos_buckets, cfg.time_buckets)
+
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None
+                ) -> tuple[torch.Tensor, KVBlock]:
+        batch, length, _ = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).chunk(4, dim=-1)
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        shape = (batch, self.heads, length)
+        new = KVBlock(k, v, tokens.positions[:, None].expand(shape), tokens.timestamps[:, None].expand(shape),
+                      tokens.is_history[:, None].expand(shape))
+        keys = concat_keys(cache, new)
+        visible = visibility(tokens, cache, self.heads)
+        bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
+        attended = hstu_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), bias, visible,
+                                  self.alpha, self.normaliser)
+        attended = attended.transpose(1, 2).reshape(batch, length, -1)
+        return x + self.dropout(self.output(self.output_norm(attended) * u)), new
+
+
+class HSTU(SequentialRecommender):
+    """HSTU backbone: item + action embeddings (no absolute positions: the relative bias carries order)."""
+
+    def build_layer(self) -> AttentionLayer:
+        return HSTULayer(self.cfg)

@@ -1,0 +1,141 @@
+"""Replays a split's requests through a :class:`Server`: the evaluation protocol of both tasks.
+
+CTR. For each user, the split's rows are taken in order of history length ``s_0 < s_1 < ...``. The server writes
+the user's stored history (the ``max_len`` events before ``s_0``), scores the rows at ``s_0``, then for each later
+step appends the events between the two steps and scores that step's rows. So a user with 70 test events is one
+write and 69 appends, as a serving fleet would see them, and every prediction is read from the stored state.
+
+Retrieval. For each user, the ``max_len`` events before the target are the history; all but the last
+``append_events`` are written, those are appended as the request, and the next-item logits are read from the
+state. History items can be masked from the ranking.
+
+Requests of different users are batched (one step of many users at a time); the meters record the time of each
+batched step divided by the users it served.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from malloc.data.batching import events, pad
+from malloc.data.sequences import CTRRows, Sequences
+from malloc.eval.metrics import target_ranks
+from malloc.serving.server import Server
+
+
+@dataclass
+class ReplayMeters:
+    """Resource measurements of one replay.
+
+    Attributes:
+        state_bytes: ``(U,)`` stored bytes of each served user's final state.
+        state_tokens: ``(U,)`` stored tokens (layer 0) of each served user's final state.
+        request_seconds: seconds per request (append + read), one entry per batched step.
+    """
+
+    state_bytes: list[int] = field(default_factory=list)
+    state_tokens: list[int] = field(default_factory=list)
+    request_seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        b = np.asarray(self.state_bytes, dtype=np.float64)
+        lat = np.asarray(self.request_seconds, dtype=np.float64) * 1e3
+        return {
+            "users": len(b),
+            "state_bytes_mean": float(b.mean()) if len(b) else 0.0,
+            "state_bytes_p50": float(np.percentile(b, 50)) if len(b) else 0.0,
+            "state_bytes_p99": float(np.percentile(b, 99)) if len(b) else 0.0,
+            "state_tokens_mean": float(np.mean(self.state_tokens)) if self.state_tokens else 0.0,
+            "batched_request_ms_p50": float(np.percentile(lat, 50)) if len(lat) else 0.0,
+            "batched_request_ms_p99": float(np.percentile(lat, 99)) if len(lat) else 0.0,
+        }
+
+
+def _user_groups(rows: CTRRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by (user, history length); returns the order, the users, and each user's row bounds."""
+    order = np.lexsort((rows.history_len, rows.user))
+    users, starts = np.unique(rows.user[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    return order, users, bounds
+
+
+def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256
+               ) -> tuple[np.ndarray, ReplayMeters]:
+    """Click logits of every row, read from stored states.
+
+    Returns:
+        ``(R,)`` float64 logits aligned with ``rows``, and the meters.
+    """
+    logits = np.zeros(len(rows), dtype=np.float64)
+    meters = ReplayMeters()
+    order, users, bounds = _user_groups(rows)
+    for first in range(0, len(users), user_batch):
+        batch = np.arange(first, min(first + user_batch, len(users)))
+        # per user: row indices (in original order) grouped by distinct history length
+        steps = []
+        for u in batch.tolist():
+            idx = order[bounds[u]:bounds[u + 1]]
+            lens = rows.history_len[idx]
+            cuts = np.flatnonzero(np.diff(lens)) + 1
+            steps.append((np.unique(lens), np.split(idx, cuts)))
+        batch_users = users[batch]
+        first_len = np.array([s[0][0] for s in steps])
+        states = server.write(events(seqs, batch_users, np.maximum(0, first_len - max_len), first_len))
+        num_steps = max(len(s[0]) for s in steps)
+        for k in range(num_steps):
+            active = [b for b, s in enumerate(steps) if k < len(s[0])]
+            tic = time.perf_counter()
+            if k > 0:
+                prev = np.array([steps[b][0][k - 1] for b in active])
+                cur = np.array([steps[b][0][k] for b in active])
+                appended = server.append([states[b] for b in active], events(seqs, batch_users[active], prev, cur))
+                for b, state in zip(active, appended, strict=True):
+                    states[b] = state
+            picked = [steps[b][1][k] for b in active]
+            scores = server.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
+                                  pad([rows.timestamp[p] for p in picked]))
+            meters.request_seconds.append((time.perf_counter() - tic) / len(active))
+            for j, p in enumerate(picked):
+                logits[p] = scores[j, : len(p)].double().numpy()
+        meters.state_bytes.extend(s.nbytes() for s in states)
+        meters.state_tokens.extend(s.num_tokens for s in states)
+    return logits, meters
+
+
+def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, max_len: int,
+                     append_events: int = 1, user_batch: int = 256, mask_history: bool = True
+                     ) -> tuple[np.ndarray, ReplayMeters]:
+    """1-based rank of each user's target item in the full catalogue, read from stored states.
+
+    Args:
+        target_index: ``(U,)`` index within each user of the event to predict (>= 1).
+    Returns:
+        ``(U,)`` int64 ranks, and the meters.
+    """
+    ranks = np.zeros(seqs.num_users, dtype=np.int64)
+    meters = ReplayMeters()
+    for first in range(0, seqs.num_users, user_batch):
+        users = np.arange(first, min(first + user_batch, seqs.num_users))
+        stop = target_index[users]
+        start = np.maximum(0, stop - max_len)
+        split = np.maximum(start, stop - append_events)
+        states = server.write(events(seqs, users, start, split))
+        tic = time.perf_counter()
+        states = server.append(states, events(seqs, users, split, stop))
+        scores = server.retrieve(states)
+        meters.request_seconds.append((time.perf_counter() - tic) / len(users))
+        targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop])
+        exclude = None
+        if mask_history:
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            for b, u in enumerate(users.tolist()):
+                base = int(seqs.offsets[u])
+                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[b])])] = True
+        ranks[users] = target_ranks(scores, targets, exclude)
+        meters.state_bytes.extend(s.nbytes() for s in states)
+        meters.state_tokens.extend(s.num_tokens for s in states)
+    return ranks, meters

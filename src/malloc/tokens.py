@@ -1,0 +1,118 @@
+"""The token batch every backbone consumes, and the mask rule shared by training and serving.
+
+One event is one token: its embedding is the item embedding plus an action embedding (the event's label in CTR
+data; "unknown" for candidates and for label-free data). Keeping one token per event, instead of HSTU's
+interleaved item/action tokens, halves the stored state; the action still reaches later tokens, and a target
+token never sees its own label.
+
+Mask rule (the same in the full forward, prefill, append and score), for query token ``i`` and key token ``j``:
+
+    visible(i, j) = (j is a history token and pos_j < pos_i) or (j is i)
+
+History tokens are numbered ``0, 1, 2, ...`` from the first stored event, so positions never change when events
+are appended. A candidate (target) token placed at position ``p`` sees exactly the first ``p`` history events and
+itself, never another candidate, and is never stored. Padding tokens see only themselves (so no row of a softmax
+is empty) and are seen by nobody.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ACTION_UNKNOWN, ACTION_NEGATIVE, ACTION_POSITIVE = 0, 1, 2
+NUM_ACTIONS = 3
+
+
+def label_to_action(labels: torch.Tensor) -> torch.Tensor:
+    """Map event labels (1, 0, -1 unknown) to action ids (2, 1, 0)."""
+    return torch.where(labels < 0, torch.zeros_like(labels), labels + 1).long()
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch of tokens: new history events and/or candidates.
+
+    Attributes:
+        items: ``(B, T)`` int64 item ids, 0 for padding.
+        actions: ``(B, T)`` int64 action ids (``ACTION_*``).
+        positions: ``(B, T)`` int64 position of the event (history) or of the event it predicts (candidate).
+        timestamps: ``(B, T)`` int64 seconds.
+        is_history: ``(B, T)`` bool, True for events that later tokens may see and that enter the state.
+        valid: ``(B, T)`` bool, False for padding.
+    """
+
+    items: torch.Tensor
+    actions: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    is_history: torch.Tensor
+    valid: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.is_history = self.is_history & self.valid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.items.shape)  # type: ignore[return-value]
+
+    def slice(self, start: int, stop: int) -> TokenBatch:
+        """Tokens ``start:stop`` along the time axis."""
+        return TokenBatch(*(t[:, start:stop] for t in (self.items, self.actions, self.positions,
+                                                       self.timestamps, self.is_history, self.valid)))
+
+
+@dataclass
+class KVBlock:
+    """One layer's keys and values of history tokens for a padded batch of users, as attention reads them.
+
+    Key metadata is per head so that schemes which keep different tokens in different heads can be read without
+    copying; for a dense state the head axis is an expanded view.
+
+    Attributes:
+        keys: ``(B, H, n, d_k)``.
+        values: ``(B, H, n, d_v)``.
+        positions: ``(B, H, n)`` int64.
+        timestamps: ``(B, H, n)`` int64.
+        valid: ``(B, H, n)`` bool.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    valid: torch.Tensor
+
+
+def visibility(
+    query: TokenBatch, keys: KVBlock | None, new_keys_per_head: int
+) -> torch.Tensor:
+    """Boolean mask of which keys each query sees, for keys ``[cached; new tokens]``.
+
+    Args:
+        query: the ``T`` new tokens (they are also the new keys).
+        keys: the cached history block (``n`` keys), or None.
+        new_keys_per_head: ``H``, the number of heads to broadcast the new-token part to.
+    Returns:
+        ``(B, H, T, n + T)`` bool.
+    """
+    batch, length = query.shape
+    q_pos = query.positions[:, None, :, None]  # (B, 1, T, 1)
+    new_part = (query.is_history[:, None, None, :]
+                & (query.positions[:, None, None, :] < q_pos))  # (B, 1, T, T)
+    eye = torch.eye(length, dtype=torch.bool, device=query.items.device)
+    new_part = (new_part | eye).expand(batch, new_keys_per_head, length, length)
+    if keys is None:
+        return new_part
+    cached_part = keys.valid[:, :, None, :] & (keys.positions[:, :, None, :] < q_pos)  # (B, H, T, n)
+    return torch.cat([cached_part, new_part], dim=-1)
+
+
+def concat_keys(cache: KVBlock | None, new: KVBlock) -> KVBlock:
+    """Keys ``[cached; new]`` along the token axis."""
+    if cache is None:
+        return new
+    return KVBlock(*(torch.cat([c, x], dim=2) for c, x in zip(
+        (cache.keys, cache.values, cache.positions, cache.timestamps, cache.valid),
+        (new.keys, new.values, new.positions, new.timestamps, new.valid), strict=True)))

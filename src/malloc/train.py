@@ -1,0 +1,149 @@
+"""Training with the plain full forward, early stopping on the serving-path validation metric, resumable.
+
+Losses: binary cross-entropy on target tokens for CTR; for retrieval, cross-entropy of the next item over the
+full catalogue (``train.negatives = 0``) or a sampled softmax with ``k`` uniform negatives shared by the batch.
+After each epoch the model is evaluated on the validation split through the serving path (the same code that
+produces test numbers); the best epoch is checkpointed, and ``last.pt`` (model, optimiser, random states, epoch)
+lets an interrupted run resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from malloc.bench.results import atomic_torch_save
+from malloc.config import RunConfig
+from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batch, retrieval_training_batch
+from malloc.data.tasks import CTRView, RetrievalView, Window, windows
+from malloc.evaluate import evaluate
+from malloc.models import SequentialRecommender, build_model
+
+log = logging.getLogger("malloc.train")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def training_windows(view: CTRView | RetrievalView, cfg: RunConfig) -> list[Window]:
+    """The training windows of a view (see :mod:`malloc.data.tasks`)."""
+    if isinstance(view, CTRView):
+        train = view.split("train")
+        ends = np.zeros(view.sequences.num_users, dtype=np.int64)
+        np.maximum.at(ends, train.user, train.history_len)
+        found = windows(ends, cfg.model.max_len)
+    else:
+        found = windows(view.train_ends(), cfg.model.max_len, overlap=1)
+        found = [w for w in found if w.stop - w.start >= 2]
+    if cfg.train.max_train_users:
+        found = [w for w in found if w.user < cfg.train.max_train_users]
+    return found
+
+
+def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
+               generator: torch.Generator) -> torch.Tensor:
+    hidden = model(batch.tokens)[batch.target_mask]  # (N, D)
+    targets = batch.targets[batch.target_mask]
+    if task == "ctr":
+        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden), targets)
+    targets = targets.long()
+    if negatives == 0:
+        return F.cross_entropy(model.item_logits(hidden), targets)
+    sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator)
+    positive = (hidden * model.item_embedding(targets)).sum(-1, keepdim=True)
+    negative = hidden @ model.item_embedding(sampled).T
+    negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+    return F.cross_entropy(torch.cat([positive, negative], dim=1), torch.zeros_like(targets))
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    seconds_per_epoch: float
+    events_per_second: float
+    history: list[dict]
+
+
+def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True
+          ) -> tuple[SequentialRecommender, TrainResult]:
+    """Train ``cfg.model`` on ``view``; checkpoints go to ``run_dir`` (``best.pt``, ``last.pt``).
+
+    Returns the model loaded with its best epoch's weights.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    seqs = view.sequences
+    model = build_model(cfg.model, seqs.num_items)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    all_windows = training_windows(view, cfg)
+    row_index = CTRWindowRows(view.split("train")) if isinstance(view, CTRView) else None
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
+    state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": -1, "stale": 0, "history": []}
+    if last_path.exists():
+        saved = torch.load(last_path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["progress"]
+        log.info("resuming %s at epoch %d", run_dir, state["epoch"])
+
+    while state["epoch"] < cfg.train.epochs and state["stale"] < cfg.train.patience:
+        epoch = state["epoch"]
+        model.train()
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(all_windows))
+        tic, total_loss, events_seen = time.perf_counter(), 0.0, 0
+        starts = range(0, len(order), cfg.train.batch_size)
+        for start in tqdm(starts, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show_progress,
+                          leave=False):
+            picked = [all_windows[i] for i in order[start:start + cfg.train.batch_size]]
+            batch = (ctr_training_batch(seqs, picked, row_index) if row_index is not None
+                     else retrieval_training_batch(seqs, picked))
+            loss = batch_loss(model, batch, cfg.task, cfg.train.negatives, generator)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total_loss += float(loss) * len(picked)
+            events_seen += sum(w.stop - w.start for w in picked)
+        seconds = time.perf_counter() - tic
+        metrics = evaluate(cfg, model, view, "valid")["metrics"]
+        metric = metrics[cfg.monitor]
+        if not np.isfinite(total_loss):
+            raise FloatingPointError(f"training loss is not finite at epoch {epoch + 1} of {run_dir}")
+        record = {"epoch": epoch + 1, "loss": total_loss / max(1, len(order)), "seconds": seconds,
+                  "events_per_second": events_seen / seconds, **{f"valid_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        log.info("epoch %d loss %.4f valid %s %.4f (%.1fs)", epoch + 1, record["loss"], cfg.monitor, metric,
+                 seconds)
+        if metric > state["best_metric"]:
+            state.update(best_metric=metric, best_epoch=epoch + 1, stale=0)
+            atomic_torch_save(model.state_dict(), best_path)
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch + 1
+        atomic_torch_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                           "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                           "progress": state}, last_path)
+
+    model.load_state_dict(torch.load(best_path, weights_only=True))
+    history = state["history"]
+    result = TrainResult(
+        best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],
+        seconds_per_epoch=float(np.mean([h["seconds"] for h in history])) if history else 0.0,
+        events_per_second=float(np.mean([h["events_per_second"] for h in history])) if history else 0.0,
+        history=history,
+    )
+    return model.eval(), result

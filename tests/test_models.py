@@ -1,0 +1,149 @@
+"""Invariants of the backbones' serving path (DESIGN.md section 3.2).
+
+- prefill + any number of appends at any split points + score equals the full uncached forward (fp32, 1e-5);
+- the stored last hidden state equals the full forward's output at the last event;
+- permuting candidates permutes the scores; scoring leaves the stored state unchanged;
+- ``nbytes()`` equals the closed-form formula.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from malloc.memory.state import SCALAR_BYTES
+from malloc.models import Events, ModelConfig, build_model
+from malloc.tokens import TokenBatch
+
+NUM_ITEMS = 50
+BACKBONES = ["hstu", "sasrec"]
+
+
+def tiny_model(backbone: str, layers: int = 2):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32)
+    model = build_model(cfg, NUM_ITEMS).eval()
+    with torch.no_grad():  # non-zero relative biases, so the test covers them
+        for name, p in model.named_parameters():
+            if "bias." in name and "weight" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def random_users(seed: int, lengths: list[int], num_candidates: int):
+    g = torch.Generator().manual_seed(seed)
+    batch, n = len(lengths), max(lengths)
+    lens = torch.tensor(lengths)
+    valid = torch.arange(n)[None] < lens[:, None]
+    items = torch.randint(1, NUM_ITEMS + 1, (batch, n), generator=g) * valid
+    actions = torch.randint(0, 3, (batch, n), generator=g) * valid
+    times = torch.cumsum(torch.randint(0, 50_000, (batch, n), generator=g), dim=1)
+    cands = torch.randint(1, NUM_ITEMS + 1, (batch, num_candidates), generator=g)
+    cand_times = times.max(dim=1, keepdim=True).values + torch.randint(1, 1000, (batch, num_candidates), generator=g)
+    return Events(items, actions, times, lens), cands, cand_times
+
+
+def full_forward(model, events: Events, cands: torch.Tensor, cand_times: torch.Tensor):
+    batch, n = events.items.shape
+    c = cands.shape[1]
+    valid = events.valid
+    tokens = TokenBatch(
+        items=torch.cat([events.items, cands], 1),
+        actions=torch.cat([events.actions, torch.zeros_like(cands)], 1),
+        positions=torch.cat([torch.arange(n)[None].expand(batch, n), events.lengths[:, None].expand(batch, c)], 1),
+        timestamps=torch.cat([events.timestamps, cand_times], 1),
+        is_history=torch.cat([valid, torch.zeros(batch, c, dtype=torch.bool)], 1),
+        valid=torch.cat([valid, torch.ones(batch, c, dtype=torch.bool)], 1),
+    )
+    with torch.no_grad():
+        hidden = model(tokens)
+    last = hidden[torch.arange(batch), (events.lengths - 1).clamp(min=0)]
+    return model.ctr_logits(hidden[:, n:]), last
+
+
+def split_events(events: Events, cuts: list[int]) -> list[Events]:
+    bounds = [0, *sorted(set(cuts)), events.items.shape[1]]
+    return [events.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@settings(max_examples=15, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
+    cut_fractions=st.lists(st.floats(0.05, 0.95), max_size=3),
+    prefill_chunk=st.integers(1, 30),
+    candidate_chunk=st.integers(1, 8),
+    seed=st.integers(0, 10_000),
+)
+def test_cached_equals_full_forward(backbone, lengths, cut_fractions, prefill_chunk, candidate_chunk, seed):
+    model = tiny_model(backbone)
+    events, cands, cand_times = random_users(seed, lengths, num_candidates=7)
+    expected_logits, expected_last = full_forward(model, events, cands, cand_times)
+    n = max(lengths)
+    parts = split_events(events, [max(1, int(f * n)) for f in cut_fractions])
+    states = model.prefill(parts[0], chunk_size=prefill_chunk)
+    for part in parts[1:]:
+        states = model.append(states, part, chunk_size=prefill_chunk)
+    logits = model.score(states, cands, cand_times, chunk_size=candidate_chunk)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    last = torch.stack([s.last_hidden for s in states])
+    torch.testing.assert_close(last, expected_last, atol=1e-5, rtol=0)
+    assert [s.next_position for s in states] == lengths
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_permuting_candidates_permutes_scores(backbone):
+    model = tiny_model(backbone)
+    events, cands, cand_times = random_users(3, [9, 4], num_candidates=11)
+    states = model.prefill(events)
+    scores = model.score(states, cands, cand_times, chunk_size=3)
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(1))
+    permuted = model.score(states, cands[:, perm], cand_times[:, perm], chunk_size=4)
+    torch.testing.assert_close(permuted, scores[:, perm], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_scoring_leaves_state_unchanged(backbone):
+    model = tiny_model(backbone)
+    events, cands, cand_times = random_users(4, [12, 5], num_candidates=6)
+    states = model.prefill(events)
+    before = [[(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in s.layers]
+              for s in states]
+    model.score(states, cands, cand_times)
+    model.retrieval_logits(states)
+    for state, saved in zip(states, before, strict=True):
+        assert state.next_position in (12, 5)
+        for layer, (k, v, p) in zip(state.layers, saved, strict=True):
+            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v) and torch.equal(layer.positions, p)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_append_returns_new_states(backbone):
+    model = tiny_model(backbone)
+    events, _, _ = random_users(5, [6, 6], num_candidates=1)
+    states = model.prefill(events.slice(0, 3))
+    appended = model.append(states, events.slice(3, 6))
+    assert [s.num_tokens for s in states] == [3, 3]
+    assert [s.num_tokens for s in appended] == [6, 6]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nbytes_equals_formula(backbone, dtype):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, dim=16, layers=3, heads=4, head_dim=4, dropout=0.0, state_dtype=dtype)
+    model = build_model(cfg, NUM_ITEMS).eval()
+    events, _, _ = random_users(6, [17, 2], num_candidates=1)
+    states = model.prefill(events)
+    b = 4 if dtype == "float32" else 2
+    for state, n in zip(states, [17, 2], strict=True):
+        kv = cfg.layers * n * cfg.heads * (2 * cfg.head_dim) * b
+        metadata = cfg.layers * n * (4 + 8)  # int32 position + int64 timestamp per stored token and layer
+        assert state.nbytes() == kv + metadata + cfg.dim * b + SCALAR_BYTES
+
+
+def test_empty_state_has_only_bookkeeping():
+    model = tiny_model("hstu")
+    assert model.empty_state().nbytes() == SCALAR_BYTES
