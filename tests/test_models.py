@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -27,7 +29,7 @@ def tiny_model(backbone: str, layers: int = 2):
     model = build_model(cfg, NUM_ITEMS).eval()
     with torch.no_grad():  # non-zero relative biases, so the test covers them
         for name, p in model.named_parameters():
-            if "bias." in name and "weight" in name:
+            if name.endswith(("position_bias", "time_bias")):
                 p.normal_(0, 0.5)
     return model
 
@@ -65,7 +67,7 @@ def full_forward(model, events: Events, cands: torch.Tensor, cand_times: torch.T
 
 def split_events(events: Events, cuts: list[int]) -> list[Events]:
     bounds = [0, *sorted(set(cuts)), events.items.shape[1]]
-    return [events.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [events.slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

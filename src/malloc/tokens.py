@@ -67,15 +67,15 @@ class TokenBatch:
 class KVBlock:
     """One layer's keys and values of history tokens for a padded batch of users, as attention reads them.
 
-    Key metadata is per head so that schemes which keep different tokens in different heads can be read without
-    copying; for a dense state the head axis is an expanded view.
+    Key metadata has a head axis of size 1 when every head keeps the same tokens (then masks and biases are
+    computed once and broadcast) or of size ``H`` when heads keep different tokens.
 
     Attributes:
         keys: ``(B, H, n, d_k)``.
         values: ``(B, H, n, d_v)``.
-        positions: ``(B, H, n)`` int64.
-        timestamps: ``(B, H, n)`` int64.
-        valid: ``(B, H, n)`` bool.
+        positions: ``(B, 1 or H, n)`` int64.
+        timestamps: ``(B, 1 or H, n)`` int64.
+        valid: ``(B, 1 or H, n)`` bool.
     """
 
     keys: torch.Tensor
@@ -85,34 +85,36 @@ class KVBlock:
     valid: torch.Tensor
 
 
-def visibility(
-    query: TokenBatch, keys: KVBlock | None, new_keys_per_head: int
-) -> torch.Tensor:
+def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:
     """Boolean mask of which keys each query sees, for keys ``[cached; new tokens]``.
 
     Args:
         query: the ``T`` new tokens (they are also the new keys).
         keys: the cached history block (``n`` keys), or None.
-        new_keys_per_head: ``H``, the number of heads to broadcast the new-token part to.
     Returns:
-        ``(B, H, T, n + T)`` bool.
+        ``(B, 1 or H, T, n + T)`` bool (head axis as the cache's metadata).
     """
-    batch, length = query.shape
+    length = query.shape[1]
     q_pos = query.positions[:, None, :, None]  # (B, 1, T, 1)
     new_part = (query.is_history[:, None, None, :]
                 & (query.positions[:, None, None, :] < q_pos))  # (B, 1, T, T)
-    eye = torch.eye(length, dtype=torch.bool, device=query.items.device)
-    new_part = (new_part | eye).expand(batch, new_keys_per_head, length, length)
+    new_part = new_part | torch.eye(length, dtype=torch.bool, device=query.items.device)
     if keys is None:
         return new_part
-    cached_part = keys.valid[:, :, None, :] & (keys.positions[:, :, None, :] < q_pos)  # (B, H, T, n)
-    return torch.cat([cached_part, new_part], dim=-1)
+    cached_part = keys.valid[:, :, None, :] & (keys.positions[:, :, None, :] < q_pos)  # (B, 1|H, T, n)
+    return torch.cat([cached_part, new_part.expand(-1, cached_part.shape[1], -1, -1)], dim=-1)
+
+
+def _cat_heads(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Concatenate along tokens (dim 2), broadcasting a size-1 head axis to the other's."""
+    heads = max(cached.shape[1], new.shape[1])
+    return torch.cat([cached.expand(-1, heads, *cached.shape[2:]), new.expand(-1, heads, *new.shape[2:])], dim=2)
 
 
 def concat_keys(cache: KVBlock | None, new: KVBlock) -> KVBlock:
     """Keys ``[cached; new]`` along the token axis."""
     if cache is None:
         return new
-    return KVBlock(*(torch.cat([c, x], dim=2) for c, x in zip(
+    return KVBlock(*(_cat_heads(c, x) for c, x in zip(
         (cache.keys, cache.values, cache.positions, cache.timestamps, cache.valid),
         (new.keys, new.values, new.positions, new.timestamps, new.valid), strict=True)))

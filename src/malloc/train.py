@@ -49,6 +49,16 @@ def training_windows(view: CTRView | RetrievalView, cfg: RunConfig) -> list[Wind
     return found
 
 
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of windows of similar length (attention cost is quadratic in the padded length), in random order.
+
+    Windows are sorted by length with random tie-breaking, cut into batches, and the batches shuffled.
+    """
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
                generator: torch.Generator) -> torch.Tensor:
     hidden = model(batch.tokens)[batch.target_mask]  # (N, D)
@@ -88,6 +98,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     model = build_model(cfg.model, seqs.num_items)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     all_windows = training_windows(view, cfg)
+    lengths = np.array([w.stop - w.start for w in all_windows])
     row_index = CTRWindowRows(view.split("train")) if isinstance(view, CTRView) else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
@@ -104,12 +115,11 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     while state["epoch"] < cfg.train.epochs and state["stale"] < cfg.train.patience:
         epoch = state["epoch"]
         model.train()
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(all_windows))
+        batches = length_bucketed_batches(lengths, cfg.train.batch_size, np.random.default_rng([cfg.train.seed, epoch]))
         tic, total_loss, events_seen = time.perf_counter(), 0.0, 0
-        starts = range(0, len(order), cfg.train.batch_size)
-        for start in tqdm(starts, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show_progress,
-                          leave=False):
-            picked = [all_windows[i] for i in order[start:start + cfg.train.batch_size]]
+        for batch_index in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show_progress,
+                                leave=False):
+            picked = [all_windows[i] for i in batch_index]
             batch = (ctr_training_batch(seqs, picked, row_index) if row_index is not None
                      else retrieval_training_batch(seqs, picked))
             loss = batch_loss(model, batch, cfg.task, cfg.train.negatives, generator)
@@ -123,7 +133,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
         metric = metrics[cfg.monitor]
         if not np.isfinite(total_loss):
             raise FloatingPointError(f"training loss is not finite at epoch {epoch + 1} of {run_dir}")
-        record = {"epoch": epoch + 1, "loss": total_loss / max(1, len(order)), "seconds": seconds,
+        record = {"epoch": epoch + 1, "loss": total_loss / max(1, len(all_windows)), "seconds": seconds,
                   "events_per_second": events_seen / seconds, **{f"valid_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
         log.info("epoch %d loss %.4f valid %s %.4f (%.1fs)", epoch + 1, record["loss"], cfg.monitor, metric,

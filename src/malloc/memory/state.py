@@ -94,7 +94,7 @@ def collate_layer(states: list[UserState], layer: int, compute_dtype: torch.dtyp
     """Pad one layer of several users' states into the block attention reads.
 
     Returns:
-        KVBlock with ``(B, H, n_max, d)`` keys/values in ``compute_dtype`` and ``(B, H, n_max)`` metadata.
+        KVBlock with ``(B, H, n_max, d)`` keys/values in ``compute_dtype`` and ``(B, 1, n_max)`` metadata.
     """
     parts = [s.layers[layer] for s in states]
     heads, _, key_dim = parts[0].keys.shape
@@ -113,6 +113,4 @@ def collate_layer(states: list[UserState], layer: int, compute_dtype: torch.dtyp
         positions[b, :n] = part.positions
         timestamps[b, :n] = part.timestamps
         valid[b, :n] = True
-    expand = (batch, heads, n_max)
-    return KVBlock(keys, values, positions[:, None].expand(expand), timestamps[:, None].expand(expand),
-                   valid[:, None].expand(expand))
+    return KVBlock(keys, values, positions[:, None], timestamps[:, None], valid[:, None])

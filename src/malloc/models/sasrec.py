@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from malloc.models.base import AttentionLayer, SequentialRecommender
@@ -56,11 +55,9 @@ class SASRecLayer(AttentionLayer):
         batch, length, _ = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        shape = (batch, self.heads, length)
-        new = KVBlock(k, v, tokens.positions[:, None].expand(shape), tokens.timestamps[:, None].expand(shape),
-                      tokens.is_history[:, None].expand(shape))
+        new = KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
         keys = concat_keys(cache, new)
-        visible = visibility(tokens, cache, self.heads)
+        visible = visibility(tokens, cache)
         attended = softmax_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), visible)
         x = x + self.dropout(self.output(attended.transpose(1, 2).reshape(batch, length, -1)))
         return x + self.dropout(self.ffn(self.ffn_norm(x))), new

@@ -1,0 +1,134 @@
+"""Request latency of one user, cached state against full recompute, for HSTU and SASRec.
+
+For every backbone and history length: a stored state is written by prefilling the history, then the cached
+request (append the new events + score the candidates) and the full recompute (prefill history + new events,
+in chunks of ``--prefill-chunk``, + score) are timed; see :func:`malloc.profiling.request_latency`.
+
+    python benchmarks/latency.py                       # aligned table
+    python benchmarks/latency.py --json > latency.jsonl  # one JSON object per (backbone, length)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from malloc.models import BACKBONES, ModelConfig, build_model
+from malloc.profiling import request_latency
+
+TARGET_LENGTH = 1024
+TARGET_SPEEDUP = 10.0
+# (key, format spec) of the table's columns; each is as wide as the wider of its header and its values.
+COLUMNS = [("backbone", ""), ("history_len", "d"), ("cached_ms_p50", ".2f"), ("cached_ms_p99", ".2f"),
+           ("recompute_ms_p50", ".2f"), ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
+           ("state_bytes", "d"), ("repeats_cached", "d"), ("repeats_recompute", "d")]
+WIDTH = 12
+
+
+def table_line(cells: list[str]) -> str:
+    """Right-aligned cells, each at least as wide as its column header."""
+    widths = [max(WIDTH, len(name)) for name, _ in COLUMNS]
+    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in BACKBONES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected backbones among {sorted(BACKBONES)}, got {text!r}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbones", type=name_list, default=["hstu", "sasrec"], help="comma-separated")
+    parser.add_argument("--lengths", type=int_list, default=[256, 1024, 4096, 16384],
+                        help="history lengths, comma-separated")
+    parser.add_argument("--candidates", type=int, default=100, help="candidates scored per request")
+    parser.add_argument("--append-events", type=int, default=1, help="new events appended per request")
+    parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per prefill chunk")
+    parser.add_argument("--num-items", type=int, default=10_000, help="item vocabulary size")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--min-repeats", type=int, default=5, help="timed calls at least")
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="total timed seconds at least")
+    parser.add_argument("--max-repeats", type=int, default=1000, help="timed calls at most")
+    parser.add_argument("--recompute-warmup", type=int, default=1,
+                        help="untimed recompute calls (a 16k-event recompute takes minutes on a CPU)")
+    parser.add_argument("--recompute-min-repeats", type=int, default=3, help="timed recompute calls at least")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
+    return parser.parse_args(argv)
+
+
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "device": "cpu"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timing = {"warmup": args.warmup, "min_repeats": args.min_repeats, "min_seconds": args.min_seconds,
+              "max_repeats": args.max_repeats}
+    recompute_timing = {"warmup": args.recompute_warmup, "min_repeats": args.recompute_min_repeats,
+                        "max_repeats": max(args.max_repeats, args.recompute_min_repeats)}
+    if not args.json:
+        print(f"threads={torch.get_num_threads()} candidates={args.candidates} "
+              f"append_events={args.append_events} prefill_chunk={args.prefill_chunk} "
+              f"num_items={args.num_items}")
+        print(table_line([name for name, _ in COLUMNS]))
+    verdicts = []
+    for backbone in args.backbones:
+        # Default size; max_len stays at its default: HSTU only divides by it and SASRec clamps positions to
+        # its table, neither of which changes the work done.
+        cfg = ModelConfig(backbone=backbone)
+        torch.manual_seed(args.seed)
+        model = build_model(cfg, args.num_items).eval()
+        for length in args.lengths:
+            point = request_latency(model, length, candidates=args.candidates,
+                                    append_events=args.append_events, prefill_chunk=args.prefill_chunk,
+                                    seed=args.seed, recompute_timing=recompute_timing, **timing)
+            meets = point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH else None
+            if meets is not None:
+                verdicts.append((backbone, point["speedup_p50"], meets))
+            if args.json:
+                record = {"benchmark": "latency", "backbone": backbone, **point,
+                          "target_10x_at_1024_met": meets, "candidates": args.candidates,
+                          "append_events": args.append_events, "prefill_chunk": args.prefill_chunk,
+                          "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
+                          "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
+                          **timing, "recompute_warmup": args.recompute_warmup,
+                          "recompute_min_repeats": args.recompute_min_repeats, **environment()}
+                print(json.dumps(record), flush=True)
+            else:
+                row = {"backbone": backbone, **point}
+                mark = "  <- target" if length == TARGET_LENGTH else ""
+                print(table_line([format(row[name], spec) for name, spec in COLUMNS]) + mark, flush=True)
+    if not args.json:
+        target = f"target (cached >= {TARGET_SPEEDUP:g}x faster than recompute at {TARGET_LENGTH:,} events)"
+        if not verdicts:
+            print(f"{target}: not measured (add {TARGET_LENGTH} to --lengths)")
+        for backbone, speedup, meets in verdicts:
+            print(f"{target}, {backbone}: {'MET' if meets else 'NOT MET'} (speedup {speedup:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

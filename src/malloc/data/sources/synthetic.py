@@ -1,0 +1,293 @@
+"""Synthetic long-history data with a planted, learnable signal that rewards remembering the whole history.
+
+What is planted (everything drawn from one ``numpy.random.default_rng(seed)``, so fully deterministic):
+
+* **Topics.** Items ``1..num_items`` are split into ``num_topics`` topics of (almost) equal size by a random
+  permutation. Within a topic, popularity is Zipf: the topic's ``r``-th item (in ascending id order) has
+  weight ``r ** -zipf_exponent``.
+* **Users.** ``num_users`` users; user ``u`` has ``lengths[u]`` events, drawn log-uniformly in
+  ``[min_len, max_len]``. Each user has ``favourite_topics`` distinct **long-term favourite** topics (fixed
+  for the whole history) and an **active interest set** of ``interests_per_user`` distinct topics, which
+  drifts: before each event after the first, with probability ``drift_rate`` one slot (uniform) is replaced
+  by a uniformly drawn topic.
+* **Events.** Event ``t`` of a user is, with ``r ~ U[0, 1)``:
+  a **recall** if ``r < recall_prob`` and ``t >= recall_min_gap``: it re-consumes the item of an earlier
+  event ``j`` drawn uniformly in ``0 .. t - recall_min_gap`` (so the item occurred at least
+  ``recall_min_gap`` events earlier); a **favourite** event if ``recall_prob <= r < recall_prob +
+  favourite_prob``: a Zipf item of one of the favourite topics (uniform); otherwise (including a recall
+  draw too early in the history to recall) an **active** event: a Zipf item of one of the current active
+  topics (uniform slot).
+* **Labels.** ``1`` if the item's topic is a favourite topic of the user, or the event is a recall; else 0.
+  Each label is then flipped with probability ``label_noise``. So a CTR model that knows the user's
+  favourites (spread over the whole history) and which items the user consumed long ago predicts the
+  labels; the recent, drifting interests alone do not.
+* **Timestamps.** Int64 seconds; a user starts at ``1_600_000_000`` plus up to 30 days; each later event
+  follows after ``1 + Exponential(mean_gap_seconds)`` seconds (floored), plus, with probability
+  ``break_prob``, a break of 1 to 14 days (uniform). Timestamps strictly increase within a user.
+
+:func:`generate_with_truth` also returns what was planted (:class:`SyntheticTruth`), for tests and analysis.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from malloc.data.sequences import Dataset, Sequences
+
+_DAY = 86_400
+_START_TIME = 1_600_000_000
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the synthetic source (see the module docstring for what each one plants).
+
+    Attributes:
+        num_users: number of users (>= 1).
+        num_items: item vocabulary size (>= num_topics).
+        min_len, max_len: bounds of the log-uniform history length (1 <= min_len <= max_len).
+        num_topics: number of item topics (>= 1).
+        zipf_exponent: popularity exponent within a topic (>= 0; 0 is uniform).
+        interests_per_user: size of the drifting active interest set (1 .. num_topics).
+        favourite_topics: number of fixed long-term favourite topics (1 .. num_topics).
+        favourite_prob: probability that an event comes from a favourite topic.
+        drift_rate: per-event probability of swapping one active interest ([0, 1]).
+        recall_prob: per-event probability of re-consuming an old item (recall_prob + favourite_prob <= 1).
+        recall_min_gap: a recalled item occurred at least this many events earlier (>= 1).
+        label_noise: probability of flipping each label ([0, 0.5)).
+        mean_gap_seconds: mean of the exponential time gap between events (> 0).
+        break_prob: per-event probability of a 1-14 day break ([0, 1]).
+        seed: seed of the random generator (>= 0).
+    """
+
+    num_users: int = 1000
+    num_items: int = 5000
+    min_len: int = 64
+    max_len: int = 512
+    num_topics: int = 32
+    zipf_exponent: float = 1.1
+    interests_per_user: int = 3
+    favourite_topics: int = 2
+    favourite_prob: float = 0.15
+    drift_rate: float = 0.01
+    recall_prob: float = 0.1
+    recall_min_gap: int = 256
+    label_noise: float = 0.1
+    mean_gap_seconds: float = 3600.0
+    break_prob: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            integral = f.type in ("int", int)
+            kind = numbers.Integral if integral else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"SyntheticConfig.{f.name} must be {'an int' if integral else 'a number'}, "
+                                 f"got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"SyntheticConfig.{f.name} must be finite, got {value!r}")
+        self._check("num_users", self.num_users >= 1, ">= 1")
+        self._check("num_topics", self.num_topics >= 1, ">= 1")
+        self._check("num_items", self.num_items >= self.num_topics, f">= num_topics ({self.num_topics})")
+        self._check("min_len", self.min_len >= 1, ">= 1")
+        self._check("max_len", self.max_len >= self.min_len, f">= min_len ({self.min_len})")
+        self._check("zipf_exponent", self.zipf_exponent >= 0, ">= 0")
+        self._check("interests_per_user", 1 <= self.interests_per_user <= self.num_topics, "in 1..num_topics")
+        self._check("favourite_topics", 1 <= self.favourite_topics <= self.num_topics, "in 1..num_topics")
+        self._check("favourite_prob", 0 <= self.favourite_prob <= 1, "in [0, 1]")
+        self._check("drift_rate", 0 <= self.drift_rate <= 1, "in [0, 1]")
+        recall_ok = 0 <= self.recall_prob <= 1 - self.favourite_prob
+        self._check("recall_prob", recall_ok, "in [0, 1 - favourite_prob]")
+        self._check("recall_min_gap", self.recall_min_gap >= 1, ">= 1")
+        self._check("label_noise", 0 <= self.label_noise < 0.5, "in [0, 0.5)")
+        self._check("mean_gap_seconds", self.mean_gap_seconds > 0, "> 0")
+        self._check("break_prob", 0 <= self.break_prob <= 1, "in [0, 1]")
+        self._check("seed", self.seed >= 0, ">= 0")
+
+    def _check(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"SyntheticConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """What :func:`generate_with_truth` planted, aligned with the returned :class:`Sequences`.
+
+    Attributes:
+        item_topic: ``(num_items + 1,)`` int64 topic of each item (entry 0, padding, is -1).
+        favourites: ``(U, favourite_topics)`` int64 long-term favourite topics of each user.
+        is_recall: ``(E,)`` bool, the event re-consumes an earlier item.
+        recall_source: ``(E,)`` int64 flat index of the event a recall copies (``-1`` otherwise); it belongs
+            to the same user and lies at least ``recall_min_gap`` events earlier.
+        clean_labels: ``(E,)`` int8 labels before the noise flips.
+    """
+
+    item_topic: np.ndarray
+    favourites: np.ndarray
+    is_recall: np.ndarray
+    recall_source: np.ndarray
+    clean_labels: np.ndarray
+
+
+def generate(cfg: SyntheticConfig) -> Dataset:
+    """Generate the synthetic data set (no CTR rows of its own; task views build them from the labels)."""
+    return generate_with_truth(cfg)[0]
+
+
+def generate_with_truth(cfg: SyntheticConfig) -> tuple[Dataset, SyntheticTruth]:
+    """Generate the data set and return what was planted (see the module docstring)."""
+    rng = np.random.default_rng(cfg.seed)
+    lengths = _history_lengths(rng, cfg)
+    offsets = np.zeros(cfg.num_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    user = np.repeat(np.arange(cfg.num_users), lengths)  # (E,)
+    position = np.arange(int(offsets[-1]), dtype=np.int64) - offsets[user]  # (E,) index within the user
+
+    item_topic, topic_items, topic_cdf, topic_start = _topics(rng, cfg)
+    favourites = _distinct_topics(rng, cfg.num_users, cfg.favourite_topics, cfg.num_topics)
+    initial_active = _distinct_topics(rng, cfg.num_users, cfg.interests_per_user, cfg.num_topics)
+
+    draw = rng.random(len(user))
+    is_recall = (draw < cfg.recall_prob) & (position >= cfg.recall_min_gap)
+    is_favourite = ~is_recall & (draw >= cfg.recall_prob) & (draw < cfg.recall_prob + cfg.favourite_prob)
+    favourite_pick = favourites[user, rng.integers(0, cfg.favourite_topics, len(user))]
+    topic = np.where(is_favourite, favourite_pick, _active_topics(rng, cfg, user, position, initial_active))
+    fresh_item = _zipf_items(rng, topic, topic_items, topic_cdf, topic_start)
+
+    recall_source = np.full(len(user), -1, dtype=np.int64)
+    recall_source[is_recall] = offsets[user[is_recall]] + np.floor(
+        rng.random(int(is_recall.sum())) * (position[is_recall] - cfg.recall_min_gap + 1)
+    ).astype(np.int64)
+    items = fresh_item[_resolve_copies(recall_source)]
+
+    is_fav_topic = (favourites[user] == item_topic[items][:, None]).any(axis=1)
+    clean = (is_fav_topic | is_recall).astype(np.int8)
+    labels = clean ^ (rng.random(len(user)) < cfg.label_noise).astype(np.int8)
+    timestamps = _timestamps(rng, cfg, offsets, user, position)
+
+    sequences = Sequences(
+        name="synthetic",
+        offsets=offsets,
+        items=items,
+        timestamps=timestamps,
+        labels=labels,
+        num_items=cfg.num_items,
+        user_ids=np.arange(cfg.num_users, dtype=np.int64),
+        item_ids=np.arange(cfg.num_items + 1, dtype=np.int64),
+    )
+    truth = SyntheticTruth(item_topic, favourites, is_recall, recall_source, clean)
+    return Dataset(sequences), truth
+
+
+def _history_lengths(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+    """``(U,)`` int64 log-uniform in ``[min_len, max_len]``."""
+    log_len = rng.uniform(math.log(cfg.min_len), math.log(cfg.max_len + 1), cfg.num_users)
+    return np.clip(np.floor(np.exp(log_len)), cfg.min_len, cfg.max_len).astype(np.int64)
+
+
+def _topics(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, ...]:
+    """Item topics and per-topic Zipf tables.
+
+    Returns:
+        item_topic: ``(num_items + 1,)`` int64, -1 for padding.
+        topic_items: ``(num_items,)`` int64 items grouped by topic, ascending id within a topic.
+        topic_cdf: ``(num_items,)`` float64, topic ``k``'s cumulative Zipf weights offset by ``k``
+            (so one ``searchsorted`` serves every topic).
+        topic_start: ``(num_topics + 1,)`` int64 start of each topic in ``topic_items``.
+    """
+    item_topic = np.full(cfg.num_items + 1, -1, dtype=np.int64)
+    item_topic[1:] = rng.permutation(np.arange(cfg.num_items) % cfg.num_topics)
+    topic_items = np.argsort(item_topic[1:], kind="stable").astype(np.int64) + 1
+    sizes = np.bincount(item_topic[1:], minlength=cfg.num_topics)
+    topic_start = np.zeros(cfg.num_topics + 1, dtype=np.int64)
+    np.cumsum(sizes, out=topic_start[1:])
+    rank = np.arange(cfg.num_items) - np.repeat(topic_start[:-1], sizes) + 1  # 1-based rank within topic
+    weight = rank.astype(np.float64) ** -cfg.zipf_exponent
+    topic_of_slot = np.repeat(np.arange(cfg.num_topics), sizes)
+    cumulative = np.cumsum(weight)
+    before = np.concatenate([[0.0], cumulative[topic_start[1:-1] - 1]])  # mass of earlier topics
+    total = cumulative[topic_start[1:] - 1] - before
+    topic_cdf = (cumulative - before[topic_of_slot]) / total[topic_of_slot]
+    topic_cdf[topic_start[1:] - 1] = 1.0  # exact end of every topic, despite rounding
+    return item_topic, topic_items, topic_cdf + topic_of_slot, topic_start
+
+
+def _distinct_topics(rng: np.random.Generator, num_users: int, k: int, num_topics: int) -> np.ndarray:
+    """``(num_users, k)`` int64, ``k`` distinct uniform topics per user."""
+    return np.argsort(rng.random((num_users, num_topics)), axis=1)[:, :k].astype(np.int64)
+
+
+def _active_topics(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    user: np.ndarray,
+    position: np.ndarray,
+    initial: np.ndarray,
+) -> np.ndarray:
+    """``(E,)`` topic of a uniformly chosen slot of each event's current (drifting) active interest set."""
+    num_events = len(user)
+    swap = (rng.random(num_events) < cfg.drift_rate) & (position > 0)
+    swap_slot = rng.integers(0, cfg.interests_per_user, num_events)
+    swap_topic = rng.integers(0, cfg.num_topics, num_events)
+    chosen_slot = rng.integers(0, cfg.interests_per_user, num_events)
+    first = position == 0
+    event_index = np.arange(num_events)
+    topic = np.empty(num_events, dtype=np.int64)
+    for slot in range(cfg.interests_per_user):
+        # Forward-fill: the slot's topic at event e was set by its last swap at or before e (or at start).
+        set_here = first | (swap & (swap_slot == slot))
+        value = np.where(first, initial[user, slot], swap_topic)
+        last_set = np.maximum.accumulate(np.where(set_here, event_index, 0))
+        in_slot = chosen_slot == slot
+        topic[in_slot] = value[last_set[in_slot]]
+    return topic
+
+
+def _zipf_items(
+    rng: np.random.Generator,
+    topic: np.ndarray,
+    topic_items: np.ndarray,
+    topic_cdf: np.ndarray,
+    topic_start: np.ndarray,
+) -> np.ndarray:
+    """``(E,)`` an item of each event's topic, Zipf-distributed within the topic (inverse CDF)."""
+    slot = np.searchsorted(topic_cdf, topic + rng.random(len(topic)), side="right")
+    slot = np.clip(slot, topic_start[topic], topic_start[topic + 1] - 1)
+    return topic_items[slot]
+
+
+def _resolve_copies(source: np.ndarray) -> np.ndarray:
+    """``(E,)`` the original (non-recall) event each event's item comes from, following chains of recalls.
+
+    ``source[e]`` is ``-1`` for a fresh event, else an earlier index; pointer jumping takes O(log E) rounds.
+    """
+    origin = np.where(source < 0, np.arange(len(source)), source)
+    while True:
+        hop = origin[origin]
+        if np.array_equal(hop, origin):
+            return origin
+        origin = hop
+
+
+def _timestamps(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    offsets: np.ndarray,
+    user: np.ndarray,
+    position: np.ndarray,
+) -> np.ndarray:
+    """``(E,)`` int64 seconds, strictly increasing within each user."""
+    num_events = len(user)
+    gap = 1 + np.floor(rng.exponential(cfg.mean_gap_seconds, num_events)).astype(np.int64)
+    breaks = rng.random(num_events) < cfg.break_prob
+    gap[breaks] += rng.integers(_DAY, 14 * _DAY + 1, int(breaks.sum()))
+    gap[position == 0] = 0
+    elapsed = np.cumsum(gap)
+    elapsed -= elapsed[offsets[:-1]][user]  # per-user running time since the user's first event
+    start = _START_TIME + rng.integers(0, 30 * _DAY, cfg.num_users)
+    return start[user] + elapsed

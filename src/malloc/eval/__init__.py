@@ -1,0 +1,1 @@
+"""Evaluation: CTR and retrieval metrics, fidelity against the uncompressed model."""

@@ -1,0 +1,98 @@
+"""One run end to end: data -> task view -> train -> evaluate the test split through the serving path -> results.
+
+``results/<name>-<hash>/`` holds ``config.yaml``, ``best.pt``, ``last.pt``, ``metrics.json``, ``meters.json`` and,
+written last, ``done.json``. The hash covers what determines the trained model (task, data, model, train), so
+changing only evaluation settings re-evaluates the same checkpoint instead of retraining.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Any
+
+import torch
+
+from malloc import __version__
+from malloc.bench.results import RunDir, read_json
+from malloc.config import RunConfig
+from malloc.configio import to_dict
+from malloc.data.sources import load_dataset
+from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
+from malloc.evaluate import evaluate
+from malloc.models import SequentialRecommender, build_model
+from malloc.train import train
+
+log = logging.getLogger("malloc.run")
+
+
+def training_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The parts of a config that determine the trained model (and so the run directory's hash)."""
+    return {"task": cfg.task, "data": to_dict(cfg.data), "model": to_dict(cfg.model), "train": to_dict(cfg.train)}
+
+
+def run_dir_for(cfg: RunConfig) -> RunDir:
+    return RunDir.for_config(cfg.results_dir, cfg.name, training_identity(cfg))
+
+
+def build_view(cfg: RunConfig) -> CTRView | RetrievalView:
+    """Load the configured data set and cut the configured task view."""
+    d = cfg.data
+    ds = load_dataset(d.source, d.path, label_threshold=d.label_threshold, min_events=d.min_events,
+                      synthetic=d.synthetic)
+    if cfg.task == "ctr":
+        return CTRView(ds.sequences, ctr_rows(ds, d.test_fraction, d.valid_fraction))
+    return RetrievalView(ds.sequences)
+
+
+def environment() -> dict[str, Any]:
+    return {"malloc": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads()}
+
+
+def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Train and test one configuration, or return the stored result if the run is already done.
+
+    Returns:
+        ``{"run_id", "metrics", "meters"}``.
+    """
+    run_dir = run_dir_for(cfg)
+    if force:
+        run_dir.clear()
+    if run_dir.is_done():
+        log.info("%s is done; skipping (use --force to rerun)", run_dir.root)
+        return {"run_id": run_dir.run_id, "metrics": read_json(run_dir.metrics_path),
+                "meters": read_json(run_dir.meters_path)}
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    run_dir.write_config(cfg)
+    try:
+        view = build_view(cfg)
+        model, trained = train(cfg, view, run_dir.root, show_progress=show_progress)
+        result = evaluate(cfg, model, view, "test")
+    except Exception as exc:
+        run_dir.record_error(exc)
+        raise
+    meters = {
+        **result["meters"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "best_epoch": trained.best_epoch, "epochs_run": trained.epochs_run,
+        "train_seconds_per_epoch": trained.seconds_per_epoch,
+        "train_events_per_second": trained.events_per_second,
+        "environment": environment(),
+    }
+    run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history})
+    run_dir.write_meters(meters)
+    run_dir.mark_done({"run_id": run_dir.run_id})
+    return {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters}
+
+
+def load_trained(cfg: RunConfig) -> tuple[SequentialRecommender, CTRView | RetrievalView, RunDir]:
+    """The best checkpoint of a finished (or at least once checkpointed) training run for ``cfg``."""
+    run_dir = run_dir_for(cfg)
+    if not run_dir.checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint for this config at {run_dir.checkpoint_path}: run `malloc train` "
+                                "with the same config first")
+    view = build_view(cfg)
+    model = build_model(cfg.model, view.sequences.num_items)
+    model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
+    return model.eval(), view, run_dir

@@ -1,0 +1,125 @@
+"""Fast checks of the profiling helpers: timing loop, request latency on a tiny model, peak memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from malloc.models import ModelConfig, build_model
+from malloc.profiling import (
+    measure_peak_in_subprocess,
+    peak_rss_mb,
+    request_latency,
+    synthetic_events,
+    synthetic_training_batch,
+    time_call,
+    training_step,
+)
+
+TINY_TIMING = {"warmup": 1, "min_repeats": 2, "min_seconds": 0.0, "max_repeats": 3}
+
+
+def tiny_model(backbone: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, dim=16, layers=1, heads=4, head_dim=4, dropout=0.0, max_len=32)
+    return build_model(cfg, 50)
+
+
+def test_synthetic_events_shapes_and_order():
+    events = synthetic_events(3, 20, 50, seed=1)
+    assert events.items.shape == events.actions.shape == events.timestamps.shape == (3, 20)
+    assert events.items.min() >= 1 and events.items.max() <= 50
+    assert (events.timestamps.diff(dim=1) > 0).all()
+    assert events.lengths.tolist() == [20, 20, 20]
+    assert torch.equal(events.items, synthetic_events(3, 20, 50, seed=1).items)
+
+
+def test_time_call_counts_and_positive():
+    calls = []
+    seconds = time_call(lambda: calls.append(1), warmup=3, min_repeats=7, min_seconds=0.0)
+    assert isinstance(seconds, np.ndarray) and seconds.shape == (7,)
+    assert (seconds > 0).all()
+    assert len(calls) == 3 + 7
+
+
+def test_time_call_repeats_until_min_seconds_and_caps():
+    seconds = time_call(lambda: sum(range(1000)), warmup=0, min_repeats=1, min_seconds=0.02,
+                        max_repeats=100_000)
+    assert seconds.sum() >= 0.02
+    capped = time_call(lambda: None, warmup=0, min_repeats=2, min_seconds=10.0, max_repeats=4)
+    assert capped.shape == (4,)
+    with pytest.raises(ValueError, match="min_repeats"):
+        time_call(lambda: None, min_repeats=5, max_repeats=2)
+
+
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_request_latency_tiny(backbone):
+    model = tiny_model(backbone)
+    point = request_latency(model, 32, candidates=5, append_events=2, **TINY_TIMING)
+    assert set(point) == {"history_len", "cached_ms_p50", "cached_ms_p99", "recompute_ms_p50",
+                          "recompute_ms_p99", "speedup_p50", "state_bytes", "threads", "repeats_cached",
+                          "repeats_recompute"}
+    assert point["history_len"] == 32
+    assert 0 < point["cached_ms_p50"] <= point["cached_ms_p99"]
+    assert 0 < point["recompute_ms_p50"] <= point["recompute_ms_p99"]
+    assert point["speedup_p50"] > 0
+    assert point["threads"] == torch.get_num_threads()
+    assert 2 <= point["repeats_cached"] <= 3 and 2 <= point["repeats_recompute"] <= 3
+    assert not model.training
+    # state_bytes is the stored history's exact size
+    stored = model.prefill(synthetic_events(1, 32, model.num_items, seed=0))
+    assert point["state_bytes"] == stored[0].nbytes()
+
+
+def test_request_latency_recompute_timing_overrides():
+    point = request_latency(tiny_model("sasrec"), 16, candidates=3, **TINY_TIMING,
+                            recompute_timing={"warmup": 0, "min_repeats": 1, "max_repeats": 1})
+    assert point["repeats_recompute"] == 1 and point["repeats_cached"] >= 2
+
+
+def test_request_latency_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="history_len"):
+        request_latency(tiny_model("hstu"), 0, **TINY_TIMING)
+
+
+def test_training_step_updates_parameters():
+    model = tiny_model("sasrec")
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = synthetic_training_batch(2, 8, model.num_items, seed=0)
+    assert batch.num_events == 16
+    before = model.ctr_head.weight.detach().clone()
+    loss = training_step(model, optimiser, batch)
+    assert np.isfinite(loss)
+    assert not torch.equal(before, model.ctr_head.weight)
+
+
+def test_peak_rss_positive():
+    assert peak_rss_mb() > 0
+
+
+def test_measure_peak_in_subprocess():
+    measured = measure_peak_in_subprocess("malloc.profiling.memory:allocate", {"megabytes": 64})
+    assert measured["result"]["allocated_mb"] == 64
+    assert measured["peak_rss_mb"] > 0
+    assert measured["peak_rss_mb"] >= measured["import_rss_mb"]
+
+
+@pytest.mark.parametrize("target", ["no_colon", "a:b:c", "mod:", ":func", "bad module:f", 3])
+def test_measure_peak_rejects_malformed_target(target):
+    with pytest.raises(ValueError, match="module:function"):
+        measure_peak_in_subprocess(target, {})
+
+
+def test_measure_peak_reports_subprocess_error():
+    with pytest.raises(RuntimeError, match="ModuleNotFoundError"):
+        measure_peak_in_subprocess("malloc.no_such_module:f", {})
+    with pytest.raises(RuntimeError, match="AttributeError"):
+        measure_peak_in_subprocess("malloc.profiling.memory:no_such_function", {})
+    with pytest.raises(RuntimeError, match="TypeError"):
+        measure_peak_in_subprocess("malloc.profiling.memory:allocate", {"wrong": 1})
+
+
+def test_measure_peak_rejects_unserialisable_kwargs():
+    with pytest.raises(ValueError, match="JSON"):
+        measure_peak_in_subprocess("malloc.profiling.memory:allocate", {"megabytes": object()})
