@@ -71,14 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recompute-warmup", type=int, default=1,
                         help="untimed recompute calls (a 16k-event recompute takes minutes on a CPU)")
     parser.add_argument("--recompute-min-repeats", type=int, default=3, help="timed recompute calls at least")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
 
 
-def environment() -> dict[str, Any]:
+def environment(device: str) -> dict[str, Any]:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "device": "cpu"}
+            "device": device, "device_name": name}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     recompute_timing = {"warmup": args.recompute_warmup, "min_repeats": args.recompute_min_repeats,
                         "max_repeats": max(args.max_repeats, args.recompute_min_repeats)}
     if not args.json:
-        print(f"threads={torch.get_num_threads()} candidates={args.candidates} "
+        print(f"device={args.device} threads={torch.get_num_threads()} candidates={args.candidates} "
               f"append_events={args.append_events} prefill_chunk={args.prefill_chunk} "
               f"num_items={args.num_items}")
         print(table_line([name for name, _ in COLUMNS]))
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         # its table, neither of which changes the work done.
         cfg = ModelConfig(backbone=backbone)
         torch.manual_seed(args.seed)
-        model = build_model(cfg, args.num_items).eval()
+        model = build_model(cfg, args.num_items).to(args.device).eval()
         for length in args.lengths:
             point = request_latency(model, length, candidates=args.candidates,
                                     append_events=args.append_events, prefill_chunk=args.prefill_chunk,
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                           "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
                           "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
                           **timing, "recompute_warmup": args.recompute_warmup,
-                          "recompute_min_repeats": args.recompute_min_repeats, **environment()}
+                          "recompute_min_repeats": args.recompute_min_repeats, **environment(args.device)}
                 print(json.dumps(record), flush=True)
             else:
                 row = {"backbone": backbone, **point}

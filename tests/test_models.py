@@ -48,6 +48,8 @@ def random_users(seed: int, lengths: list[int], num_candidates: int):
 
 
 def full_forward(model, events: Events, cands: torch.Tensor, cand_times: torch.Tensor):
+    """Outputs of the uncached forward over [history; candidates at position len(history)], on the model's device."""
+    events, cands, cand_times = events.to("cpu"), cands.cpu(), cand_times.cpu()
     batch, n = events.items.shape
     c = cands.shape[1]
     valid = events.valid
@@ -59,6 +61,8 @@ def full_forward(model, events: Events, cands: torch.Tensor, cand_times: torch.T
         is_history=torch.cat([valid, torch.zeros(batch, c, dtype=torch.bool)], 1),
         valid=torch.cat([valid, torch.ones(batch, c, dtype=torch.bool)], 1),
     )
+    tokens = TokenBatch(*(getattr(tokens, f).to(model.device) for f in
+                          ("items", "actions", "positions", "timestamps", "is_history", "valid")))
     with torch.no_grad():
         hidden = model(tokens)
     last = hidden[torch.arange(batch), (events.lengths - 1).clamp(min=0)]
@@ -149,3 +153,16 @@ def test_nbytes_equals_formula(backbone, dtype):
 def test_empty_state_has_only_bookkeeping():
     model = tiny_model("hstu")
     assert model.empty_state().nbytes() == SCALAR_BYTES
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_cached_equals_full_forward_on_gpu(backbone):
+    model = tiny_model(backbone).cuda()
+    events, cands, cand_times = random_users(7, [20, 9, 3], num_candidates=9)
+    expected_logits, expected_last = full_forward(model, events, cands, cand_times)
+    states = model.prefill(events.slice(0, 6).to("cuda"), chunk_size=4)
+    states = model.append(states, events.slice(6, 20).to("cuda"), chunk_size=5)
+    logits = model.score(states, cands.cuda(), cand_times.cuda(), chunk_size=4)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([s.last_hidden for s in states]), expected_last, atol=1e-5, rtol=0)

@@ -126,7 +126,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total_loss += float(loss) * len(picked)
+            total_loss += loss.item() * len(picked)
             events_seen += sum(w.stop - w.start for w in picked)
         seconds = time.perf_counter() - tic
         metrics = evaluate(cfg, model, view, "valid")["metrics"]

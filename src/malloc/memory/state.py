@@ -55,12 +55,13 @@ class LayerState:
         )
 
     @staticmethod
-    def empty(heads: int, key_dim: int, value_dim: int, dtype: torch.dtype) -> LayerState:
+    def empty(heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+              ) -> LayerState:
         return LayerState(
-            keys=torch.zeros(heads, 0, key_dim, dtype=dtype),
-            values=torch.zeros(heads, 0, value_dim, dtype=dtype),
-            positions=torch.zeros(0, dtype=torch.int32),
-            timestamps=torch.zeros(0, dtype=torch.int64),
+            keys=torch.zeros(heads, 0, key_dim, dtype=dtype, device=device),
+            values=torch.zeros(heads, 0, value_dim, dtype=dtype, device=device),
+            positions=torch.zeros(0, dtype=torch.int32, device=device),
+            timestamps=torch.zeros(0, dtype=torch.int64, device=device),
         )
 
 
@@ -100,12 +101,12 @@ def collate_layer(states: list[UserState], layer: int, compute_dtype: torch.dtyp
     heads, _, key_dim = parts[0].keys.shape
     value_dim = parts[0].values.shape[2]
     n_max = max(p.num_tokens for p in parts)
-    batch = len(parts)
-    keys = torch.zeros(batch, heads, n_max, key_dim, dtype=compute_dtype)
-    values = torch.zeros(batch, heads, n_max, value_dim, dtype=compute_dtype)
-    positions = torch.zeros(batch, n_max, dtype=torch.int64)
-    timestamps = torch.zeros(batch, n_max, dtype=torch.int64)
-    valid = torch.zeros(batch, n_max, dtype=torch.bool)
+    batch, device = len(parts), parts[0].keys.device
+    keys = torch.zeros(batch, heads, n_max, key_dim, dtype=compute_dtype, device=device)
+    values = torch.zeros(batch, heads, n_max, value_dim, dtype=compute_dtype, device=device)
+    positions = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
+    timestamps = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
+    valid = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
     for b, part in enumerate(parts):
         n = part.num_tokens
         keys[b, :, :n] = part.keys

@@ -44,7 +44,11 @@ class Events:
 
     @property
     def valid(self) -> torch.Tensor:
-        return torch.arange(self.items.shape[1])[None, :] < self.lengths[:, None]
+        return torch.arange(self.items.shape[1], device=self.items.device)[None, :] < self.lengths[:, None]
+
+    def to(self, device: torch.device) -> Events:
+        return Events(self.items.to(device), self.actions.to(device), self.timestamps.to(device),
+                      self.lengths.to(device))
 
     def slice(self, start: int, stop: int) -> Events:
         return Events(self.items[:, start:stop], self.actions[:, start:stop], self.timestamps[:, start:stop],
@@ -132,10 +136,15 @@ class SequentialRecommender(nn.Module):
     def state_dtype(self) -> torch.dtype:
         return DTYPES[self.cfg.state_dtype]
 
+    @property
+    def device(self) -> torch.device:
+        return self.item_embedding.weight.device
+
     def empty_state(self) -> UserState:
-        layers = tuple(LayerState.empty(layer.heads, layer.key_dim, layer.value_dim, self.state_dtype)
+        layers = tuple(LayerState.empty(layer.heads, layer.key_dim, layer.value_dim, self.state_dtype, self.device)
                        for layer in self.layers)
-        return UserState(layers=layers, last_hidden=torch.zeros(0), next_position=0, last_timestamp=0)
+        return UserState(layers=layers, last_hidden=torch.zeros(0, device=self.device), next_position=0,
+                         last_timestamp=0)
 
     def _caches(self, states: list[UserState]) -> list[KVBlock]:
         dtype = self.item_embedding.weight.dtype
@@ -158,12 +167,13 @@ class SequentialRecommender(nn.Module):
         return states
 
     def _append_chunk(self, states: list[UserState], events: Events) -> list[UserState]:
-        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64)
+        device = events.items.device
+        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
         length = events.items.shape[1]
         valid = events.valid
         tokens = TokenBatch(
             items=events.items, actions=events.actions,
-            positions=next_pos[:, None] + torch.arange(length)[None, :],
+            positions=next_pos[:, None] + torch.arange(length, device=device)[None, :],
             timestamps=events.timestamps, is_history=valid, valid=valid,
         )
         hidden, blocks = self.encode(tokens, self._caches(states))
@@ -195,7 +205,7 @@ class SequentialRecommender(nn.Module):
             ``(B, c)`` logits.
         """
         caches = self._caches(states)
-        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64)
+        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=items.device)
         logits = []
         for start in range(0, items.shape[1], chunk_size):
             part = items[:, start:start + chunk_size]

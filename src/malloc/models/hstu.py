@@ -28,8 +28,8 @@ from malloc.tokens import KVBlock, TokenBatch, concat_keys, visibility
 
 def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
     """Bucketise non-negative distances: ``floor(scale * log2(1 + |x|))``, clamped to ``num_buckets - 1``."""
-    buckets = torch.floor(scale * torch.log2(1.0 + values.abs().to(torch.float32)))
-    return buckets.clamp(0, num_buckets - 1).long()
+    buckets = (scale * torch.log2(1.0 + values.to(torch.float32).abs_())).clamp_(0, num_buckets - 1)
+    return buckets.long()  # truncation is floor for non-negative values
 
 
 class RelativeBias(nn.Module):

@@ -120,8 +120,9 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     model.eval()
     num_items = model.num_items
     events = synthetic_events(1, history_len + append_events, num_items, seed)
+    items, times = (t.to(model.device) for t in _candidates(events, candidates, num_items, seed + 1))
+    events = events.to(model.device)
     history, new = events.slice(0, history_len), events.slice(history_len, history_len + append_events)
-    items, times = _candidates(events, candidates, num_items, seed + 1)
     with torch.no_grad():
         stored = model.prefill(history, chunk_size=prefill_chunk)
 

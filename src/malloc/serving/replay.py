@@ -55,12 +55,17 @@ class ReplayMeters:
         }
 
 
-def _user_groups(rows: CTRRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows sorted by (user, history length); returns the order, the users, and each user's row bounds."""
+def _user_groups(rows: CTRRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by (user, history length).
+
+    Returns the row order, the users, each user's row bounds (``bounds[u]:bounds[u + 1]`` of the order), and the
+    users' serving order: by longest history, so that a batch pads little.
+    """
     order = np.lexsort((rows.history_len, rows.user))
     users, starts = np.unique(rows.user[order], return_index=True)
     bounds = np.append(starts, len(order))
-    return order, users, bounds
+    longest = rows.history_len[order[bounds[1:] - 1]]
+    return order, users, bounds, np.argsort(longest, kind="stable")
 
 
 def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256
@@ -72,9 +77,9 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
     """
     logits = np.zeros(len(rows), dtype=np.float64)
     meters = ReplayMeters()
-    order, users, bounds = _user_groups(rows)
+    order, users, bounds, serving_order = _user_groups(rows)
     for first in range(0, len(users), user_batch):
-        batch = np.arange(first, min(first + user_batch, len(users)))
+        batch = serving_order[first:first + user_batch]
         # per user: row indices (in original order) grouped by distinct history length
         steps = []
         for u in batch.tolist():
@@ -100,7 +105,7 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
                                   pad([rows.timestamp[p] for p in picked]))
             meters.request_seconds.append((time.perf_counter() - tic) / len(active))
             for j, p in enumerate(picked):
-                logits[p] = scores[j, : len(p)].double().numpy()
+                logits[p] = scores[j, : len(p)].double().cpu().numpy()
         meters.state_bytes.extend(s.nbytes() for s in states)
         meters.state_tokens.extend(s.num_tokens for s in states)
     return logits, meters
@@ -118,8 +123,9 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
     """
     ranks = np.zeros(seqs.num_users, dtype=np.int64)
     meters = ReplayMeters()
+    serving_order = np.argsort(target_index, kind="stable")  # similar lengths together: little padding
     for first in range(0, seqs.num_users, user_batch):
-        users = np.arange(first, min(first + user_batch, seqs.num_users))
+        users = serving_order[first:first + user_batch]
         stop = target_index[users]
         start = np.maximum(0, stop - max_len)
         split = np.maximum(start, stop - append_events)
@@ -128,13 +134,13 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
         states = server.append(states, events(seqs, users, split, stop))
         scores = server.retrieve(states)
         meters.request_seconds.append((time.perf_counter() - tic) / len(users))
-        targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop])
+        targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop], device=scores.device)
         exclude = None
         if mask_history:
             exclude = torch.zeros_like(scores, dtype=torch.bool)
             for b, u in enumerate(users.tolist()):
                 base = int(seqs.offsets[u])
-                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[b])])] = True
+                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[b])], device=scores.device)] = True
         ranks[users] = target_ranks(scores, targets, exclude)
         meters.state_bytes.extend(s.nbytes() for s in states)
         meters.state_tokens.extend(s.num_tokens for s in states)

@@ -27,16 +27,17 @@ class Server:
         self.candidate_chunk = candidate_chunk
 
     def write(self, events: Events) -> list[UserState]:
-        """Encode stored histories ``(B, n)`` and return one state per user."""
-        return self.model.prefill(events, chunk_size=self.prefill_chunk)
+        """Encode stored histories ``(B, n)`` and return one state per user (on the model's device)."""
+        return self.model.prefill(events.to(self.model.device), chunk_size=self.prefill_chunk)
 
     def append(self, states: list[UserState], events: Events) -> list[UserState]:
         """Compute new events ``(B, t)`` against the stored states; returns the new states."""
-        return self.model.append(states, events, chunk_size=self.prefill_chunk)
+        return self.model.append(states, events.to(self.model.device), chunk_size=self.prefill_chunk)
 
     def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """``(B, c)`` candidate click logits read from the states (left unchanged)."""
-        return self.model.score(states, items, timestamps, chunk_size=self.candidate_chunk)
+        device = self.model.device
+        return self.model.score(states, items.to(device), timestamps.to(device), chunk_size=self.candidate_chunk)
 
     def retrieve(self, states: list[UserState]) -> torch.Tensor:
         """``(B, num_items + 1)`` next-item logits read from the states."""

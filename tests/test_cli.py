@@ -1,0 +1,117 @@
+"""The command line and the runner end to end on tiny data: results, skipping, resume, exact repeats, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from malloc.bench.results import read_json
+from malloc.cli import main
+from malloc.config import load_config
+from malloc.runner import build_view, run, run_dir_for
+from malloc.train import train
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+
+
+def smoke(tmp_path: Path, *overrides: str):
+    return load_config(SMOKE, [f"results_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("task", ["ctr", "retrieval"])
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_train_writes_results_then_skips(tmp_path, capsys, task, backbone):
+    args = ["train", "--config", SMOKE, "--quiet", "--set", f"results_dir={tmp_path}", "--set", f"task={task}",
+            "--set", f"model.backbone={backbone}"]
+    assert main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.json", "meters.json", "done.json"):
+        assert (run_dir / name).is_file(), name
+    metrics = read_json(run_dir / "metrics.json")
+    keys = ("auc", "gauc", "logloss") if task == "ctr" else ("hr@10", "ndcg@10", "mrr")
+    assert all(0.0 <= metrics[k] for k in keys)
+    meters = read_json(run_dir / "meters.json")
+    assert meters["state_bytes_mean"] > 0 and meters["users"] > 0
+    before = (run_dir / "done.json").stat().st_mtime_ns
+    assert main(args) == 0  # done: skipped, not retrained
+    assert (run_dir / "done.json").stat().st_mtime_ns == before
+    assert "test" in capsys.readouterr().out
+
+
+def test_force_reruns(tmp_path):
+    cfg = smoke(tmp_path)
+    run(cfg, show_progress=False)
+    done = run_dir_for(cfg).done_path
+    before = done.stat().st_mtime_ns
+    run(cfg, force=True, show_progress=False)
+    assert done.stat().st_mtime_ns != before
+
+
+def test_training_repeats_exactly_and_resumes(tmp_path):
+    cfg = smoke(tmp_path / "a", "train.epochs=3", "train.patience=5")
+    view = build_view(cfg)
+    full, _ = train(cfg, view, tmp_path / "a", show_progress=False)
+    # the same run interrupted after 1 epoch, then restarted: picks up from last.pt and ends identical
+    (tmp_path / "b").mkdir()
+    train(smoke(tmp_path / "b", "train.epochs=1", "train.patience=5"), view, tmp_path / "b", show_progress=False)
+    resumed, result = train(cfg, view, tmp_path / "b", show_progress=False)
+    assert result.epochs_run == 3 and [h["epoch"] for h in result.history] == [1, 2, 3]
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_eval_reads_the_checkpoint(tmp_path, capsys):
+    base = ["--config", SMOKE, "--set", f"results_dir={tmp_path}"]
+    assert main(["train", "--quiet", *base]) == 0
+    assert main(["eval", *base, "--split", "valid"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    result = json.loads((run_dir / "eval-valid.json").read_text())
+    assert set(result) == {"metrics", "meters"} and "gauc" in result["metrics"]
+
+
+def test_data_stats_prints_movielens(capsys):
+    pytest.importorskip("recbole")
+    assert main(["data", "stats", "ml-100k", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["users"] == 943 and stats["events"] == 100_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--set", "model.layerz=3"], "model.layerz"),
+        (["train", "--set", "model.layers=0"], "layers"),
+        (["train", "--set", "task=ranking"], "task"),
+        (["train", "--set", "data.source=netflix"], "netflix"),
+        (["train", "--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
+        (["eval", "--set", "results_dir=/nonexistent-results"], "malloc train"),
+        (["data", "stats", "ml-1m"], "ratings.dat"),
+        (["train", "--set", "modellayers"], "key.sub=value"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tmp_path, capsys, args, message):
+    if args[0] == "train" and "--config" not in args:
+        args = [*args, "--config", SMOKE, "--set", f"results_dir={tmp_path}", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("malloc ") and message in err and "\n" not in err
+
+
+def test_bench_runs_every_config_of_a_folder(tmp_path, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    text = Path(SMOKE).read_text()
+    (configs / "a.yaml").write_text(text)
+    (configs / "b.yaml").write_text(text.replace("task: ctr", "task: retrieval"))
+    assert main(["bench", "--configs", str(configs), "--quiet", "--set", f"results_dir={tmp_path / 'res'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| hstu | ctr |" in out and "| hstu | retrieval |" in out
+    assert (tmp_path / "res" / "default-job.md").read_text().strip() == out.strip()
+
+
+def test_bench_without_configs_is_an_error(tmp_path, capsys):
+    assert main(["bench", "--configs", str(tmp_path)]) == 2
+    assert "no run configs" in capsys.readouterr().err
