@@ -1,13 +1,15 @@
 """The stored per-user state: what a serving fleet keeps for every user between requests.
 
-A :class:`UserState` holds, for each layer, the keys and values of the user's stored history events together with
-their original positions and timestamps (the relative-position and time biases need them), plus the final hidden
-state of the last event (the retrieval read). ``nbytes()`` counts every byte that would be stored.
+A :class:`UserState` holds one stored layer per attention layer, plus the final hidden state of the last event
+(the retrieval read) and two counters. A stored layer is anything with ``read()`` (what attention sees),
+``nbytes()`` (every byte kept) and ``num_tokens``: the dense :class:`LayerState` (Native, and token selections),
+or the formats of other schemes (quantized payloads, ...). ``UserState.nbytes()`` counts everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -17,19 +19,17 @@ from malloc.tokens import KVBlock
 SCALAR_BYTES = 16
 
 
-def tensor_nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def tensor_nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
 
 @dataclass(frozen=True)
-class LayerState:
-    """One user's stored history for one layer (dense: every head keeps every token).
+class LayerView:
+    """One user's stored layer as attention reads it.
 
     Attributes:
-        keys: ``(H, n, d_k)``.
-        values: ``(H, n, d_v)``.
-        positions: ``(n,)`` int32 original event positions.
-        timestamps: ``(n,)`` int64 event times.
+        keys: ``(H, n, d_k)`` float; values: ``(H, n, d_v)`` float.
+        positions: ``(1 or H, n)`` int64 original positions; timestamps: ``(1 or H, n)`` int64.
     """
 
     keys: torch.Tensor
@@ -37,22 +37,85 @@ class LayerState:
     positions: torch.Tensor
     timestamps: torch.Tensor
 
+
+class StoredLayer(Protocol):
+    """What every stored-layer format offers."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def nbytes(self) -> int: ...
+
+    def read(self) -> LayerView: ...
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Keys and values of stored events, with their original positions and timestamps.
+
+    ``S = 1`` when all heads keep the same events (Native, shared selections); ``S = H`` when each head keeps
+    its own (per-head eviction), in which case every head keeps the same number ``n`` of events.
+
+    Attributes:
+        keys: ``(H, n, d_k)``; values: ``(H, n, d_v)``, in the state dtype.
+        positions: ``(S, n)`` int32; timestamps: ``(S, n)`` int64.
+        scores: ``(S, n)`` float32 scores carried across appends (streaming H2O), or None.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    scores: torch.Tensor | None = None
+
     @property
     def num_tokens(self) -> int:
         return self.keys.shape[1]
 
-    def nbytes(self) -> int:
-        return sum(tensor_nbytes(t) for t in (self.keys, self.values, self.positions, self.timestamps))
+    @property
+    def heads(self) -> int:
+        return self.keys.shape[0]
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               timestamps: torch.Tensor) -> LayerState:
-        """A new state with ``t`` more tokens: keys ``(H, t, d_k)``, values ``(H, t, d_v)``, ``(t,)`` metadata."""
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(t) for t in (self.keys, self.values, self.positions, self.timestamps, self.scores))
+
+    def read(self) -> LayerView:
+        return LayerView(self.keys, self.values, self.positions.long(), self.timestamps)
+
+    def extend(self, new: LayerState) -> LayerState:
+        """This state followed by ``new`` (a shared-selection state of new events; scores are not carried)."""
+        sel = self.positions.shape[0]
         return LayerState(
-            keys=torch.cat([self.keys, keys.to(self.keys.dtype)], dim=1),
-            values=torch.cat([self.values, values.to(self.values.dtype)], dim=1),
-            positions=torch.cat([self.positions, positions.to(torch.int32)]),
-            timestamps=torch.cat([self.timestamps, timestamps.to(torch.int64)]),
+            keys=torch.cat([self.keys, new.keys.to(self.keys.dtype)], dim=1),
+            values=torch.cat([self.values, new.values.to(self.values.dtype)], dim=1),
+            positions=torch.cat([self.positions, new.positions.expand(sel, -1)], dim=1),
+            timestamps=torch.cat([self.timestamps, new.timestamps.expand(sel, -1)], dim=1),
         )
+
+    def select(self, index: torch.Tensor) -> LayerState:
+        """Keep the events at ``index``: ``(1, B)`` the same for all heads, or ``(H, B)`` per head.
+
+        Metadata (positions, timestamps, carried scores) becomes per head as soon as either the selection or
+        this state is per head.
+        """
+        heads = self.heads
+        per_head = index.shape[0] > 1 or self.positions.shape[0] > 1
+        rows = index.expand(heads, -1)
+        meta_index = rows if per_head else index
+
+        def take(meta: torch.Tensor) -> torch.Tensor:
+            return (meta.expand(heads, -1) if per_head else meta).gather(1, meta_index)
+
+        return LayerState(
+            keys=self.keys.gather(1, rows[:, :, None].expand(-1, -1, self.keys.shape[2])),
+            values=self.values.gather(1, rows[:, :, None].expand(-1, -1, self.values.shape[2])),
+            positions=take(self.positions),
+            timestamps=take(self.timestamps),
+            scores=None if self.scores is None else take(self.scores),
+        )
+
+    def with_scores(self, scores: torch.Tensor | None) -> LayerState:
+        return replace(self, scores=scores)
 
     @staticmethod
     def empty(heads: int, key_dim: int, value_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -60,8 +123,8 @@ class LayerState:
         return LayerState(
             keys=torch.zeros(heads, 0, key_dim, dtype=dtype, device=device),
             values=torch.zeros(heads, 0, value_dim, dtype=dtype, device=device),
-            positions=torch.zeros(0, dtype=torch.int32, device=device),
-            timestamps=torch.zeros(0, dtype=torch.int64, device=device),
+            positions=torch.zeros(1, 0, dtype=torch.int32, device=device),
+            timestamps=torch.zeros(1, 0, dtype=torch.int64, device=device),
         )
 
 
@@ -70,20 +133,20 @@ class UserState:
     """Everything stored for one user.
 
     Attributes:
-        layers: one :class:`LayerState` per attention layer.
+        layers: one stored layer per attention layer.
         last_hidden: ``(D,)`` final-layer output of the last stored event (the retrieval query); empty
             ``(0,)`` before any event.
         next_position: position the next event will take (= number of events seen).
         last_timestamp: time of the last event seen (0 before any event).
     """
 
-    layers: tuple[LayerState, ...]
+    layers: tuple[StoredLayer, ...]
     last_hidden: torch.Tensor
     next_position: int
     last_timestamp: int
 
     def nbytes(self) -> int:
-        """Exact stored bytes: every tensor at its element size plus the scalar bookkeeping."""
+        """Exact stored bytes: every stored layer, the last hidden state and the scalar bookkeeping."""
         return sum(layer.nbytes() for layer in self.layers) + tensor_nbytes(self.last_hidden) + SCALAR_BYTES
 
     @property
@@ -95,23 +158,25 @@ def collate_layer(states: list[UserState], layer: int, compute_dtype: torch.dtyp
     """Pad one layer of several users' states into the block attention reads.
 
     Returns:
-        KVBlock with ``(B, H, n_max, d)`` keys/values in ``compute_dtype`` and ``(B, 1, n_max)`` metadata.
+        KVBlock with ``(B, H, n_max, d)`` keys/values in ``compute_dtype`` and ``(B, 1 or H, n_max)`` metadata
+        (H as soon as one user's layer keeps different events per head).
     """
-    parts = [s.layers[layer] for s in states]
-    heads, _, key_dim = parts[0].keys.shape
-    value_dim = parts[0].values.shape[2]
-    n_max = max(p.num_tokens for p in parts)
-    batch, device = len(parts), parts[0].keys.device
+    views = [s.layers[layer].read() for s in states]
+    heads, _, key_dim = views[0].keys.shape
+    value_dim = views[0].values.shape[2]
+    n_max = max(v.keys.shape[1] for v in views)
+    sel = max(v.positions.shape[0] for v in views)
+    batch, device = len(views), views[0].keys.device
     keys = torch.zeros(batch, heads, n_max, key_dim, dtype=compute_dtype, device=device)
     values = torch.zeros(batch, heads, n_max, value_dim, dtype=compute_dtype, device=device)
-    positions = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
-    timestamps = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
-    valid = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
-    for b, part in enumerate(parts):
-        n = part.num_tokens
-        keys[b, :, :n] = part.keys
-        values[b, :, :n] = part.values
-        positions[b, :n] = part.positions
-        timestamps[b, :n] = part.timestamps
-        valid[b, :n] = True
-    return KVBlock(keys, values, positions[:, None], timestamps[:, None], valid[:, None])
+    positions = torch.zeros(batch, sel, n_max, dtype=torch.int64, device=device)
+    timestamps = torch.zeros(batch, sel, n_max, dtype=torch.int64, device=device)
+    valid = torch.zeros(batch, sel, n_max, dtype=torch.bool, device=device)
+    for b, view in enumerate(views):
+        n = view.keys.shape[1]
+        keys[b, :, :n] = view.keys
+        values[b, :, :n] = view.values
+        positions[b, :, :n] = view.positions
+        timestamps[b, :, :n] = view.timestamps
+        valid[b, :, :n] = True
+    return KVBlock(keys, values, positions, timestamps, valid)

@@ -14,14 +14,25 @@ With no compression, prefill + append + score equals :meth:`forward` over the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from malloc.memory.state import LayerState, UserState, collate_layer
+from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layer
+from malloc.memory.stats import AttentionObserver
 from malloc.models.config import ModelConfig
-from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch
+from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
+
+# merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
+Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
+
+
+def extend_merge(stored: StoredLayer, new: LayerState, layer: int, user: int) -> StoredLayer:
+    """Native: keep everything."""
+    assert isinstance(stored, LayerState)
+    return stored.extend(new)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,16 +69,18 @@ class Events:
 class AttentionLayer(nn.Module):
     """Interface of one backbone layer.
 
-    ``forward(x, tokens, cache)`` takes the new tokens' inputs ``x (B, T, D)``, their metadata and the cached
-    history block (or None), and returns ``(y (B, T, D), new (KVBlock with B, H, T keys))``.
+    ``forward(x, tokens, cache, need_weights)`` takes the new tokens' inputs ``x (B, T, D)``, their metadata and
+    the cached history block (or None), and returns ``y (B, T, D)``, the new tokens' keys and values (a KVBlock
+    of ``T`` keys), and, if asked, the attention weights ``(B, H, T, n + T)`` over ``[cache; new]`` (0 where a
+    key is not visible).
     """
 
     heads: int
     key_dim: int
     value_dim: int
 
-    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None
-                ) -> tuple[torch.Tensor, KVBlock]:
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
+                ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
         raise NotImplementedError
 
 
@@ -103,17 +116,22 @@ class SequentialRecommender(nn.Module):
         return self.item_embedding(tokens.items) + self.action_embedding(tokens.actions)
 
     # -- training forward --------------------------------------------------------------------------------------
-    def encode(self, tokens: TokenBatch, caches: list[KVBlock] | None = None
-               ) -> tuple[torch.Tensor, list[KVBlock]]:
+    def encode(self, tokens: TokenBatch, caches: list[KVBlock] | None = None,
+               observer: AttentionObserver | None = None) -> tuple[torch.Tensor, list[KVBlock]]:
         """Run the layer stack over new tokens against optional cached blocks.
 
+        Args:
+            observer: if given, receives every layer's attention weights (query-aware cache policies).
         Returns:
             ``h (B, T, D)`` final normalised outputs, and the new tokens' keys/values per layer.
         """
         x = self.input_dropout(self.embed(tokens))
         new_blocks = []
         for index, layer in enumerate(self.layers):
-            x, block = layer(x, tokens, None if caches is None else caches[index])
+            cache = None if caches is None else caches[index]
+            x, block, weights = layer(x, tokens, cache, need_weights=observer is not None)
+            if observer is not None:
+                observer.observe(index, weights, concat_keys(cache, block), tokens)
             new_blocks.append(block)
         return self.final_norm(x), new_blocks
 
@@ -151,22 +169,29 @@ class SequentialRecommender(nn.Module):
         return [collate_layer(states, index, dtype) for index in range(len(self.layers))]
 
     @torch.no_grad()
-    def prefill(self, events: Events, chunk_size: int = 1024) -> list[UserState]:
-        """Encode histories from scratch and write one state per user."""
+    def prefill(self, events: Events, chunk_size: int = 1024, observer: AttentionObserver | None = None
+                ) -> list[UserState]:
+        """Encode histories from scratch and write one (uncompressed) state per user."""
         states = [self.empty_state() for _ in range(events.items.shape[0])]
-        return self.append(states, events, chunk_size=chunk_size)
+        return self.append(states, events, chunk_size=chunk_size, observer=observer)
 
     @torch.no_grad()
-    def append(self, states: list[UserState], events: Events, chunk_size: int = 1024) -> list[UserState]:
-        """Compute only the new events against the stored states and return the extended states.
+    def append(self, states: list[UserState], events: Events, chunk_size: int = 1024,
+               observer: AttentionObserver | None = None, merge: Merge = extend_merge) -> list[UserState]:
+        """Compute only the new events against the stored states and return the updated states.
 
         The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk.
+
+        Args:
+            observer: receives the attention weights of the new events.
+            merge: how a layer's stored events and the new events become the stored layer (default: keep all).
         """
         for start in range(0, events.items.shape[1], chunk_size):
-            states = self._append_chunk(states, events.slice(start, start + chunk_size))
+            states = self._append_chunk(states, events.slice(start, start + chunk_size), observer, merge)
         return states
 
-    def _append_chunk(self, states: list[UserState], events: Events) -> list[UserState]:
+    def _append_chunk(self, states: list[UserState], events: Events, observer: AttentionObserver | None,
+                      merge: Merge) -> list[UserState]:
         device = events.items.device
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
         length = events.items.shape[1]
@@ -176,17 +201,19 @@ class SequentialRecommender(nn.Module):
             positions=next_pos[:, None] + torch.arange(length, device=device)[None, :],
             timestamps=events.timestamps, is_history=valid, valid=valid,
         )
-        hidden, blocks = self.encode(tokens, self._caches(states))
+        hidden, blocks = self.encode(tokens, self._caches(states), observer)
         updated = []
         for b, state in enumerate(states):
             t = int(events.lengths[b])
             if t == 0:
                 updated.append(state)
                 continue
+            positions = tokens.positions[b, None, :t].to(torch.int32)
+            times = tokens.timestamps[b, None, :t]
             layers = tuple(
-                layer_state.extend(block.keys[b, :, :t], block.values[b, :, :t],
-                                   tokens.positions[b, :t], tokens.timestamps[b, :t])
-                for layer_state, block in zip(state.layers, blocks, strict=True))
+                merge(stored, LayerState(block.keys[b, :, :t].to(self.state_dtype),
+                                         block.values[b, :, :t].to(self.state_dtype), positions, times), index, b)
+                for index, (stored, block) in enumerate(zip(state.layers, blocks, strict=True)))
             updated.append(UserState(layers=layers, last_hidden=hidden[b, t - 1].to(self.state_dtype).clone(),
                                      next_position=state.next_position + t,
                                      last_timestamp=int(events.timestamps[b, t - 1])))

@@ -52,17 +52,18 @@ class RelativeBias(nn.Module):
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                   visible: torch.Tensor, alpha: float, normaliser: float) -> torch.Tensor:
+                   visible: torch.Tensor, alpha: float, normaliser: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference pointwise attention.
 
     Args:
         q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``.
         bias: ``(B, 1 or H, T, S)``; visible: ``(B, 1 or H, T, S)`` bool.
     Returns:
-        ``(B, H, T, d_v)``.
+        outputs ``(B, H, T, d_v)`` and weights ``a_ij`` ``(B, H, T, S)`` (0 where not visible).
     """
     weights = F.silu(alpha * (q @ k.transpose(-1, -2)) + bias) / normaliser
-    return torch.where(visible, weights, torch.zeros_like(weights)) @ v
+    weights = torch.where(visible, weights, torch.zeros_like(weights))
+    return weights @ v, weights
 
 
 class HSTULayer(AttentionLayer):
@@ -81,8 +82,8 @@ class HSTULayer(AttentionLayer):
         self.dropout = nn.Dropout(cfg.dropout)
         self.bias = RelativeBias(cfg.pos_buckets, cfg.time_buckets)
 
-    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None
-                ) -> tuple[torch.Tensor, KVBlock]:
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
+                ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
         batch, length, _ = x.shape
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).chunk(4, dim=-1)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -90,10 +91,11 @@ class HSTULayer(AttentionLayer):
         keys = concat_keys(cache, new)
         visible = visibility(tokens, cache)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
-        attended = hstu_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), bias, visible,
-                                  self.alpha, self.normaliser)
+        attended, weights = hstu_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), bias, visible,
+                                           self.alpha, self.normaliser)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        return x + self.dropout(self.output(self.output_norm(attended) * u)), new
+        y = x + self.dropout(self.output(self.output_norm(attended) * u))
+        return y, new, weights if need_weights else None
 
 
 class HSTU(SequentialRecommender):

@@ -21,18 +21,19 @@ from malloc.models.config import ModelConfig
 from malloc.tokens import KVBlock, TokenBatch, concat_keys, visibility
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference masked softmax attention.
 
     Args:
         q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``; visible: ``(B, H, T, S)`` bool with at
             least one True per row.
     Returns:
-        ``(B, H, T, d_v)``.
+        outputs ``(B, H, T, d_v)`` and probabilities ``(B, H, T, S)``.
     """
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    logits = logits.masked_fill(~visible, float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs @ v, probs
 
 
 class SASRecLayer(AttentionLayer):
@@ -50,17 +51,17 @@ class SASRecLayer(AttentionLayer):
                                  nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None
-                ) -> tuple[torch.Tensor, KVBlock]:
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
+                ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
         batch, length, _ = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         new = KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
         keys = concat_keys(cache, new)
         visible = visibility(tokens, cache)
-        attended = softmax_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), visible)
+        attended, weights = softmax_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), visible)
         x = x + self.dropout(self.output(attended.transpose(1, 2).reshape(batch, length, -1)))
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), new
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), new, weights if need_weights else None
 
 
 class SASRec(SequentialRecommender):

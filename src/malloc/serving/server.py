@@ -8,31 +8,68 @@ from __future__ import annotations
 
 import torch
 
-from malloc.memory.state import UserState
+from malloc.memory.policy import CachePolicy, LayerContext
+from malloc.memory.state import LayerState, StoredLayer, UserState
+from malloc.memory.stats import AttentionObserver
 from malloc.models.base import Events, SequentialRecommender
 
 
 class Server:
-    """Serves one trained model.
+    """Serves one trained model, storing each user's state under a cache policy.
+
+    Write: the history is encoded uncompressed, then the policy compresses each layer. Append: the new events
+    are computed against the stored (compressed) layers, then the policy merges them in within its budget.
+    Query-aware policies observe the attention of the user's own events only.
 
     Args:
         model: a backbone; switched to eval mode (dropout off), since serving must be deterministic.
+        policy: the cache policy (default: Native, keep everything).
         prefill_chunk: events encoded per chunk when writing a history.
         candidate_chunk: candidates scored per micro-batch.
     """
 
-    def __init__(self, model: SequentialRecommender, prefill_chunk: int = 1024, candidate_chunk: int = 256) -> None:
+    def __init__(self, model: SequentialRecommender, policy: CachePolicy | None = None, prefill_chunk: int = 1024,
+                 candidate_chunk: int = 256) -> None:
         self.model = model.eval()
+        self.policy = policy if policy is not None else CachePolicy()
         self.prefill_chunk = prefill_chunk
         self.candidate_chunk = candidate_chunk
 
+    def _context(self, layer: int, user: int, history_len: int) -> LayerContext:
+        return LayerContext(layer=layer, num_layers=len(self.model.layers), backbone=self.model.cfg.backbone,
+                            history_len=history_len, user=user)
+
+    def _observer(self, end_positions: torch.Tensor) -> AttentionObserver | None:
+        if not self.policy.needs_attention:
+            return None
+        return AttentionObserver(len(self.model.layers), self.model.cfg.heads, end_positions,
+                                 self.policy.observation_window)
+
     def write(self, events: Events) -> list[UserState]:
-        """Encode stored histories ``(B, n)`` and return one state per user (on the model's device)."""
-        return self.model.prefill(events.to(self.model.device), chunk_size=self.prefill_chunk)
+        """Encode stored histories ``(B, n)`` and return one compressed state per user (on the model's device)."""
+        events = events.to(self.model.device)
+        observer = self._observer(events.lengths)
+        states = self.model.prefill(events, chunk_size=self.prefill_chunk, observer=observer)
+        return [UserState(
+            layers=tuple(self.policy.compress(layer, None if observer is None else observer.stats(index, b),
+                                              self._context(index, b, state.next_position))
+                         for index, layer in enumerate(state.layers)),
+            last_hidden=state.last_hidden, next_position=state.next_position, last_timestamp=state.last_timestamp)
+            for b, state in enumerate(states)]
 
     def append(self, states: list[UserState], events: Events) -> list[UserState]:
         """Compute new events ``(B, t)`` against the stored states; returns the new states."""
-        return self.model.append(states, events.to(self.model.device), chunk_size=self.prefill_chunk)
+        events = events.to(self.model.device)
+        starts = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=events.items.device)
+        ends = starts + events.lengths
+        observer = self._observer(ends)
+
+        def merge(stored: StoredLayer, new: LayerState, layer: int, user: int) -> StoredLayer:
+            stats = None if observer is None else observer.stats(layer, user)
+            end = int(new.positions[0, -1]) + 1
+            return self.policy.merge(stored, new, stats, self._context(layer, user, end))
+
+        return self.model.append(states, events, chunk_size=self.prefill_chunk, observer=observer, merge=merge)
 
     def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """``(B, c)`` candidate click logits read from the states (left unchanged)."""

@@ -1,0 +1,100 @@
+"""Attention statistics that query-aware cache policies score stored events with.
+
+While the serving path computes new events (a write's prefill chunks, or an append), an
+:class:`AttentionObserver` folds every layer's attention weights into per-event totals, indexed by the event's
+**original position**, so they stay attached to the right event whatever a policy kept or reordered. Only the
+user's own events are ever observed as queries (never candidates: DESIGN.md section 3.5).
+
+Weights are ``|a_ij|``: HSTU's ``|SiLU(.)/N|`` (SiLU dips below zero, and signed sums would cancel) or SASRec's
+softmax probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from malloc.tokens import KVBlock, TokenBatch
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one user's observed queries put on each stored event of one layer (index = original position).
+
+    Attributes:
+        attention_sum: ``(H, P)`` sum over observed queries of ``|a_qj|``.
+        query_count: ``(H, P)`` how many observed queries could see event ``j`` (itself included).
+        attention_max: ``(H, P)`` max over observed queries of ``|a_qj|``.
+        window_sum: ``(H, P)`` sum over the observation window's queries only.
+        window_count: ``(H, P)`` how many window queries could see event ``j``.
+        last: ``(H, P)`` ``|a_qj|`` of the latest observed query.
+    """
+
+    attention_sum: torch.Tensor
+    query_count: torch.Tensor
+    attention_max: torch.Tensor
+    window_sum: torch.Tensor
+    window_count: torch.Tensor
+    last: torch.Tensor
+
+    def mean_attention(self) -> torch.Tensor:
+        """``(H, P)`` sum over the queries that could see each event, divided by their number (METHODS.md R2)."""
+        return self.attention_sum / self.query_count.clamp(min=1)
+
+
+class AttentionObserver:
+    """Accumulates :class:`LayerStats` for a batch of users over the chunks of one write or one append.
+
+    Args:
+        layers, heads: model shape.
+        end_positions: ``(B,)`` position after each user's last event of this operation.
+        window: the observation window: queries at positions ``>= end - window`` also count in ``window_*``.
+    """
+
+    def __init__(self, layers: int, heads: int, end_positions: torch.Tensor, window: int) -> None:
+        batch = len(end_positions)
+        size = int(end_positions.max()) if batch else 0
+        device = end_positions.device
+        self.end_positions = end_positions
+        self.window_start = end_positions - window
+        zeros = {"dtype": torch.float32, "device": device}
+        self._sum = torch.zeros(layers, batch, heads, size, **zeros)
+        self._max = torch.zeros(layers, batch, heads, size, **zeros)
+        self._window = torch.zeros(layers, batch, heads, size, **zeros)
+        self._last = torch.zeros(layers, batch, heads, size, **zeros)
+        self._count = torch.zeros(layers, batch, heads, size, **zeros)
+        self._window_count = torch.zeros(layers, batch, heads, size, **zeros)
+
+    def observe(self, layer: int, weights: torch.Tensor, keys: KVBlock, queries: TokenBatch) -> None:
+        """Fold one layer's weights of one chunk.
+
+        Args:
+            weights: ``(B, H, T, S)`` attention of the chunk's queries over ``[stored; chunk]`` keys (0 if unseen).
+            keys: the ``S`` keys' metadata (positions and validity, head axis 1 or H).
+            queries: the chunk's tokens (only history tokens count as queries).
+        """
+        batch, heads, _, num_keys = weights.shape
+        size = self._sum.shape[-1]
+        is_query = queries.is_history
+        w = weights.detach().abs().float() * is_query[:, None, :, None]
+        index = keys.positions.expand(batch, heads, num_keys).clamp(0, max(size - 1, 0))
+        in_window = (is_query & (queries.positions >= self.window_start[:, None]))[:, None, :, None]
+        is_last = (is_query & (queries.positions == self.end_positions[:, None] - 1))[:, None, :, None]
+        sees = ((queries.positions[:, None, :, None] >= keys.positions[:, :, None, :])
+                & keys.valid[:, :, None, :] & is_query[:, None, :, None]).float()  # (B, 1|H, T, S)
+        self._sum[layer].scatter_add_(2, index, w.sum(2))
+        self._max[layer].scatter_reduce_(2, index, w.amax(2), reduce="amax")
+        self._window[layer].scatter_add_(2, index, (w * in_window).sum(2))
+        self._last[layer].scatter_add_(2, index, (w * is_last).sum(2))
+        self._count[layer].scatter_add_(2, index, sees.sum(2).expand(batch, heads, num_keys).contiguous())
+        self._window_count[layer].scatter_add_(
+            2, index, (sees * in_window).sum(2).expand(batch, heads, num_keys).contiguous())
+
+    def stats(self, layer: int, user: int) -> LayerStats:
+        """The statistics of one user and layer, over positions ``0 .. end_position - 1``."""
+        n = int(self.end_positions[user])
+        return LayerStats(
+            attention_sum=self._sum[layer, user, :, :n], query_count=self._count[layer, user, :, :n],
+            attention_max=self._max[layer, user, :, :n], window_sum=self._window[layer, user, :, :n],
+            window_count=self._window_count[layer, user, :, :n], last=self._last[layer, user, :, :n])
