@@ -120,7 +120,7 @@ class EvictionPolicy(CachePolicy):
 
     def budget(self, layer: LayerState, history_len: int) -> int:
         """Events to keep per head for a user who has seen ``history_len`` events."""
-        return int(math.floor(self.target_bytes(layer, history_len) / self.kept_token_bytes(layer) + 1e-9))
+        return math.floor(self.target_bytes(layer, history_len) / self.kept_token_bytes(layer) + 1e-9)
 
     def compress(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> StoredLayer:
         return self.evict(layer, stats, ctx)
