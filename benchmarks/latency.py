@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from malloc.models import BACKBONES, ModelConfig, build_model
+from _common import int_list, name_list, table_line
+from malloc.models import ModelConfig, build_model
 from malloc.profiling import request_latency
 
 TARGET_LENGTH = 1024
@@ -28,30 +29,13 @@ COLUMNS = [("backbone", ""), ("history_len", "d"), ("cached_ms_p50", ".2f"), ("c
            ("recompute_ms_p50", ".2f"), ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
            ("state_bytes", "d"), ("repeats_cached", "d"), ("repeats_recompute", "d")]
 WIDTH = 12
+HEADERS = [name for name, _ in COLUMNS]
 
 
-def table_line(cells: list[str]) -> str:
-    """Right-aligned cells, each at least as wide as its column header."""
-    widths = [max(WIDTH, len(name)) for name, _ in COLUMNS]
-    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
-def name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in BACKBONES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"expected backbones among {sorted(BACKBONES)}, got {text!r}")
-    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device={args.device} threads={torch.get_num_threads()} candidates={args.candidates} "
               f"append_events={args.append_events} prefill_chunk={args.prefill_chunk} "
               f"num_items={args.num_items}")
-        print(table_line([name for name, _ in COLUMNS]))
+        print(table_line(HEADERS, HEADERS, WIDTH))
     verdicts = []
     for backbone in args.backbones:
         # Default size; max_len stays at its default: HSTU only divides by it and SASRec clamps positions to
@@ -122,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row = {"backbone": backbone, **point}
                 mark = "  <- target" if length == TARGET_LENGTH else ""
-                print(table_line([format(row[name], spec) for name, spec in COLUMNS]) + mark, flush=True)
+                cells = [format(row[name], spec) for name, spec in COLUMNS]
+                print(table_line(cells, HEADERS, WIDTH) + mark, flush=True)
     if not args.json:
         target = f"target (cached >= {TARGET_SPEEDUP:g}x faster than recompute at {TARGET_LENGTH:,} events)"
         if not verdicts:

@@ -26,25 +26,17 @@ import sys
 
 import torch
 
-from malloc.models import BACKBONES
+from _common import name_list, table_line
 from malloc.profiling import measure_peak_in_subprocess
 
 COLUMNS = [("backbone", ""), ("workload", ""), ("import_rss_mb", ".1f"), ("peak_rss_mb", ".1f"),
            ("workload_rss_mb", ".1f"), ("state_bytes", "")]
 WIDTH = 10
+HEADERS = [name for name, _ in COLUMNS]
 
 
-def table_line(cells: list[str]) -> str:
-    """Right-aligned cells, each at least as wide as its column header."""
-    widths = [max(WIDTH, len(name)) for name, _ in COLUMNS]
-    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
 
 
-def name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names or any(name not in BACKBONES for name in names):
-        raise argparse.ArgumentTypeError(f"expected backbones among {sorted(BACKBONES)}, got {text!r}")
-    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"users={args.users} history={args.history} candidates={args.candidates} "
               f"user_batch={args.user_batch} train: steps={args.train_steps} batch_size={args.batch_size} "
               f"max_len={args.max_len}; num_items={args.num_items}")
-        print(table_line([name for name, _ in COLUMNS]))
+        print(table_line(HEADERS, HEADERS, WIDTH))
     for backbone in args.backbones:
         for workload in args.workloads:
             common = {"backbone": backbone, "num_items": args.num_items, "threads": args.threads,
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cells = [format(point[name], spec) if point[name] is not None else "-"
                          for name, spec in COLUMNS]
-                print(table_line(cells), flush=True)
+                print(table_line(cells, HEADERS, WIDTH), flush=True)
     return 0
 
 

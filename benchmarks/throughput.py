@@ -19,26 +19,19 @@ import sys
 import numpy as np
 import torch
 
-from malloc.models import BACKBONES, ModelConfig, build_model
+from _common import name_list, table_line
+from malloc.models import ModelConfig, build_model
 from malloc.profiling import synthetic_training_batch, time_call, training_step
 
 COLUMNS = [("backbone", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
            ("ms_per_step_p50", ".1f"), ("ms_per_step_p99", ".1f"), ("steps", "d"), ("parameters", "d")]
 WIDTH = 10
+HEADERS = [name for name, _ in COLUMNS]
 BATCH_POOL = 4  # distinct batches cycled through, so no step reuses the previous step's inputs
 
 
-def table_line(cells: list[str]) -> str:
-    """Right-aligned cells, each at least as wide as its column header."""
-    widths = [max(WIDTH, len(name)) for name, _ in COLUMNS]
-    return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
 
 
-def name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names or any(name not in BACKBONES for name in names):
-        raise argparse.ArgumentTypeError(f"expected backbones among {sorted(BACKBONES)}, got {text!r}")
-    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(f"threads={torch.get_num_threads()} num_items={args.num_items} "
               f"warmup_steps={args.warmup_steps}")
-        print(table_line([name for name, _ in COLUMNS]))
+        print(table_line(HEADERS, HEADERS, WIDTH))
     batches = [synthetic_training_batch(args.batch_size, args.max_len, args.num_items, args.seed + i)
                for i in range(BATCH_POOL)]
     events_per_step = batches[0].num_events
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                               "torch": torch.__version__, "python": platform.python_version(),
                               "device": "cpu"}), flush=True)
         else:
-            print(table_line([format(point[name], spec) for name, spec in COLUMNS]), flush=True)
+            print(table_line([format(point[name], spec) for name, spec in COLUMNS], HEADERS, WIDTH), flush=True)
     return 0
 
 
