@@ -166,3 +166,17 @@ def test_cached_equals_full_forward_on_gpu(backbone):
     logits = model.score(states, cands.cuda(), cand_times.cuda(), chunk_size=4)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack([s.last_hidden for s in states]), expected_last, atol=1e-5, rtol=0)
+
+
+def test_fused_softmax_attention_equals_reference():
+    from malloc.models.sasrec import softmax_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g) for _ in range(3))
+    k, v = torch.cat([k, k], 2), torch.cat([v, v], 2)
+    visible = torch.rand(2, 1, 7, 14, generator=g) > 0.5
+    visible[..., 0] = True
+    fused, none = softmax_attention(q, k, v, visible)
+    reference, probs = softmax_attention(q, k, v, visible, need_weights=True)
+    assert none is None and probs.shape == (2, 4, 7, 14)
+    torch.testing.assert_close(fused, reference, atol=1e-6, rtol=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from malloc.models.base import AttentionLayer, SequentialRecommender
@@ -21,16 +22,18 @@ from malloc.models.config import ModelConfig
 from malloc.tokens import KVBlock, TokenBatch, concat_keys, visibility
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference masked softmax attention.
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                      need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked softmax attention: the reference path when the weights are needed, else PyTorch's fused kernel.
 
     Args:
-        q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``; visible: ``(B, H, T, S)`` bool with at
-            least one True per row.
+        q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``; visible: ``(B, 1 or H, T, S)`` bool
+            with at least one True per row.
     Returns:
-        outputs ``(B, H, T, d_v)`` and probabilities ``(B, H, T, S)``.
+        outputs ``(B, H, T, d_v)`` and, if asked, probabilities ``(B, H, T, S)``.
     """
+    if not need_weights:  # fused path; tested equal to the reference below
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible), None
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
     return probs @ v, probs
@@ -59,9 +62,10 @@ class SASRecLayer(AttentionLayer):
         new = KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
         keys = concat_keys(cache, new)
         visible = visibility(tokens, cache)
-        attended, weights = softmax_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), visible)
+        attended, weights = softmax_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), visible,
+                                              need_weights)
         x = x + self.dropout(self.output(attended.transpose(1, 2).reshape(batch, length, -1)))
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), new, weights if need_weights else None
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), new, weights
 
 
 class SASRec(SequentialRecommender):
