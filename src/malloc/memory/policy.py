@@ -123,12 +123,14 @@ class EvictionPolicy(CachePolicy):
         return math.floor(self.target_bytes(layer, history_len) / self.kept_token_bytes(layer) + 1e-9)
 
     def compress(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> StoredLayer:
-        return self.evict(layer, stats, ctx)
+        # ratio 1 is Native: per-head metadata would otherwise make a kept event dearer than Native's
+        return layer if self.memory_ratio >= 1.0 else self.evict(layer, stats, ctx)
 
     def merge(self, stored: StoredLayer, new: LayerState, stats: LayerStats | None, ctx: LayerContext
               ) -> StoredLayer:
         assert isinstance(stored, LayerState)
-        return self.evict(stored.extend(new), stats, ctx)
+        union = stored.extend(new)
+        return union if self.memory_ratio >= 1.0 else self.evict(union, stats, ctx)
 
     def evict(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> LayerState:
         """Keep the top-``budget`` events by score (protected first), in chronological order."""
@@ -140,6 +142,27 @@ class EvictionPolicy(CachePolicy):
             return layer
         keep = select_top(scores, self.protected(layer, budget, ctx), min(budget, layer.num_tokens))
         return layer.select(keep)
+
+
+def at_stored(stat: torch.Tensor, layer: LayerState) -> torch.Tensor:
+    """``(H, P)`` statistic indexed by original position -> ``(H, n)`` float32 at each stored event of each head."""
+    return stat.float().gather(1, layer.positions.long().expand(layer.heads, -1))
+
+
+def contribution(stat: torch.Tensor, layer: LayerState, ctx: LayerContext) -> torch.Tensor:
+    """An observed attention statistic at each stored event, as the importance METHODS.md R1-R2 define.
+
+    Args:
+        stat: ``(H, P)`` a :class:`LayerStats` field of ``|a|`` (summed, maxed, ...) indexed by original position.
+        layer: the stored events (``positions (1 or H, n)``, ``values (H, n, d_v)``).
+    Returns:
+        ``(H, n)`` float32: ``stat`` at each event; for HSTU times ``||v_j||`` (the contribution ``|a_ij| ||v_j||``,
+        the exact size of the event's term in the output, R1), for SASRec the softmax weight itself.
+    """
+    picked = at_stored(stat, layer)
+    if ctx.backbone == "hstu":
+        picked = picked * layer.values.float().norm(dim=-1)
+    return picked
 
 
 def select_top(scores: torch.Tensor, protected: torch.Tensor | None, budget: int) -> torch.Tensor:

@@ -6,11 +6,27 @@ Adding a scheme: one file under ``schemes/<granularity>/<name>.py`` with a froze
 from __future__ import annotations
 
 from malloc.memory.policy import CachePolicy
+from malloc.memory.schemes.precision.int8 import Int8
+from malloc.memory.schemes.precision.intactkv import IntactKV
+from malloc.memory.schemes.precision.kivi import KIVI
 from malloc.memory.schemes.reference.native import Native
+from malloc.memory.schemes.token_prune.h2o import H2O
+from malloc.memory.schemes.token_prune.random_policy import Random
 from malloc.memory.schemes.token_prune.recency import Recency
+from malloc.memory.schemes.token_prune.snapkv import SnapKV
+from malloc.memory.schemes.token_prune.streaming_llm import StreamingLLM
+from malloc.memory.schemes.token_prune.tova import TOVA
 
 # name -> class; the order is the order of `malloc methods` and of reports
 POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (
     Native,
     Recency,
+    Random,
+    StreamingLLM,
+    H2O,
+    SnapKV,
+    TOVA,
+    KIVI,
+    IntactKV,
+    Int8,
 )}
