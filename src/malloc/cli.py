@@ -1,7 +1,8 @@
-"""The ``malloc`` command: train, eval, bench, data.
+"""The ``malloc`` command: train, eval, bench, data, methods.
 
 Every command takes ``--config FILE`` (YAML under ``configs/``) and any number of ``--set key.sub=value``
-overrides. User errors (bad config key, bad data file, missing checkpoint) print one line and exit with status 2.
+overrides. User errors (bad config key, bad data file, missing checkpoint, unknown scheme or knob) print one line
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from malloc.configio import ConfigError
 from malloc.data.sequences import DataError
@@ -51,11 +53,121 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_knobs(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", "inner_knobs.window=8"]`` -> ``{"k": v, "inner_knobs": {"window": 8}}`` (values read as YAML)."""
+    import yaml
+
+    from malloc.memory.policy import SchemeError
+
+    knobs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise SchemeError(f"--knob expects KEY=VALUE, got {pair!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise SchemeError(f"--knob {key}: cannot read value {text!r}") from exc
+        *parents, leaf = key.strip().split(".")
+        node = knobs
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SchemeError(f"--knob {key}: {part} is both a value and a mapping")
+        node[leaf] = value
+    return knobs
+
+
+def parse_ratio(text: str) -> float:
+    """A memory ratio from the command line: a float (``0.25``) or a fraction (``1/4``)."""
+    from malloc.memory.policy import SchemeError
+
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise SchemeError(f"--memory-ratio must be a number in (0, 1] such as 0.25 or 1/4, got {text!r}") from exc
+
+
+def _scheme_identity(result: dict) -> dict:
+    keys = ("scheme", "knobs", "memory_ratio_target", "split", "eval")
+    return json.loads(json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str))
+
+
+def cmd_eval_scheme(args: argparse.Namespace) -> int:
+    """``malloc eval --scheme NAME --memory-ratio R [--knob k=v ...]``: a scheme against Native, to JSON."""
+    from malloc.bench.results import atomic_write_json, read_json
+    from malloc.configio import to_dict
+    from malloc.evaluate import evaluate_scheme, scheme_result_path
+    from malloc.memory.registry import build_policy
+    from malloc.runner import load_trained, run_dir_for
+
+    ratio = parse_ratio(args.memory_ratio) if args.memory_ratio is not None else 1.0
+    knobs = parse_knobs(args.knobs)
+    policy = build_policy(args.scheme, ratio, **knobs)  # a bad scheme, knob or ratio fails before any work
+    cfg = _load(args)
+    path = scheme_result_path(run_dir_for(cfg).root, args.scheme, ratio, knobs, args.split)
+    identity = _scheme_identity({"scheme": args.scheme, "knobs": knobs, "memory_ratio_target": ratio,
+                                 "split": args.split, "eval": to_dict(cfg.eval)})
+    if path.is_file() and not args.force:
+        done = read_json(path)
+        if _scheme_identity(done) == identity:
+            print(f"{path} exists; skipping (use --force to rerun)")
+            _print_scheme(done)
+            return 0
+    model, view, run_dir = load_trained(cfg)
+    result = evaluate_scheme(cfg, model, view, args.split, policy, args.scheme, knobs, run_dir.root)
+    result["run_id"] = run_dir.run_id
+    atomic_write_json(path, result)
+    _print_scheme(result)
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_scheme(result: dict) -> None:
+    meters = result["meters"]
+    ratios = {k: meters[k] for k in ("memory_ratio", "memory_ratio_state") if k in meters}
+    shown = {k: meters[k] for k in ("state_bytes_mean", "stored_tokens_mean", "macs_per_request",
+                                    "recompute_macs_per_request", "batched_request_ms_p50",
+                                    "batched_request_ms_p99") if k in meters}
+    native = {f"native {k}": v for k, v in result["native"]["metrics"].items()}
+    _print_metrics(f"{result.get('run_id', '')}: {result['scheme']} at memory_ratio {result['memory_ratio_target']:g}"
+                   f" ({result['task']}, {result['split']})",
+                   {**result["metrics"], **native, **ratios, **result["fidelity"]}, shown)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from malloc.memory.registry import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps([{"name": r.name, "granularity": r.granularity, "family": r.family, "knobs": r.knobs,
+                           "keeps": r.summary} for r in rows], indent=2, default=str))
+        return 0
+    table = [("name", "granularity", "family", "knobs (defaults)", "keeps")]
+    table += [(r.name, r.granularity, r.family,
+               ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in r.knobs.items()) or "-", r.summary)
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for index, row in enumerate(table):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        if index == 0:
+            print("  ".join("-" * width for width in widths) + "  " + "-" * len(row[4]))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from malloc.bench.results import atomic_write_json
     from malloc.evaluate import evaluate
+    from malloc.memory.policy import SchemeError
     from malloc.runner import load_trained
 
+    if args.scheme is not None:
+        return cmd_eval_scheme(args)
+    if args.memory_ratio is not None or args.knobs:
+        raise SchemeError("--memory-ratio and --knob need --scheme NAME (see `malloc methods`)")
     cfg = _load(args)
     model, view, run_dir = load_trained(cfg)
     result = evaluate(cfg, model, view, args.split)
@@ -98,7 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run's checkpoint through the serving path")
     _config_args(p)
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--scheme", metavar="NAME",
+                   help="evaluate this memory scheme (see `malloc methods`) against Native; writes "
+                        "<run>/schemes/<name>-r<ratio>[-<knob hash>].json")
+    p.add_argument("--memory-ratio", metavar="R", help="target stored bytes / Native's, in (0, 1] (default 1)")
+    p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheme knob, e.g. --knob window=8, --knob inner=h2o, --knob inner_knobs.window=8")
+    p.add_argument("--force", action="store_true", help="with --scheme: rerun even if the result exists")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("methods", help="list the memory schemes and wrappers: granularity, knobs, what they keep")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("data", help="data set utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -125,9 +248,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"malloc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause. SchemeError is looked up only if its module was loaded (it imports torch, which
+    the command line loads only when a command needs it; a SchemeError cannot exist before)."""
+    errors: list[type[Exception]] = [ConfigError, DataError, FileNotFoundError]
+    policy = sys.modules.get("malloc.memory.policy")
+    if policy is not None:
+        errors.append(policy.SchemeError)
+    return tuple(errors)
 
 
 if __name__ == "__main__":

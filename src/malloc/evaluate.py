@@ -1,33 +1,304 @@
-"""Evaluation through the serving path: task metrics plus the meters of the replay."""
+"""Evaluation through the serving path: task metrics plus the meters of the replay.
+
+:func:`evaluate` replays a split under one cache policy (Native by default). :func:`evaluate_scheme` replays it
+under a memory scheme *and* under Native on the same users, and reports accuracy, meters (bytes, measured memory
+ratio, latency, analytic MACs) and fidelity to Native (DESIGN.md sections 3.6 and 3.7). Native's predictions are
+cached per run directory (``schemes/native-predictions-<split>.npz``) so a sweep computes them once.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
 from malloc.config import RunConfig
+from malloc.configio import config_hash, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
-from malloc.eval.metrics import ctr_metrics, retrieval_metrics
+from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics
+from malloc.memory.policy import CachePolicy
 from malloc.models import SequentialRecommender
-from malloc.serving.replay import replay_ctr, replay_retrieval
+from malloc.profiling.macs import recompute_macs, request_macs
+from malloc.serving.replay import ReplayMeters, replay_ctr, replay_retrieval
 from malloc.serving.server import Server
 
+# top-K of the retrieval fidelity (overlap of each user's top-K with Native's) and of per-user NDCG deltas
+FIDELITY_TOP_K = 10
 
-def evaluate(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str) -> dict:
-    """Replay split ``split`` ("valid" or "test") through a :class:`Server` and score it.
+
+@dataclass
+class Replay:
+    """One replay of a split: metrics, meters and what fidelity compares, per user.
+
+    Attributes:
+        metrics, meters: as :func:`evaluate` returns them.
+        users: ``(U,)`` served user ids, sorted; layer_bytes, state_bytes: ``(U,)``; layer_tokens: ``(U,)`` mean over
+            layers of stored tokens, all of the final states.
+        logits: CTR ``(R,)`` row logits (rows in split order), else None.
+        ranks: retrieval ``(num_users,)`` 1-based target ranks; top: ``(num_users, FIDELITY_TOP_K)`` item ids.
+        requests: requests served.
+    """
+
+    metrics: dict[str, Any]
+    meters: dict[str, Any]
+    users: np.ndarray
+    layer_bytes: np.ndarray
+    state_bytes: np.ndarray
+    layer_tokens: np.ndarray
+    logits: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+    top: np.ndarray | None = None
+    requests: int = 0
+
+    _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "logits", "ranks", "top")
+
+    def save(self, path: Path, identity: dict[str, Any]) -> None:
+        """Write as ``.npz`` atomically (a temporary file in the same folder, then a rename)."""
+        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
+        header = json.dumps({"identity": identity, "metrics": self.metrics, "meters": self.meters,
+                             "requests": self.requests}, sort_keys=True, default=float)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, header=np.array(header), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, identity: dict[str, Any]) -> Replay | None:
+        """The replay saved at ``path`` for this ``identity``, or None (missing, unreadable or stale)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header["identity"] != json.loads(json.dumps(identity, sort_keys=True, default=float)):
+                    return None
+                arrays = {k: data[k] for k in cls._ARRAYS if k in data.files}
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(metrics=header["metrics"], meters=header["meters"], requests=header["requests"], **arrays)
+
+
+def _per_user(meters: ReplayMeters) -> dict[str, np.ndarray]:
+    order = np.argsort(np.asarray(meters.users, dtype=np.int64), kind="stable")
+    return {"users": np.asarray(meters.users, dtype=np.int64)[order],
+            "layer_bytes": np.asarray(meters.layer_bytes, dtype=np.int64)[order],
+            "state_bytes": np.asarray(meters.state_bytes, dtype=np.int64)[order],
+            "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64)[order]}
+
+
+def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+           policy: CachePolicy | None = None) -> Replay:
+    """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it."""
+    was_training = model.training
+    server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk)
+    try:
+        if isinstance(view, CTRView):
+            rows = view.split(split)
+            logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch)
+            metrics = ctr_metrics(rows.user, rows.label, logits)
+            metrics["rows"] = len(rows)
+            return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **_per_user(meters))
+        ranks, meters, top = replay_retrieval(server, view.sequences, view.target_index(split), cfg.model.max_len,
+                                              cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
+                                              top_k=FIDELITY_TOP_K)
+        metrics = retrieval_metrics(ranks, cfg.eval.ks)
+        metrics["users"] = len(ranks)
+        return Replay(metrics, meters.summary(), ranks=ranks, top=top, requests=meters.requests,
+                      **_per_user(meters))
+    finally:
+        model.train(was_training)
+
+
+def evaluate(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+             policy: CachePolicy | None = None) -> dict:
+    """Replay split ``split`` ("valid" or "test") through a :class:`Server` under ``policy`` and score it.
 
     Returns:
         ``{"metrics": {...}, "meters": {...}}``; CTR metrics are auc, gauc, logloss; retrieval metrics are
         hr@K, ndcg@K, mrr.
     """
-    was_training = model.training
-    server = Server(model, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk)
+    result = replay(cfg, model, view, split, policy)
+    return {"metrics": result.metrics, "meters": result.meters}
+
+
+# -- fidelity ----------------------------------------------------------------------------------------------------
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """``(N,)`` 1-based ranks of ``x``, ties given their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    new_run = np.ones(len(x), dtype=bool)
+    new_run[1:] = sorted_x[1:] != sorted_x[:-1]
+    starts = np.flatnonzero(new_run)
+    ends = np.append(starts[1:], len(x))
+    run_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN when either side is constant or empty."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either side is constant."""
+    return pearson(average_ranks(a), average_ranks(b))
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    x = x[~np.isnan(x)]
+    return (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))
+
+
+def ctr_fidelity(users: np.ndarray, labels: np.ndarray, logits: np.ndarray, native: np.ndarray) -> dict[str, float]:
+    """Agreement of CTR logits ``(R,)`` with Native's on the same rows.
+
+    Returns:
+        ``logit_pearson``, ``logit_spearman``, ``logit_abs_delta_mean``, and the per-user AUC (a user's GAUC
+        term) delta scheme - Native, mean and std over users with both labels (``user_auc_delta_*``).
+    """
+    labels = np.asarray(labels).astype(np.int8)
+    scheme_auc, _, _ = _grouped_auc(np.asarray(users), labels, np.asarray(logits, dtype=np.float64))
+    native_auc, _, _ = _grouped_auc(np.asarray(users), labels, np.asarray(native, dtype=np.float64))
+    mean, std = _mean_std(scheme_auc - native_auc)
+    return {"logit_pearson": pearson(logits, native), "logit_spearman": spearman(logits, native),
+            "logit_abs_delta_mean": float(np.mean(np.abs(np.asarray(logits) - native))) if len(native) else 0.0,
+            "user_auc_delta_mean": mean, "user_auc_delta_std": std,
+            "users_compared": int((~np.isnan(native_auc)).sum())}
+
+
+def retrieval_fidelity(ranks: np.ndarray, top: np.ndarray, native_ranks: np.ndarray, native_top: np.ndarray,
+                       k: int = FIDELITY_TOP_K) -> dict[str, float]:
+    """Agreement of retrieval outputs with Native's on the same users.
+
+    Args:
+        ranks, native_ranks: ``(U,)`` 1-based target ranks; top, native_top: ``(U, k)`` item ids.
+    Returns:
+        ``top{k}_overlap_mean`` (|top-k intersection| / k, mean over users), ``target_rank_spearman``, and the
+        per-user NDCG@k delta scheme - Native, mean and std (``ndcg@{k}_delta_*``).
+    """
+    overlap = np.array([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(top, native_top, strict=True)])
+
+    def gain(r: np.ndarray) -> np.ndarray:
+        r = np.asarray(r, dtype=np.float64)
+        return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+    mean, std = _mean_std(gain(ranks) - gain(native_ranks))
+    return {f"top{k}_overlap_mean": float(overlap.mean()) if len(overlap) else float("nan"),
+            "target_rank_spearman": spearman(ranks, native_ranks),
+            f"ndcg@{k}_delta_mean": mean, f"ndcg@{k}_delta_std": std}
+
+
+# -- schemes ------------------------------------------------------------------------------------------------------
+def scheme_result_path(run_root: str | Path, name: str, memory_ratio: float, knobs: dict[str, Any],
+                       split: str = "test") -> Path:
+    """``<run>/schemes/<name>-r<ratio>[-<knob hash>][-<split>].json`` (the split only when not "test")."""
+    stem = f"{name}-r{memory_ratio:g}"
+    if knobs:
+        stem += f"-{config_hash(knobs)}"
+    if split != "test":
+        stem += f"-{split}"
+    return Path(run_root) / "schemes" / f"{stem}.json"
+
+
+def native_predictions_path(run_root: str | Path, split: str = "test") -> Path:
+    return Path(run_root) / "schemes" / f"native-predictions-{split}.npz"
+
+
+def native_identity(cfg: RunConfig, split: str) -> dict[str, Any]:
+    """What Native's cached predictions depend on besides the checkpoint (the run directory's hash covers that)."""
+    return {"split": split, "max_len": cfg.model.max_len, "eval": to_dict(cfg.eval)}
+
+
+def native_replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+                  run_root: str | Path) -> Replay:
+    """Native's replay of the split, read from the run's cache or computed and cached."""
+    path, identity = native_predictions_path(run_root, split), native_identity(cfg, split)
+    cached = Replay.load(path, identity)
+    if cached is not None:
+        return cached
+    result = replay(cfg, model, view, split)
+    result.save(path, identity)
+    return result
+
+
+def _request_shape(cfg: RunConfig, view: CTRView | RetrievalView, split: str) -> dict[str, int]:
+    """New events and candidates of a mean request of the split, for the MACs formula."""
     if isinstance(view, CTRView):
         rows = view.split(split)
-        logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch)
-        metrics = ctr_metrics(rows.user, rows.label, logits)
-        metrics["rows"] = len(rows)
+        pairs = np.unique(np.stack([rows.user, rows.history_len]), axis=1)
+        steps = max(pairs.shape[1], 1)
+        users, first = np.unique(pairs[0], return_index=True)
+        last = np.append(first[1:], pairs.shape[1]) - 1
+        appended = int((pairs[1, last] - pairs[1, first]).sum())
+        appends = max(steps - len(users), 1)
+        return {"new_events": max(1, round(appended / appends)), "candidates": max(1, round(len(rows) / steps)),
+                "candidate_chunk": cfg.eval.candidate_chunk, "catalogue": 0}
+    return {"new_events": cfg.eval.append_events, "candidates": 0, "candidate_chunk": cfg.eval.candidate_chunk,
+            "catalogue": view.sequences.num_items + 1}
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> float:
+    total = float(np.sum(den))
+    return float(np.sum(num)) / total if total else float("nan")
+
+
+def evaluate_scheme(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+                    policy: CachePolicy, scheme: str, knobs: dict[str, Any], run_root: str | Path
+                    ) -> dict[str, Any]:
+    """Replay the split under ``policy`` and under Native; accuracy, meters and fidelity to Native.
+
+    Returns:
+        ``{"scheme", "knobs", "policy", "memory_ratio_target", "split", "task", "metrics", "native":
+        {"metrics", "meters"}, "meters", "fidelity"}`` (see the README's "Memory schemes" section).
+    """
+    native = native_replay(cfg, model, view, split, run_root)
+    result = replay(cfg, model, view, split, policy)
+    assert np.array_equal(result.users, native.users), "the scheme and Native must serve the same users"
+    shape = _request_shape(cfg, view, split)
+    stored = float(result.layer_tokens.mean()) if len(result.layer_tokens) else 0.0
+    native_stored = float(native.layer_tokens.mean()) if len(native.layer_tokens) else 0.0
+    per_user = result.layer_bytes / np.maximum(native.layer_bytes, 1)
+    meters = {
+        **result.meters,
+        "layer_bytes_mean": float(result.layer_bytes.mean()) if len(result.layer_bytes) else 0.0,
+        "memory_ratio": _ratio(result.layer_bytes, native.layer_bytes),
+        "memory_ratio_state": _ratio(result.state_bytes, native.state_bytes),
+        "memory_ratio_user_p50": float(np.percentile(per_user, 50)) if len(per_user) else float("nan"),
+        "memory_ratio_user_max": float(per_user.max()) if len(per_user) else float("nan"),
+        "stored_tokens_mean": stored,
+        "native_stored_tokens_mean": native_stored,
+        "macs_per_request": request_macs(cfg.model, stored, **shape),
+        "native_macs_per_request": request_macs(cfg.model, native_stored, **shape),
+        "recompute_macs_per_request": recompute_macs(
+            cfg.model, round(native_stored), shape["new_events"], shape["candidates"], cfg.eval.prefill_chunk,
+            shape["candidate_chunk"], shape["catalogue"]),
+        "macs_request_shape": shape,
+    }
+    if isinstance(view, CTRView):
+        rows = view.split(split)
+        assert result.logits is not None and native.logits is not None
+        fidelity = ctr_fidelity(rows.user, rows.label, result.logits, native.logits)
     else:
-        ranks, meters = replay_retrieval(server, view.sequences, view.target_index(split), cfg.model.max_len,
-                                         cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history)
-        metrics = retrieval_metrics(ranks, cfg.eval.ks)
-        metrics["users"] = len(ranks)
-    model.train(was_training)
-    return {"metrics": metrics, "meters": meters.summary()}
+        assert result.ranks is not None and native.ranks is not None
+        fidelity = retrieval_fidelity(result.ranks, result.top, native.ranks, native.top)
+    return {
+        "scheme": scheme, "knobs": knobs, "policy": repr(policy), "memory_ratio_target": policy.memory_ratio,
+        "split": split, "task": cfg.task, "eval": to_dict(cfg.eval), "metrics": result.metrics,
+        "native": {"metrics": native.metrics, "meters": native.meters}, "meters": meters, "fidelity": fidelity,
+    }

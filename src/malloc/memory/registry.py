@@ -1,15 +1,26 @@
-"""Look up schemes by name, build them from a memory ratio and knobs, and describe them (``malloc methods``)."""
+"""Look up schemes by name, build them from a memory ratio and knobs, and describe them (``malloc methods``).
+
+Two tables: the schemes (``schemes.POLICIES``, training-free cache policies) and the wrappers (:data:`WRAPPERS`,
+policies that take other policies as fields). A wrapper is built from the *names* of its inner schemes plus
+one knob dict per inner scheme, so every spec is plain data (a CLI flag, a YAML entry, a JSON result)::
+
+    build_policy("pyramid", 0.25, inner="h2o", inner_knobs={"window": 8}, beta=20)
+    build_policy("compose", 0.125, evict="snapkv", quant="kivi", quant_knobs={"bits": 4})
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from malloc.memory.policy import CachePolicy, SchemeError
 from malloc.memory.schemes import POLICIES
+from malloc.memory.wrappers import Compose, Pyramid
 
 TRAINING_FREE = "training-free"
+WRAPPER = "wrapper"
 
 
 @dataclass(frozen=True)
@@ -24,28 +35,92 @@ class SchemeInfo:
 
 
 def scheme_names() -> list[str]:
+    """The registered schemes (not the wrappers), in ``malloc methods`` order."""
     return list(POLICIES)
 
 
-def build_policy(name: str, memory_ratio: float = 1.0, **knobs: Any) -> CachePolicy:
-    """The policy ``name`` at ``memory_ratio`` with the given knobs.
+def wrapper_names() -> list[str]:
+    return list(WRAPPERS)
 
-    Raises:
-        SchemeError: unknown name (the known ones are listed), unknown knob, or a bad knob value.
-    """
-    if name not in POLICIES:
-        raise SchemeError(f"unknown scheme {name!r}; known schemes: {', '.join(POLICIES)}")
-    cls = POLICIES[name]
-    allowed = {f.name for f in dataclasses.fields(cls)}
+
+def _knobs(name: str, cls: type, knobs: dict[str, Any], exclude: tuple[str, ...] = ()) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"memory_ratio", *exclude}
     unknown = sorted(set(knobs) - allowed)
     if unknown:
         raise SchemeError(f"{name}: unknown knob(s) {', '.join(unknown)}; knobs: {', '.join(sorted(allowed))}")
-    return cls(memory_ratio=memory_ratio, **knobs)
+
+
+def _build_scheme(name: str, memory_ratio: float, knobs: dict[str, Any]) -> CachePolicy:
+    if name not in POLICIES:
+        known = ", ".join([*POLICIES, *WRAPPERS])
+        raise SchemeError(f"unknown scheme {name!r}; known schemes: {known}")
+    cls = POLICIES[name]
+    _knobs(name, cls, knobs)
+    try:
+        return cls(memory_ratio=memory_ratio, **knobs)
+    except SchemeError:
+        raise
+    except (TypeError, ValueError) as exc:  # a knob of the wrong type or range
+        raise SchemeError(f"{name}: bad knob value ({exc})") from exc
+
+
+def _inner(wrapper: str, field: str, name: Any, knobs: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(name, str) or not name:
+        raise SchemeError(f"{wrapper}: knob {field!r} must name a scheme (one of {', '.join(POLICIES)}), "
+                          f"got {name!r}")
+    if name in WRAPPERS:
+        raise SchemeError(f"{wrapper}: knob {field!r} must be a scheme, not the wrapper {name!r}")
+    if not isinstance(knobs, dict):
+        raise SchemeError(f"{wrapper}: knob {field}_knobs must be a mapping of knob -> value, got {knobs!r}")
+    return name, knobs
+
+
+def _build_pyramid(memory_ratio: float, inner: Any = None, inner_knobs: Any = None, **knobs: Any) -> Pyramid:
+    _knobs("pyramid", Pyramid, knobs, exclude=("inner",))
+    name, inner_knobs = _inner("pyramid", "inner", inner, {} if inner_knobs is None else inner_knobs)
+    return Pyramid(memory_ratio=memory_ratio, inner=_build_scheme(name, memory_ratio, inner_knobs), **knobs)
+
+
+def _build_compose(memory_ratio: float, evict: Any = None, quant: Any = None, evict_knobs: Any = None,
+                   quant_knobs: Any = None, **knobs: Any) -> Compose:
+    _knobs("compose", Compose, knobs, exclude=("evict", "quant"))
+    evict_name, evict_knobs = _inner("compose", "evict", evict, {} if evict_knobs is None else evict_knobs)
+    quant_name, quant_knobs = _inner("compose", "quant", quant, {} if quant_knobs is None else quant_knobs)
+    # the quantizer at its own knobs: built at ratio 1, so unset bits mean its largest (Compose's budget rule)
+    return Compose(memory_ratio=memory_ratio, evict=_build_scheme(evict_name, memory_ratio, evict_knobs),
+                   quant=_build_scheme(quant_name, 1.0, quant_knobs), **knobs)
+
+
+# wrapper name -> (class, builder from names and knob dicts, knobs with their defaults for `malloc methods`)
+WRAPPERS: dict[str, tuple[type[CachePolicy], Callable[..., CachePolicy], dict[str, Any]]] = {
+    "pyramid": (Pyramid, _build_pyramid, {"inner": None, "inner_knobs": {}, "beta": 20.0}),
+    "compose": (Compose, _build_compose, {"evict": None, "quant": None, "evict_knobs": {}, "quant_knobs": {}}),
+}
+
+
+def build_policy(name: str, memory_ratio: float = 1.0, **knobs: Any) -> CachePolicy:
+    """The policy ``name`` (a scheme or a wrapper) at ``memory_ratio`` with the given knobs.
+
+    Wrapper knobs: ``pyramid``: ``inner`` (a scheme name, required), ``inner_knobs`` (dict), ``beta``;
+    ``compose``: ``evict`` and ``quant`` (scheme names, required), ``evict_knobs``, ``quant_knobs`` (dicts).
+
+    Raises:
+        SchemeError: unknown name (the known ones are listed), unknown knob, or a bad knob value or ratio.
+    """
+    if isinstance(memory_ratio, bool) or not isinstance(memory_ratio, (int, float)):
+        raise SchemeError(f"{name}: memory_ratio must be a number in (0, 1], got {memory_ratio!r}")
+    if name in WRAPPERS:
+        return WRAPPERS[name][1](float(memory_ratio), **knobs)
+    return _build_scheme(name, float(memory_ratio), knobs)
 
 
 def describe() -> list[SchemeInfo]:
-    """Every registered scheme with its granularity, family, knobs (defaults) and what it keeps."""
-    return [SchemeInfo(name=name, granularity=cls.granularity, family=TRAINING_FREE,
+    """Every registered scheme, then every wrapper, with granularity, family, knobs (defaults), what it keeps."""
+    rows = [SchemeInfo(name=name, granularity=cls.granularity, family=TRAINING_FREE,
                        knobs={f.name: f.default for f in dataclasses.fields(cls) if f.name != "memory_ratio"},
                        summary=cls.summary)
             for name, cls in POLICIES.items()]
+    rows += [SchemeInfo(name=name, granularity=cls.granularity, family=WRAPPER, knobs=dict(defaults),
+                        summary=cls.summary)
+             for name, (cls, _, defaults) in WRAPPERS.items()]
+    return rows

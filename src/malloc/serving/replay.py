@@ -24,6 +24,7 @@ import torch
 from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
+from malloc.memory.state import UserState
 from malloc.serving.server import Server
 
 
@@ -35,11 +36,28 @@ class ReplayMeters:
         state_bytes: ``(U,)`` stored bytes of each served user's final state.
         state_tokens: ``(U,)`` stored tokens (layer 0) of each served user's final state.
         request_seconds: seconds per request (append + read), one entry per batched step.
+        users: ``(U,)`` the user id of each entry of the per-user lists (serving order).
+        layer_bytes: ``(U,)`` bytes of the stored layers only (what a cache policy compresses).
+        layer_tokens: ``(U,)`` stored tokens per layer, averaged over layers (per-layer budgets differ).
+        requests: requests served (one per user and step), to average per-request quantities.
     """
 
     state_bytes: list[int] = field(default_factory=list)
     state_tokens: list[int] = field(default_factory=list)
     request_seconds: list[float] = field(default_factory=list)
+    users: list[int] = field(default_factory=list)
+    layer_bytes: list[int] = field(default_factory=list)
+    layer_tokens: list[float] = field(default_factory=list)
+    requests: int = 0
+
+    def record(self, users: np.ndarray, states: list[UserState]) -> None:
+        """Record the final states of ``users`` (same order)."""
+        self.users.extend(int(u) for u in users)
+        self.state_bytes.extend(s.nbytes() for s in states)
+        self.state_tokens.extend(s.num_tokens for s in states)
+        self.layer_bytes.extend(sum(layer.nbytes() for layer in s.layers) for s in states)
+        self.layer_tokens.extend(float(np.mean([layer.num_tokens for layer in s.layers])) if s.layers else 0.0
+                                 for s in states)
 
     def summary(self) -> dict:
         b = np.asarray(self.state_bytes, dtype=np.float64)
@@ -104,24 +122,29 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
             scores = server.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
                                   pad([rows.timestamp[p] for p in picked]))
             meters.request_seconds.append((time.perf_counter() - tic) / len(active))
+            meters.requests += len(active)
             for j, p in enumerate(picked):
                 logits[p] = scores[j, : len(p)].double().cpu().numpy()
-        meters.state_bytes.extend(s.nbytes() for s in states)
-        meters.state_tokens.extend(s.num_tokens for s in states)
+        meters.record(batch_users, states)
     return logits, meters
 
 
 def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, max_len: int,
-                     append_events: int = 1, user_batch: int = 256, mask_history: bool = True
-                     ) -> tuple[np.ndarray, ReplayMeters]:
+                     append_events: int = 1, user_batch: int = 256, mask_history: bool = True, top_k: int = 0
+                     ) -> tuple[np.ndarray, ReplayMeters] | tuple[np.ndarray, ReplayMeters, np.ndarray]:
     """1-based rank of each user's target item in the full catalogue, read from stored states.
 
     Args:
         target_index: ``(U,)`` index within each user of the event to predict (>= 1).
+        top_k: if > 0, also return each user's ``top_k`` highest-scoring items (masked items excluded), e.g. 10
+            for the top-10 overlap of fidelity; 0 (default) keeps the two-value return.
     Returns:
-        ``(U,)`` int64 ranks, and the meters.
+        ``(U,)`` int64 ranks and the meters; with ``top_k > 0`` also ``(U, top_k)`` int64 item ids, best first.
     """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
     ranks = np.zeros(seqs.num_users, dtype=np.int64)
+    top = np.zeros((seqs.num_users, top_k), dtype=np.int64)
     meters = ReplayMeters()
     serving_order = np.argsort(target_index, kind="stable")  # similar lengths together: little padding
     for first in range(0, seqs.num_users, user_batch):
@@ -142,6 +165,9 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
                 base = int(seqs.offsets[u])
                 exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[b])], device=scores.device)] = True
         ranks[users] = target_ranks(scores, targets, exclude)
-        meters.state_bytes.extend(s.nbytes() for s in states)
-        meters.state_tokens.extend(s.num_tokens for s in states)
-    return ranks, meters
+        meters.requests += len(users)
+        if top_k:
+            masked = scores if exclude is None else scores.masked_fill(exclude, float("-inf"))
+            top[users] = masked.topk(top_k, dim=1).indices.cpu().numpy()
+        meters.record(users, states)
+    return (ranks, meters, top) if top_k else (ranks, meters)

@@ -1,0 +1,78 @@
+"""The analytic MACs of a request agree with PyTorch's FLOP counter (FLOPs = 2 x MACs for matrix products)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from malloc.models import ModelConfig, build_model
+from malloc.profiling.latency import synthetic_events
+from malloc.profiling.macs import attention_macs, format_macs, recompute_macs, request_macs, token_macs
+
+NUM_ITEMS = 50
+
+
+def tiny(backbone: str, ffn_mult: int = 1):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32,
+                      ffn_mult=ffn_mult)
+    return build_model(cfg, NUM_ITEMS).eval()
+
+
+def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch's CPU flash attention (SASRec's fused path) has no formula in the counter: ``q k^T`` + ``a v``."""
+    batch, heads, queries, key_dim = query_shape
+    keys, value_dim = key_shape[2], value_shape[3]
+    return 2 * batch * heads * queries * keys * (key_dim + value_dim)
+
+
+def counted_flops(fn) -> int:
+    mapping = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+@pytest.mark.parametrize(("stored", "new", "candidates", "chunk"), [(40, 1, 1, None), (40, 3, 7, 3), (90, 2, 20, 8)])
+def test_request_macs_match_the_flop_counter(backbone, stored, new, candidates, chunk):
+    model = tiny(backbone, ffn_mult=2 if backbone == "sasrec" else 1)
+    events = synthetic_events(1, stored + new, NUM_ITEMS, seed=0)
+    states = model.prefill(events.slice(0, stored))
+    items = torch.randint(1, NUM_ITEMS + 1, (1, candidates), generator=torch.Generator().manual_seed(0))
+    times = torch.full((1, candidates), 2_000_000_000)
+
+    def request():
+        appended = model.append(states, events.slice(stored, stored + new))
+        model.score(appended, items, times, chunk_size=chunk or candidates)
+
+    expected = 2 * request_macs(model.cfg, stored, new, candidates, candidate_chunk=chunk)
+    assert counted_flops(request) == pytest.approx(expected, rel=0.05)
+
+    def recompute():
+        model.score(model.prefill(events, chunk_size=32), items, times, chunk_size=chunk or candidates)
+
+    expected = 2 * recompute_macs(model.cfg, stored, new, candidates, prefill_chunk=32, candidate_chunk=chunk)
+    assert counted_flops(recompute) == pytest.approx(expected, rel=0.05)
+
+
+def test_retrieval_read_macs():
+    model = tiny("hstu")
+    states = model.prefill(synthetic_events(1, 10, NUM_ITEMS, seed=1))
+    macs = request_macs(model.cfg, 10, 0, 0, catalogue=NUM_ITEMS + 1)
+    assert counted_flops(lambda: model.retrieval_logits(states)) == pytest.approx(2 * macs, rel=0.05)
+
+
+def test_macs_formula_pieces():
+    cfg = ModelConfig(dim=64, layers=2, heads=4, head_dim=16)
+    assert token_macs(cfg) == 2 * (64 * 4 * 64 + 64 * 64)  # HSTU: uvqk + output, no feed-forward
+    assert attention_macs(cfg, 1, 100) == 2 * 4 * 100 * 32
+    # fewer stored events, fewer MACs; linear in the stored count
+    assert request_macs(cfg, 50, 1, 10) < request_macs(cfg, 100, 1, 10)
+    slope = request_macs(cfg, 101, 1, 10) - request_macs(cfg, 100, 1, 10)
+    assert slope == pytest.approx(attention_macs(cfg, 11, 1))
+    assert recompute_macs(cfg, 100, 1, 10) > request_macs(cfg, 100, 1, 10)
+    assert format_macs(1.5e6) == "1.5 MMAC" and format_macs(0) == "0 MAC"
