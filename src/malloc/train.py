@@ -117,8 +117,9 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
         model.train()
         batches = length_bucketed_batches(lengths, cfg.train.batch_size, np.random.default_rng([cfg.train.seed, epoch]))
         tic, total_loss, events_seen = time.perf_counter(), 0.0, 0
-        for batch_index in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show_progress,
-                                leave=False):
+        # disable=None: a bar on a terminal only, no carriage-return noise in logs
+        for batch_index in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                                disable=None if show_progress else True, leave=False):
             picked = [all_windows[i] for i in batch_index]
             batch = (ctr_training_batch(seqs, picked, row_index) if row_index is not None
                      else retrieval_training_batch(seqs, picked))
