@@ -9,14 +9,13 @@ cached per run directory (``schemes/native-predictions-<split>.npz``) so a sweep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from malloc.bench.results import atomic_file
 from malloc.config import RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
@@ -58,19 +57,12 @@ class Replay:
     _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "logits", "ranks", "top")
 
     def save(self, path: Path, identity: dict[str, Any]) -> None:
-        """Write as ``.npz`` atomically (a temporary file in the same folder, then a rename)."""
+        """Write as ``.npz`` atomically."""
         arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
         header = json.dumps({"identity": identity, "metrics": self.metrics, "meters": self.meters,
                              "requests": self.requests}, sort_keys=True, default=float)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, header=np.array(header), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as handle:
+            np.savez(handle, header=np.array(header), **arrays)
 
     @classmethod
     def load(cls, path: Path, identity: dict[str, Any]) -> Replay | None:

@@ -41,7 +41,7 @@ _RUN_DIR = re.compile(r"^.+-[0-9a-f]{8}$")
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str | Path, mode: str) -> Iterator[IO[Any]]:
+def atomic_file(path: str | Path, mode: str) -> Iterator[IO[Any]]:
     """Yield a temporary file next to ``path``; on a clean exit fsync it and move it over ``path``.
 
     On an exception the temporary file is removed and ``path`` is left untouched.
@@ -75,7 +75,7 @@ def _fsync_directory(directory: Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, creating parent directories."""
-    with _atomic_file(path, "w") as handle:
+    with atomic_file(path, "w") as handle:
         handle.write(text)
 
 
@@ -108,7 +108,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` atomically."""
-    with _atomic_file(path, "wb") as handle:
+    with atomic_file(path, "wb") as handle:
         torch.save(obj, handle)
 
 
