@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
 from malloc.memory.state import UserState
 from malloc.serving.server import Server
+
+
+def progress(batches: range, desc: str) -> tqdm:
+    """A progress bar over user batches, shown on a terminal only (no carriage-return noise in logs)."""
+    return tqdm(batches, desc=desc, unit="batch", disable=None, leave=False)
 
 
 @dataclass
@@ -96,7 +102,7 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
     logits = np.zeros(len(rows), dtype=np.float64)
     meters = ReplayMeters()
     order, users, bounds, serving_order = _user_groups(rows)
-    for first in range(0, len(users), user_batch):
+    for first in progress(range(0, len(users), user_batch), "replay ctr"):
         batch = serving_order[first:first + user_batch]
         # per user: row indices (in original order) grouped by distinct history length
         steps = []
@@ -147,7 +153,7 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
     top = np.zeros((seqs.num_users, top_k), dtype=np.int64)
     meters = ReplayMeters()
     serving_order = np.argsort(target_index, kind="stable")  # similar lengths together: little padding
-    for first in range(0, seqs.num_users, user_batch):
+    for first in progress(range(0, seqs.num_users, user_batch), "replay retrieval"):
         users = serving_order[first:first + user_batch]
         stop = target_index[users]
         start = np.maximum(0, stop - max_len)
