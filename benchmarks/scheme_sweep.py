@@ -54,7 +54,7 @@ def table(config: str, schemes: list[str], ratios: list[str], overrides: list[st
     for scheme in schemes:
         for ratio in ratios:
             value = parse_ratio(ratio)
-            path = scheme_result_path(root, scheme, value, {})
+            path = scheme_result_path(root, scheme, value, {}, eval_cfg=cfg.eval)
             if not path.is_file():
                 reason = errors.get((config, scheme, ratio), "not run").split("error: ")[-1]
                 mark = notes.setdefault(reason, f"({len(notes) + 1})")

@@ -106,3 +106,25 @@ def test_explicit_rows_replay_in_history_order():
     logits, meters = replay_ctr(Server(model), seqs, rows, max_len=100)
     assert np.all(np.isfinite(logits)) and logits[1] != logits[2]
     assert sorted(meters.state_tokens) == sorted([n0, 3])
+
+
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_kept_normaliser_switch(backbone):
+    """'N = kept' (METHODS.md R3) scales stored HSTU contributions by seen / stored: a no-op without eviction,
+    a change with it, and nothing for softmax attention (which renormalises by itself)."""
+    from malloc.memory.registry import build_policy
+    from malloc.profiling.latency import synthetic_events
+
+    model = tiny_model(backbone, 40)
+    events = synthetic_events(3, 30, 40, seed=1)
+    items, times = torch.randint(1, 41, (3, 6)), torch.full((3, 6), 2 * 10**9)
+
+    def scores(policy, renormalise):
+        server = Server(model, policy, renormalise=renormalise)
+        states = server.append(server.write(events.slice(0, 24)), events.slice(24, 30))
+        return server.score(states, items, times)
+
+    torch.testing.assert_close(scores(None, True), scores(None, False), atol=0, rtol=0)
+    evicting = build_policy("recency", 0.5)
+    changed = not torch.allclose(scores(evicting, True), scores(evicting, False))
+    assert changed == (backbone == "hstu")

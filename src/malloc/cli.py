@@ -108,7 +108,7 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
     knobs = parse_knobs(args.knobs)
     policy = build_policy(args.scheme, ratio, **knobs)  # a bad scheme, knob or ratio fails before any work
     cfg = _load(args)
-    path = scheme_result_path(run_dir_for(cfg).root, args.scheme, ratio, knobs, args.split)
+    path = scheme_result_path(run_dir_for(cfg).root, args.scheme, ratio, knobs, args.split, cfg.eval)
     identity = _scheme_identity({"scheme": args.scheme, "knobs": knobs, "memory_ratio_target": ratio,
                                  "split": args.split, "eval": to_dict(cfg.eval)})
     if path.is_file() and not args.force:

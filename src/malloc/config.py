@@ -96,6 +96,8 @@ class EvalConfig:
         mask_history: retrieval: remove items already in the history from the ranking.
         ks: retrieval cut-offs for HR@K and NDCG@K.
         monitor: validation metric for early stopping ("auto": gauc for CTR, ndcg@10 for retrieval).
+        hstu_normaliser: after eviction, "original" keeps HSTU's N (evicted events contribute 0) and "kept"
+            scales the stored events' contributions by events seen / events stored (METHODS.md R3).
     """
 
     append_events: int = 1
@@ -105,6 +107,7 @@ class EvalConfig:
     mask_history: bool = True
     ks: tuple[int, ...] = (10, 50, 200)
     monitor: str = "auto"
+    hstu_normaliser: Literal["original", "kept"] = "original"
 
     def __post_init__(self) -> None:
         for name in ("append_events", "user_batch", "prefill_chunk", "candidate_chunk"):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from malloc.bench.results import atomic_file
-from malloc.config import RunConfig
+from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
 from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics
@@ -90,7 +90,8 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
            policy: CachePolicy | None = None) -> Replay:
     """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it."""
     was_training = model.training
-    server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk)
+    server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
+                    renormalise=cfg.eval.hstu_normaliser == "kept")
     try:
         if isinstance(view, CTRView):
             rows = view.split(split)
@@ -198,11 +199,14 @@ def retrieval_fidelity(ranks: np.ndarray, top: np.ndarray, native_ranks: np.ndar
 
 # -- schemes ------------------------------------------------------------------------------------------------------
 def scheme_result_path(run_root: str | Path, name: str, memory_ratio: float, knobs: dict[str, Any],
-                       split: str = "test") -> Path:
-    """``<run>/schemes/<name>-r<ratio>[-<knob hash>][-<split>].json`` (the split only when not "test")."""
+                       split: str = "test", eval_cfg: EvalConfig | None = None) -> Path:
+    """``<run>/schemes/<name>-r<ratio>[-<knob hash>][-e<eval hash>][-<split>].json``: the eval hash only when the
+    evaluation settings differ from the defaults, the split only when not "test"."""
     stem = f"{name}-r{memory_ratio:g}"
     if knobs:
         stem += f"-{config_hash(knobs)}"
+    if eval_cfg is not None and eval_cfg != EvalConfig():
+        stem += f"-e{config_hash(eval_cfg)}"
     if split != "test":
         stem += f"-{split}"
     return Path(run_root) / "schemes" / f"{stem}.json"

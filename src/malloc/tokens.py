@@ -76,6 +76,8 @@ class KVBlock:
         positions: ``(B, 1 or H, n)`` int64.
         timestamps: ``(B, 1 or H, n)`` int64.
         valid: ``(B, 1 or H, n)`` bool.
+        scale: ``(B, 1)`` multiplier of the stored events' HSTU attention weights (the "N = kept" switch of
+            METHODS.md R3), or None (the original normaliser: evicted events simply contribute 0).
     """
 
     keys: torch.Tensor
@@ -83,6 +85,7 @@ class KVBlock:
     positions: torch.Tensor
     timestamps: torch.Tensor
     valid: torch.Tensor
+    scale: torch.Tensor | None = None
 
 
 def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ With no compression, prefill + append + score equals :meth:`forward` over the sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -164,9 +164,20 @@ class SequentialRecommender(nn.Module):
         return UserState(layers=layers, last_hidden=torch.zeros(0, device=self.device), next_position=0,
                          last_timestamp=0)
 
-    def _caches(self, states: list[UserState]) -> list[KVBlock]:
+    def _caches(self, states: list[UserState], renormalise: bool = False) -> list[KVBlock]:
+        """The stored layers as attention reads them.
+
+        Args:
+            renormalise: scale each user's stored contributions by events seen / events stored (HSTU's
+                "N = kept" switch, METHODS.md R3); off, evicted events contribute exactly 0 under the original N.
+        """
         dtype = self.item_embedding.weight.dtype
-        return [collate_layer(states, index, dtype) for index in range(len(self.layers))]
+        blocks = [collate_layer(states, index, dtype) for index in range(len(self.layers))]
+        if not renormalise:
+            return blocks
+        return [replace(block, scale=torch.tensor(
+            [[s.next_position / max(s.layers[index].num_tokens, 1)] for s in states], dtype=dtype,
+            device=block.keys.device)) for index, block in enumerate(blocks)]
 
     @torch.no_grad()
     def prefill(self, events: Events, chunk_size: int = 1024, observer: AttentionObserver | None = None
@@ -177,7 +188,8 @@ class SequentialRecommender(nn.Module):
 
     @torch.no_grad()
     def append(self, states: list[UserState], events: Events, chunk_size: int = 1024,
-               observer: AttentionObserver | None = None, merge: Merge = extend_merge) -> list[UserState]:
+               observer: AttentionObserver | None = None, merge: Merge = extend_merge, renormalise: bool = False
+               ) -> list[UserState]:
         """Compute only the new events against the stored states and return the updated states.
 
         The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk.
@@ -185,13 +197,15 @@ class SequentialRecommender(nn.Module):
         Args:
             observer: receives the attention weights of the new events.
             merge: how a layer's stored events and the new events become the stored layer (default: keep all).
+            renormalise: see :meth:`_caches`.
         """
         for start in range(0, events.items.shape[1], chunk_size):
-            states = self._append_chunk(states, events.slice(start, start + chunk_size), observer, merge)
+            states = self._append_chunk(states, events.slice(start, start + chunk_size), observer, merge,
+                                        renormalise)
         return states
 
     def _append_chunk(self, states: list[UserState], events: Events, observer: AttentionObserver | None,
-                      merge: Merge) -> list[UserState]:
+                      merge: Merge, renormalise: bool) -> list[UserState]:
         device = events.items.device
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
         length = events.items.shape[1]
@@ -201,7 +215,7 @@ class SequentialRecommender(nn.Module):
             positions=next_pos[:, None] + torch.arange(length, device=device)[None, :],
             timestamps=events.timestamps, is_history=valid, valid=valid,
         )
-        hidden, blocks = self.encode(tokens, self._caches(states), observer)
+        hidden, blocks = self.encode(tokens, self._caches(states, renormalise), observer)
         updated = []
         for b, state in enumerate(states):
             t = int(events.lengths[b])
@@ -221,17 +235,18 @@ class SequentialRecommender(nn.Module):
 
     @torch.no_grad()
     def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor,
-              chunk_size: int = 256) -> torch.Tensor:
+              chunk_size: int = 256, renormalise: bool = False) -> torch.Tensor:
         """Click logits of candidates read from the stored states; the states are left unchanged.
 
         Args:
             items: ``(B, c)`` candidate item ids (0 = padding, its logit is meaningless).
             timestamps: ``(B, c)`` request times.
             chunk_size: candidates per micro-batch.
+            renormalise: see :meth:`_caches`.
         Returns:
             ``(B, c)`` logits.
         """
-        caches = self._caches(states)
+        caches = self._caches(states, renormalise)
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=items.device)
         logits = []
         for start in range(0, items.shape[1], chunk_size):

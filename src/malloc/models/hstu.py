@@ -52,17 +52,21 @@ class RelativeBias(nn.Module):
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                   visible: torch.Tensor, alpha: float, normaliser: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   visible: torch.Tensor, alpha: float, normaliser: float, key_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference pointwise attention.
 
     Args:
         q: ``(B, H, T, d_k)``; k: ``(B, H, S, d_k)``; v: ``(B, H, S, d_v)``.
         bias: ``(B, 1 or H, T, S)``; visible: ``(B, 1 or H, T, S)`` bool.
+        key_scale: ``(B, 1, 1, S)`` per-key multiplier of the weights, or None.
     Returns:
         outputs ``(B, H, T, d_v)`` and weights ``a_ij`` ``(B, H, T, S)`` (0 where not visible).
     """
     weights = F.silu(alpha * (q @ k.transpose(-1, -2)) + bias) / normaliser
     weights = torch.where(visible, weights, torch.zeros_like(weights))
+    if key_scale is not None:
+        weights = weights * key_scale
     return weights @ v, weights
 
 
@@ -91,8 +95,12 @@ class HSTULayer(AttentionLayer):
         keys = concat_keys(cache, new)
         visible = visibility(tokens, cache)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
+        key_scale = None
+        if cache is not None and cache.scale is not None:  # stored events scaled, new events as they are
+            key_scale = torch.ones(batch, 1, 1, keys.keys.shape[2], dtype=q.dtype, device=q.device)
+            key_scale[:, :, :, : cache.keys.shape[2]] = cache.scale[:, :, None, None]
         attended, weights = hstu_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), bias, visible,
-                                           self.alpha, self.normaliser)
+                                           self.alpha, self.normaliser, key_scale)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
         y = x + self.dropout(self.output(self.output_norm(attended) * u))
         return y, new, weights if need_weights else None

@@ -26,14 +26,17 @@ class Server:
         policy: the cache policy (default: Native, keep everything).
         prefill_chunk: events encoded per chunk when writing a history.
         candidate_chunk: candidates scored per micro-batch.
+        renormalise: HSTU only: scale stored contributions by events seen / events stored ("N = kept", METHODS.md
+            R3) instead of keeping the original normaliser (evicted events contribute 0; the default).
     """
 
     def __init__(self, model: SequentialRecommender, policy: CachePolicy | None = None, prefill_chunk: int = 1024,
-                 candidate_chunk: int = 256) -> None:
+                 candidate_chunk: int = 256, renormalise: bool = False) -> None:
         self.model = model.eval()
         self.policy = policy if policy is not None else CachePolicy()
         self.prefill_chunk = prefill_chunk
         self.candidate_chunk = candidate_chunk
+        self.renormalise = renormalise
 
     def _context(self, layer: int, user: int, history_len: int) -> LayerContext:
         return LayerContext(layer=layer, num_layers=len(self.model.layers), backbone=self.model.cfg.backbone,
@@ -69,12 +72,14 @@ class Server:
             end = int(new.positions[0, -1]) + 1
             return self.policy.merge(stored, new, stats, self._context(layer, user, end))
 
-        return self.model.append(states, events, chunk_size=self.prefill_chunk, observer=observer, merge=merge)
+        return self.model.append(states, events, chunk_size=self.prefill_chunk, observer=observer, merge=merge,
+                                 renormalise=self.renormalise)
 
     def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """``(B, c)`` candidate click logits read from the states (left unchanged)."""
         device = self.model.device
-        return self.model.score(states, items.to(device), timestamps.to(device), chunk_size=self.candidate_chunk)
+        return self.model.score(states, items.to(device), timestamps.to(device), chunk_size=self.candidate_chunk,
+                                renormalise=self.renormalise)
 
     def retrieve(self, states: list[UserState]) -> torch.Tensor:
         """``(B, num_items + 1)`` next-item logits read from the states."""
