@@ -41,7 +41,8 @@ class ReplayMeters:
     Attributes:
         state_bytes: ``(U,)`` stored bytes of each served user's final state.
         state_tokens: ``(U,)`` stored tokens (layer 0) of each served user's final state.
-        request_seconds: seconds per request (append + read), one entry per batched step.
+        request_seconds: seconds per request (append + read), one entry per batched step; the summary leaves
+            out the first step (warm-up).
         users: ``(U,)`` the user id of each entry of the per-user lists (serving order).
         layer_bytes: ``(U,)`` bytes of the stored layers only (what a cache policy compresses).
         layer_tokens: ``(U,)`` stored tokens per layer, averaged over layers (per-layer budgets differ).
@@ -68,6 +69,8 @@ class ReplayMeters:
     def summary(self) -> dict:
         b = np.asarray(self.state_bytes, dtype=np.float64)
         lat = np.asarray(self.request_seconds, dtype=np.float64) * 1e3
+        if len(lat) > 1:  # the first batched step is the warm-up (first calls of each kernel, allocations)
+            lat = lat[1:]
         return {
             "users": len(b),
             "state_bytes_mean": float(b.mean()) if len(b) else 0.0,
