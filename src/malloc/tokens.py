@@ -121,3 +121,24 @@ def concat_keys(cache: KVBlock | None, new: KVBlock) -> KVBlock:
     return KVBlock(*(_cat_heads(c, x) for c, x in zip(
         (cache.keys, cache.values, cache.positions, cache.timestamps, cache.valid),
         (new.keys, new.values, new.positions, new.timestamps, new.valid), strict=True)))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, T, heads * d)`` -> ``(B, heads, T, d)``."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def to_query_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat a head axis (dim 1) of size ``G`` to ``heads`` (each stored head serves ``heads / G`` query heads,
+    in order); size 1 and ``heads`` are returned as they are (size 1 broadcasts)."""
+    groups = x.shape[1]
+    return x if groups in (1, heads) else x.repeat_interleave(heads // groups, dim=1)
+
+
+def group_mean(weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, H, T, S)`` weights of query heads -> ``(B, groups, T, S)``, averaged over each group's heads."""
+    batch, heads, length, keys = weights.shape
+    if groups == heads:
+        return weights
+    return weights.view(batch, groups, heads // groups, length, keys).mean(dim=2)

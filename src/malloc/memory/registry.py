@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from malloc.memory.architecture import TRAINED_IN, ArchitectureScheme
 from malloc.memory.policy import CachePolicy, SchemeError
-from malloc.memory.schemes import POLICIES
+from malloc.memory.schemes import ARCHITECTURES, POLICIES
 from malloc.memory.wrappers import Compose, Pyramid
+from malloc.models.config import ModelConfig
 
 TRAINING_FREE = "training-free"
 WRAPPER = "wrapper"
@@ -51,6 +53,9 @@ def _knobs(name: str, cls: type, knobs: dict[str, Any], exclude: tuple[str, ...]
 
 
 def _build_scheme(name: str, memory_ratio: float, knobs: dict[str, Any]) -> CachePolicy:
+    if name in ARCHITECTURES:
+        raise SchemeError(f"{name} is a trained-in scheme: train a model with it (`malloc train --scheme {name}`); "
+                          f"training-free policies: {', '.join([*POLICIES, *WRAPPERS])}")
     if name not in POLICIES:
         known = ", ".join([*POLICIES, *WRAPPERS])
         raise SchemeError(f"unknown scheme {name!r}; known schemes: {known}")
@@ -114,12 +119,46 @@ def build_policy(name: str, memory_ratio: float = 1.0, **knobs: Any) -> CachePol
     return _build_scheme(name, float(memory_ratio), knobs)
 
 
+def build_architecture(cfg: ModelConfig) -> ArchitectureScheme | None:
+    """The trained-in scheme ``cfg.scheme`` at ``cfg.memory_ratio`` with ``cfg.knobs`` (None for "native").
+
+    Raises:
+        SchemeError: unknown scheme (the trained-in ones are listed), a training-free policy named as an
+            architecture, an unknown knob or a bad knob value, or a backbone the scheme does not apply to.
+    """
+    name = cfg.scheme
+    if name == "native":
+        if cfg.memory_ratio != 1.0 or cfg.knobs:
+            raise SchemeError("native: takes no memory_ratio below 1 and no knobs (name a scheme with --scheme)")
+        return None
+    if name not in ARCHITECTURES:
+        hint = (f"{name} is a training-free policy: evaluate a trained Native model with `malloc eval --scheme "
+                f"{name}`" if name in POLICIES or name in WRAPPERS else f"unknown trained-in scheme {name!r}")
+        raise SchemeError(f"{hint}; trained-in schemes: native, {', '.join(ARCHITECTURES)}")
+    cls = ARCHITECTURES[name]
+    _knobs(name, cls, cfg.knobs)
+    if cfg.backbone not in cls.backbones:
+        raise SchemeError(f"{name}: does not apply to backbone {cfg.backbone!r} ({cls.__doc__.splitlines()[0]})")
+    try:
+        scheme = cls(memory_ratio=cfg.memory_ratio, **cfg.knobs)
+        scheme.knob_values(cfg)  # resolves and checks the knobs against the model's sizes
+    except SchemeError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SchemeError(f"{name}: bad knob value ({exc})") from exc
+    return scheme
+
+
 def describe() -> list[SchemeInfo]:
     """Every registered scheme, then every wrapper, with granularity, family, knobs (defaults), what it keeps."""
     rows = [SchemeInfo(name=name, granularity=cls.granularity, family=TRAINING_FREE,
                        knobs={f.name: f.default for f in dataclasses.fields(cls) if f.name != "memory_ratio"},
                        summary=cls.summary)
             for name, cls in POLICIES.items()]
+    rows += [SchemeInfo(name=name, granularity=cls.granularity, family=TRAINED_IN,
+                        knobs={f.name: f.default for f in dataclasses.fields(cls) if f.name != "memory_ratio"},
+                        summary=cls.summary)
+             for name, cls in ARCHITECTURES.items()]
     rows += [SchemeInfo(name=name, granularity=cls.granularity, family=WRAPPER, knobs=dict(defaults),
                         summary=cls.summary)
              for name, (cls, _, defaults) in WRAPPERS.items()]

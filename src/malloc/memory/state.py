@@ -154,14 +154,14 @@ class UserState:
         return self.layers[0].num_tokens if self.layers else 0
 
 
-def collate_layer(states: list[UserState], layer: int, compute_dtype: torch.dtype) -> KVBlock:
+def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVBlock:
     """Pad one layer of several users' states into the block attention reads.
 
     Returns:
         KVBlock with ``(B, H, n_max, d)`` keys/values in ``compute_dtype`` and ``(B, 1 or H, n_max)`` metadata
         (H as soon as one user's layer keeps different events per head).
     """
-    views = [s.layers[layer].read() for s in states]
+    views = [layer.read() for layer in stored]
     heads, _, key_dim = views[0].keys.shape
     value_dim = views[0].values.shape[2]
     n_max = max(v.keys.shape[1] for v in views)

@@ -16,23 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layer
+from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layers
 from malloc.memory.stats import AttentionObserver
 from malloc.models.config import ModelConfig
 from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 
 # merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
 Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
-
-
-def extend_merge(stored: StoredLayer, new: LayerState, layer: int, user: int) -> StoredLayer:
-    """Native: keep everything."""
-    assert isinstance(stored, LayerState)
-    return stored.extend(new)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,21 +62,54 @@ class Events:
 
 
 class AttentionLayer(nn.Module):
-    """Interface of one backbone layer.
+    """Interface of one backbone layer, and of the state it stores for a user.
 
     ``forward(x, tokens, cache, need_weights)`` takes the new tokens' inputs ``x (B, T, D)``, their metadata and
-    the cached history block (or None), and returns ``y (B, T, D)``, the new tokens' keys and values (a KVBlock
-    of ``T`` keys), and, if asked, the attention weights ``(B, H, T, n + T)`` over ``[cache; new]`` (0 where a
-    key is not visible).
+    the batch's cache as :meth:`collate` built it (or None), and returns ``y (B, T, D)``, what the new tokens add
+    to the state (for attention layers: a KVBlock of ``T`` keys), and, if asked, the attention weights
+    ``(B, kv_heads, T, n + T)`` over ``[cache; new]`` (0 where a key is not visible; query heads that share a
+    stored head are averaged).
+
+    The state hooks default to plain per-event keys and values (:class:`LayerState` with ``kv_heads`` heads,
+    kept in full on append). Schemes that store something else (a window, a projection, a recurrent state)
+    override them; ``plain_kv`` says whether training-free cache policies may act on what is stored.
     """
 
     heads: int
+    kv_heads: int
     key_dim: int
     value_dim: int
+    plain_kv: bool = True
 
-    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
-                ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: Any, need_weights: bool = False
+                ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
         raise NotImplementedError
+
+    def empty_state(self, dtype: torch.dtype, device: torch.device) -> StoredLayer:
+        return LayerState.empty(self.kv_heads, self.key_dim, self.value_dim, dtype, device)
+
+    def collate(self, stored: list[StoredLayer], dtype: torch.dtype) -> Any:
+        """The batch's stored layers as :meth:`forward` reads them (default: a padded KVBlock)."""
+        return collate_layers(stored, dtype)
+
+    def new_state(self, new: Any, tokens: TokenBatch, user: int, count: int, dtype: torch.dtype) -> LayerState:
+        """What user ``user``'s first ``count`` new tokens add, as a stored layer of their own."""
+        return LayerState(new.keys[user, :, :count].to(dtype), new.values[user, :, :count].to(dtype),
+                          tokens.positions[user, None, :count].to(torch.int32),
+                          tokens.timestamps[user, None, :count])
+
+    def store(self, stored: StoredLayer, new: StoredLayer) -> StoredLayer:
+        """The stored layer after an append (default: keep everything)."""
+        assert isinstance(stored, LayerState) and isinstance(new, LayerState)
+        return stored.extend(new)
+
+
+class LayerScheme(Protocol):
+    """A trained-in architecture scheme, as a backbone sees it (see ``malloc.memory.architecture``)."""
+
+    def build_layer(self, cfg: ModelConfig) -> AttentionLayer: ...
+
+    def expand(self, tokens: TokenBatch) -> tuple[TokenBatch, torch.Tensor | None]: ...
 
 
 class SequentialRecommender(nn.Module):
@@ -90,16 +118,20 @@ class SequentialRecommender(nn.Module):
     Args:
         cfg: hyperparameters.
         num_items: item vocabulary size (dense ids ``1..num_items``; 0 is padding).
+        scheme: a trained-in architecture scheme that builds the layers (and may add tokens of its own), or
+            None for the backbone's plain layers (Native).
     """
 
-    def __init__(self, cfg: ModelConfig, num_items: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_items: int, scheme: LayerScheme | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
+        self.scheme = scheme
         self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
         self.action_embedding = nn.Embedding(NUM_ACTIONS, cfg.dim)
         self.input_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(self.build_layer() for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(self.build_layer() if scheme is None else scheme.build_layer(cfg)
+                                    for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.dim)
         self.ctr_head = nn.Linear(cfg.dim, 1)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
@@ -123,17 +155,27 @@ class SequentialRecommender(nn.Module):
         Args:
             observer: if given, receives every layer's attention weights (query-aware cache policies).
         Returns:
-            ``h (B, T, D)`` final normalised outputs, and the new tokens' keys/values per layer.
+            ``h (B, T, D)`` final normalised outputs, and what the new tokens add to each layer's state.
         """
-        x = self.input_dropout(self.embed(tokens))
+        hidden, blocks, _ = self._encode(tokens, caches, observer)
+        return hidden, blocks
+
+    def _encode(self, tokens: TokenBatch, caches: list[Any] | None, observer: AttentionObserver | None
+                ) -> tuple[torch.Tensor, list[Any], TokenBatch]:
+        """:meth:`encode`, also returning the tokens the layers processed (a scheme may add its own)."""
+        processed, original = (tokens, None) if self.scheme is None else self.scheme.expand(tokens)
+        x = self.input_dropout(self.embed(processed))
         new_blocks = []
         for index, layer in enumerate(self.layers):
             cache = None if caches is None else caches[index]
-            x, block, weights = layer(x, tokens, cache, need_weights=observer is not None)
+            x, block, weights = layer(x, processed, cache, need_weights=observer is not None)
             if observer is not None:
-                observer.observe(index, weights, concat_keys(cache, block), tokens)
+                observer.observe(index, weights, concat_keys(cache, block), processed)
             new_blocks.append(block)
-        return self.final_norm(x), new_blocks
+        hidden = self.final_norm(x)
+        if original is not None:  # back to the caller's tokens: (B, T') -> (B, T)
+            hidden = hidden.gather(1, original[:, :, None].expand(-1, -1, hidden.shape[2]))
+        return hidden, new_blocks, processed
 
     def forward(self, tokens: TokenBatch) -> torch.Tensor:
         """The plain full forward used for training: ``(B, T)`` tokens -> ``(B, T, D)`` outputs."""
@@ -159,12 +201,11 @@ class SequentialRecommender(nn.Module):
         return self.item_embedding.weight.device
 
     def empty_state(self) -> UserState:
-        layers = tuple(LayerState.empty(layer.heads, layer.key_dim, layer.value_dim, self.state_dtype, self.device)
-                       for layer in self.layers)
+        layers = tuple(layer.empty_state(self.state_dtype, self.device) for layer in self.layers)
         return UserState(layers=layers, last_hidden=torch.zeros(0, device=self.device), next_position=0,
                          last_timestamp=0)
 
-    def _caches(self, states: list[UserState], renormalise: bool = False) -> list[KVBlock]:
+    def _caches(self, states: list[UserState], renormalise: bool = False) -> list[Any]:
         """The stored layers as attention reads them.
 
         Args:
@@ -172,7 +213,8 @@ class SequentialRecommender(nn.Module):
                 "N = kept" switch, METHODS.md R3); off, evicted events contribute exactly 0 under the original N.
         """
         dtype = self.item_embedding.weight.dtype
-        blocks = [collate_layer(states, index, dtype) for index in range(len(self.layers))]
+        blocks = [layer.collate([s.layers[index] for s in states], dtype)
+                  for index, layer in enumerate(self.layers)]
         if not renormalise:
             return blocks
         return [replace(block, scale=torch.tensor(
@@ -188,7 +230,7 @@ class SequentialRecommender(nn.Module):
 
     @torch.no_grad()
     def append(self, states: list[UserState], events: Events, chunk_size: int = 1024,
-               observer: AttentionObserver | None = None, merge: Merge = extend_merge, renormalise: bool = False
+               observer: AttentionObserver | None = None, merge: Merge | None = None, renormalise: bool = False
                ) -> list[UserState]:
         """Compute only the new events against the stored states and return the updated states.
 
@@ -196,7 +238,8 @@ class SequentialRecommender(nn.Module):
 
         Args:
             observer: receives the attention weights of the new events.
-            merge: how a layer's stored events and the new events become the stored layer (default: keep all).
+            merge: how a layer's stored events and the new events become the stored layer (a cache policy;
+                default: the layer's own rule, :meth:`AttentionLayer.store`).
             renormalise: see :meth:`_caches`.
         """
         for start in range(0, events.items.shape[1], chunk_size):
@@ -205,7 +248,7 @@ class SequentialRecommender(nn.Module):
         return states
 
     def _append_chunk(self, states: list[UserState], events: Events, observer: AttentionObserver | None,
-                      merge: Merge, renormalise: bool) -> list[UserState]:
+                      merge: Merge | None, renormalise: bool) -> list[UserState]:
         device = events.items.device
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
         length = events.items.shape[1]
@@ -215,19 +258,19 @@ class SequentialRecommender(nn.Module):
             positions=next_pos[:, None] + torch.arange(length, device=device)[None, :],
             timestamps=events.timestamps, is_history=valid, valid=valid,
         )
-        hidden, blocks = self.encode(tokens, self._caches(states, renormalise), observer)
+        hidden, blocks, processed = self._encode(tokens, self._caches(states, renormalise), observer)
+        counts = processed.valid.sum(dim=1).tolist()  # new tokens per user, left-aligned (events, maybe more)
         updated = []
         for b, state in enumerate(states):
             t = int(events.lengths[b])
             if t == 0:
                 updated.append(state)
                 continue
-            positions = tokens.positions[b, None, :t].to(torch.int32)
-            times = tokens.timestamps[b, None, :t]
-            layers = tuple(
-                merge(stored, LayerState(block.keys[b, :, :t].to(self.state_dtype),
-                                         block.values[b, :, :t].to(self.state_dtype), positions, times), index, b)
-                for index, (stored, block) in enumerate(zip(state.layers, blocks, strict=True)))
+            layers = []
+            for index, (layer, stored, block) in enumerate(zip(self.layers, state.layers, blocks, strict=True)):
+                new = layer.new_state(block, processed, b, counts[b], self.state_dtype)
+                layers.append(layer.store(stored, new) if merge is None else merge(stored, new, index, b))
+            layers = tuple(layers)
             updated.append(UserState(layers=layers, last_hidden=hidden[b, t - 1].to(self.state_dtype).clone(),
                                      next_position=state.next_position + t,
                                      last_timestamp=int(events.timestamps[b, t - 1])))

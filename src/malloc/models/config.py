@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,11 @@ class ModelConfig:
         time_buckets: HSTU relative-time bias buckets (log-spaced seconds).
         ffn_mult: SASRec feed-forward width as a multiple of ``dim``.
         state_dtype: dtype of stored keys/values ("float32" is the exact reference).
+        scheme: the trained-in architecture scheme of the attention layers ("native": plain multi-head
+            attention); a name from ``malloc.memory.schemes.ARCHITECTURES`` (``malloc methods`` lists them).
+        memory_ratio: the scheme's target stored bytes / Native stored bytes, in (0, 1]; the scheme turns it
+            into its own knob by the rule its docstring states.
+        knobs: the scheme's knobs set explicitly (they override what ``memory_ratio`` implies).
     """
 
     backbone: Literal["hstu", "sasrec"] = "hstu"
@@ -36,6 +41,9 @@ class ModelConfig:
     time_buckets: int = 64
     ffn_mult: int = 1
     state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scheme: str = "native"
+    memory_ratio: float = 1.0
+    knobs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("dim", "layers", "heads", "head_dim", "max_len", "pos_buckets", "time_buckets", "ffn_mult"):
@@ -43,3 +51,5 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.memory_ratio <= 1.0:
+            raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")

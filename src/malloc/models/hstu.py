@@ -23,7 +23,7 @@ from torch import nn
 
 from malloc.models.base import AttentionLayer, SequentialRecommender
 from malloc.models.config import ModelConfig
-from malloc.tokens import KVBlock, TokenBatch, concat_keys, visibility
+from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 
 
 def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
@@ -71,16 +71,24 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
 
 
 class HSTULayer(AttentionLayer):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """One HSTU layer; ``kv_heads < heads`` shares each stored key/value head among a group of query heads (GQA).
+
+    The pieces are methods so that architecture schemes can replace one of them: :meth:`project` (what the new
+    tokens produce), :meth:`visible` (the mask) and :meth:`attend` (how queries read ``[cache; new]``).
+    """
+
+    def __init__(self, cfg: ModelConfig, kv_heads: int | None = None) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.kv_heads = cfg.heads if kv_heads is None else kv_heads
         self.key_dim = cfg.head_dim
         self.value_dim = cfg.head_dim
         self.alpha = 1.0 / math.sqrt(cfg.head_dim)
         self.normaliser = float(cfg.max_len)
-        width = cfg.heads * cfg.head_dim
+        width, kv_width = cfg.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
+        self.split = (width, kv_width, width, kv_width)  # u, v, q, k
         self.input_norm = nn.LayerNorm(cfg.dim)
-        self.uvqk = nn.Linear(cfg.dim, 4 * width)
+        self.uvqk = nn.Linear(cfg.dim, sum(self.split))
         self.output_norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -88,22 +96,37 @@ class HSTULayer(AttentionLayer):
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
-        batch, length, _ = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).chunk(4, dim=-1)
-        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        new = KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
+        u, q, new = self.project(self.input_norm(x), tokens)
+        attended, weights = self.attend(q, tokens, cache, new, need_weights)
+        y = x + self.dropout(self.output(self.output_norm(attended) * u))
+        return y, new, weights
+
+    def project(self, h: torch.Tensor, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, KVBlock]:
+        """``h (B, T, D)`` -> gate ``u (B, T, H d_v)``, queries ``(B, H, T, d_k)``, new keys/values."""
+        u, v, q, k = F.silu(self.uvqk(h)).split(self.split, dim=-1)
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
+        return u, q, KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
+
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None) -> torch.Tensor:
+        return visibility(tokens, cache)
+
+    def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
+               need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head."""
+        batch, _, length, _ = q.shape
         keys = concat_keys(cache, new)
-        visible = visibility(tokens, cache)
+        visible = self.visible(tokens, cache)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
         key_scale = None
         if cache is not None and cache.scale is not None:  # stored events scaled, new events as they are
             key_scale = torch.ones(batch, 1, 1, keys.keys.shape[2], dtype=q.dtype, device=q.device)
             key_scale[:, :, :, : cache.keys.shape[2]] = cache.scale[:, :, None, None]
-        attended, weights = hstu_attention(q, keys.keys.to(q.dtype), keys.values.to(q.dtype), bias, visible,
-                                           self.alpha, self.normaliser, key_scale)
+        attended, weights = hstu_attention(
+            q, to_query_heads(keys.keys.to(q.dtype), self.heads), to_query_heads(keys.values.to(q.dtype), self.heads),
+            to_query_heads(bias, self.heads), to_query_heads(visible, self.heads), self.alpha, self.normaliser,
+            key_scale)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        y = x + self.dropout(self.output(self.output_norm(attended) * u))
-        return y, new, weights if need_weights else None
+        return attended, group_mean(weights, self.kv_heads) if need_weights else None
 
 
 class HSTU(SequentialRecommender):

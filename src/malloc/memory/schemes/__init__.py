@@ -1,11 +1,17 @@
 """The registry of memory schemes: one line per scheme, grouped by granularity.
 
-Adding a scheme: one file under ``schemes/<granularity>/<name>.py`` with a frozen dataclass, and one line here.
+Two tables: the training-free cache policies (:data:`POLICIES`) and the trained-in architecture schemes
+(:data:`ARCHITECTURES`). Adding a scheme: one file under ``schemes/<granularity>/<name>.py`` with a frozen
+dataclass, and one line here.
 """
 
 from __future__ import annotations
 
+from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.policy import CachePolicy
+from malloc.memory.schemes.head.gqa import GQA
+from malloc.memory.schemes.head.mla import MLA
+from malloc.memory.schemes.head.mqa import MQA
 from malloc.memory.schemes.precision.int8 import Int8
 from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
@@ -29,4 +35,11 @@ POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (
     KIVI,
     IntactKV,
     Int8,
+)}
+
+# trained-in schemes: name -> class ("native", plain attention, is the backbone's own layer)
+ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
+    MQA,
+    GQA,
+    MLA,
 )}

@@ -1,0 +1,66 @@
+"""Trained-in architecture schemes: they change the attention layer, so the stored state changes with it.
+
+An :class:`ArchitectureScheme` is a frozen dataclass registered by name in
+``malloc.memory.schemes.ARCHITECTURES``. It turns the one budget vocabulary, ``memory_ratio`` (target stored
+bytes / Native stored bytes for the same history), into its own knob by a rule its docstring states, and builds
+the layer of either backbone (HSTU or SASRec). The model is trained with the scheme (``malloc train --scheme``),
+and its own prefill + append + score equals its own full forward (tested), unless the docstring says why not.
+
+Schemes whose layers store plain per-event keys and values (``plain_kv``: MQA, GQA, MLA) can be combined with
+the training-free cache policies (e.g. GQA + KIVI, MLA + H2O); the others keep a state of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from malloc.memory.policy import SchemeError
+from malloc.models.base import AttentionLayer
+from malloc.models.config import ModelConfig
+from malloc.tokens import TokenBatch
+
+TRAINED_IN = "trained-in"
+
+
+@dataclass(frozen=True)
+class ArchitectureScheme:
+    """Base of the trained-in schemes.
+
+    Attributes:
+        memory_ratio: target stored bytes / Native stored bytes, in (0, 1].
+    """
+
+    memory_ratio: float = 1.0
+
+    name: ClassVar[str] = ""
+    granularity: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    backbones: ClassVar[tuple[str, ...]] = ("hstu", "sasrec")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.memory_ratio <= 1.0:
+            raise SchemeError(f"{self.name}: memory_ratio must be in (0, 1], got {self.memory_ratio}")
+
+    def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
+        """The attention layer of ``cfg.backbone`` with this scheme."""
+        raise NotImplementedError
+
+    def expand(self, tokens: TokenBatch) -> tuple[TokenBatch, torch.Tensor | None]:
+        """Tokens the layers process, and the index ``(B, T)`` of the given tokens among them (None: the same).
+
+        Schemes that add tokens of their own (beacons) override this; the others process the tokens as given.
+        """
+        return tokens, None
+
+    def knob_values(self, cfg: ModelConfig) -> dict[str, Any]:
+        """The knobs in force for ``cfg`` after the ratio rule (what results report)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "memory_ratio"}
+
+
+def check_divides(scheme: str, knob: str, value: int, whole: int, what: str) -> None:
+    if value < 1 or whole % value:
+        raise SchemeError(f"{scheme}: knob {knob}={value} must be a positive divisor of {what} ({whole})")

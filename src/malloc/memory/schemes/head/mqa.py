@@ -1,0 +1,27 @@
+"""MQA: multi-query attention (Shazeer 2019, arXiv 1911.02150): one key/value head shared by all query heads.
+
+GQA with ``G = 1``; its ratio is fixed near ``1 / H`` whatever ``memory_ratio`` asks (the measured ratio is
+reported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from malloc.memory.architecture import ArchitectureScheme
+from malloc.memory.schemes.head.gqa import grouped_layer
+from malloc.models.base import AttentionLayer
+from malloc.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class MQA(ArchitectureScheme):
+    """Multi-query attention (no knob: one stored head)."""
+
+    name: ClassVar[str] = "mqa"
+    granularity: ClassVar[str] = "head"
+    summary: ClassVar[str] = "one key/value head shared by every query head (fixed ratio ~ 1/H)"
+
+    def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
+        return grouped_layer(cfg, 1)
