@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from malloc.models import ModelConfig, build_model
 from malloc.profiling.latency import synthetic_events
-from malloc.profiling.macs import attention_macs, format_macs, recompute_macs, request_macs, token_macs
+from malloc.profiling.macs import attention_macs, count_flops, format_macs, recompute_macs, request_macs, token_macs
 
 NUM_ITEMS = 50
 
@@ -18,22 +17,6 @@ def tiny(backbone: str, ffn_mult: int = 1):
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32,
                       ffn_mult=ffn_mult)
     return build_model(cfg, NUM_ITEMS).eval()
-
-
-def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """PyTorch's CPU flash attention (SASRec's fused path) has no formula in the counter: ``q k^T`` + ``a v``."""
-    batch, heads, queries, key_dim = query_shape
-    keys, value_dim = key_shape[2], value_shape[3]
-    return 2 * batch * heads * queries * keys * (key_dim + value_dim)
-
-
-def counted_flops(fn) -> int:
-    mapping = {}
-    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa_flops
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
@@ -50,20 +33,20 @@ def test_request_macs_match_the_flop_counter(backbone, stored, new, candidates, 
         model.score(appended, items, times, chunk_size=chunk or candidates)
 
     expected = 2 * request_macs(model.cfg, stored, new, candidates, candidate_chunk=chunk)
-    assert counted_flops(request) == pytest.approx(expected, rel=0.05)
+    assert count_flops(request) == pytest.approx(expected, rel=0.05)
 
     def recompute():
         model.score(model.prefill(events, chunk_size=32), items, times, chunk_size=chunk or candidates)
 
     expected = 2 * recompute_macs(model.cfg, stored, new, candidates, prefill_chunk=32, candidate_chunk=chunk)
-    assert counted_flops(recompute) == pytest.approx(expected, rel=0.05)
+    assert count_flops(recompute) == pytest.approx(expected, rel=0.05)
 
 
 def test_retrieval_read_macs():
     model = tiny("hstu")
     states = model.prefill(synthetic_events(1, 10, NUM_ITEMS, seed=1))
     macs = request_macs(model.cfg, 10, 0, 0, catalogue=NUM_ITEMS + 1)
-    assert counted_flops(lambda: model.retrieval_logits(states)) == pytest.approx(2 * macs, rel=0.05)
+    assert count_flops(lambda: model.retrieval_logits(states)) == pytest.approx(2 * macs, rel=0.05)
 
 
 def test_macs_formula_pieces():

@@ -21,9 +21,11 @@ import torch
 from malloc.memory.policy import SchemeError
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
+from malloc.profiling import macs
 from malloc.tokens import TokenBatch
 
 TRAINED_IN = "trained-in"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,26 @@ class ArchitectureScheme:
     def knob_values(self, cfg: ModelConfig) -> dict[str, Any]:
         """The knobs in force for ``cfg`` after the ratio rule (what results report)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "memory_ratio"}
+
+    # -- analytic cost: what the tests check against nbytes() and the FLOP counter ------------------------------
+    def state_bytes(self, cfg: ModelConfig, history_len: int) -> int:
+        """Bytes all layers store for a user after ``history_len`` events (without the last hidden state and
+        the scalar bookkeeping that every state has). Default: ``L n (kv_heads (d_k + d_v) b + 12)``."""
+        layer = self.build_layer(cfg)
+        per_event = layer.kv_heads * (layer.key_dim + layer.value_dim) * DTYPE_BYTES[cfg.state_dtype] + 4 + 8
+        return cfg.layers * history_len * per_event
+
+    def stored_keys(self, cfg: ModelConfig, history_len: int) -> float:
+        """Stored keys a query reads after ``history_len`` events (default: all of them)."""
+        return float(history_len)
+
+    def token_macs(self, cfg: ModelConfig) -> float:
+        """Projection (and feed-forward) MACs of one token through all layers (default: the backbone's)."""
+        return macs.token_macs(cfg)
+
+    def attention_macs(self, cfg: ModelConfig, queries: float, keys: float) -> float:
+        """MACs of ``queries`` queries reading ``keys`` keys, all layers (default: the backbone's)."""
+        return macs.attention_macs(cfg, queries, keys)
 
 
 def check_divides(scheme: str, knob: str, value: int, whole: int, what: str) -> None:

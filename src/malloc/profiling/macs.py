@@ -20,6 +20,12 @@ chunks (each chunk against all earlier events and itself), then scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from malloc.models.config import ModelConfig
 
@@ -47,7 +53,7 @@ def _chunks(total: int, chunk: int | None) -> list[int]:
 
 
 def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candidates: int,
-                 candidate_chunk: int | None = None, catalogue: int = 0) -> float:
+                 candidate_chunk: int | None = None, catalogue: int = 0, scheme: Any = None) -> float:
     """MACs of one cached request: append ``new_events`` to ``stored_tokens`` stored events, then read.
 
     Args:
@@ -58,23 +64,46 @@ def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candid
         candidates: ``c`` candidates scored (CTR); 0 for none.
         candidate_chunk: candidates per micro-batch (None: all at once).
         catalogue: items scored by the retrieval read (``num_items + 1``; 0 for none).
+        scheme: a trained-in architecture scheme (its own per-token and attention costs), or None (Native).
     """
+    per_token = token_macs(cfg) if scheme is None else scheme.token_macs(cfg)
+    attend = partial(attention_macs, cfg) if scheme is None else partial(scheme.attention_macs, cfg)
     t = new_events
-    macs = t * token_macs(cfg) + attention_macs(cfg, t, stored_tokens + t)
+    macs = t * per_token + attend(t, stored_tokens + t)
     for size in _chunks(candidates, candidate_chunk):
-        macs += size * token_macs(cfg) + attention_macs(cfg, size, stored_tokens + t + size) + size * cfg.dim
+        macs += size * per_token + attend(size, stored_tokens + t + size) + size * cfg.dim
     return float(macs + catalogue * cfg.dim)
 
 
 def recompute_macs(cfg: ModelConfig, history_len: int, new_events: int, candidates: int,
-                   prefill_chunk: int | None = None, candidate_chunk: int | None = None, catalogue: int = 0) -> float:
-    """MACs of serving the same request with no stored state: prefill all ``history_len + new_events`` events
-    (in chunks of ``prefill_chunk``; None: one chunk), then read as :func:`request_macs` with nothing appended."""
+                   prefill_chunk: int | None = None, candidate_chunk: int | None = None, catalogue: int = 0
+                   ) -> float:
+    """MACs of serving the same request with no stored state (Native): prefill all ``history_len + new_events``
+    events (in chunks of ``prefill_chunk``; None: one chunk), then read as :func:`request_macs` with nothing
+    appended."""
     total, done, macs = int(history_len) + new_events, 0, 0.0
     for size in _chunks(total, prefill_chunk):
         macs += size * token_macs(cfg) + attention_macs(cfg, size, done + size)
         done += size
     return macs + request_macs(cfg, total, 0, candidates, candidate_chunk, catalogue)
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch's CPU flash attention (SASRec's fused path) has no formula in the counter: ``q k^T`` + ``a v``."""
+    batch, heads, queries, key_dim = query_shape
+    keys, value_dim = key_shape[2], value_shape[3]
+    return 2 * batch * heads * queries * keys * (key_dim + value_dim)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (matrix products;
+    the CPU fused attention kernel included), to cross-check the analytic MACs (``FLOPs = 2 MACs``)."""
+    mapping = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def format_macs(macs: float) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from malloc.memory.policy import CachePolicy, LayerContext
+from malloc.memory.policy import CachePolicy, LayerContext, SchemeError
 from malloc.memory.state import LayerState, StoredLayer, UserState
 from malloc.memory.stats import AttentionObserver
 from malloc.models.base import Events, SequentialRecommender
@@ -34,6 +34,10 @@ class Server:
                  candidate_chunk: int = 256, renormalise: bool = False) -> None:
         self.model = model.eval()
         self.policy = policy if policy is not None else CachePolicy()
+        own_state = [type(layer).__name__ for layer in model.layers if not layer.plain_kv]
+        if self.policy.name != "native" and own_state:
+            raise SchemeError(f"{self.policy.name}: training-free policies act on plain per-event keys and values; "
+                              f"scheme {model.cfg.scheme!r} stores a state of its own ({own_state[0]})")
         self.prefill_chunk = prefill_chunk
         self.candidate_chunk = candidate_chunk
         self.renormalise = renormalise
@@ -45,7 +49,7 @@ class Server:
     def _observer(self, end_positions: torch.Tensor) -> AttentionObserver | None:
         if not self.policy.needs_attention:
             return None
-        return AttentionObserver(len(self.model.layers), self.model.cfg.heads, end_positions,
+        return AttentionObserver(len(self.model.layers), self.model.layers[0].kv_heads, end_positions,
                                  self.policy.observation_window)
 
     def write(self, events: Events) -> list[UserState]:

@@ -17,6 +17,7 @@ from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
+from malloc.profiling import macs
 
 
 def largest_divisor_at_most(whole: int, limit: float) -> int:
@@ -28,6 +29,12 @@ def grouped_layer(cfg: ModelConfig, kv_heads: int) -> AttentionLayer:
     """The backbone's own layer with ``kv_heads`` stored heads."""
     layer = HSTULayer if cfg.backbone == "hstu" else SASRecLayer
     return layer(cfg, kv_heads=kv_heads)
+
+
+def grouped_token_macs(cfg: ModelConfig, kv_heads: int) -> float:
+    """Per-token projection MACs with ``kv_heads`` key/value heads: the K and V slices shrink by ``kv_heads / H``."""
+    saved = 2 * (cfg.heads - kv_heads) * cfg.head_dim * cfg.dim
+    return macs.token_macs(cfg) - cfg.layers * saved
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,6 @@ class GQA(ArchitectureScheme):
 
     def knob_values(self, cfg: ModelConfig) -> dict[str, int]:
         return {"groups": self.kv_heads(cfg)}
+
+    def token_macs(self, cfg: ModelConfig) -> float:
+        return grouped_token_macs(cfg, self.kv_heads(cfg))

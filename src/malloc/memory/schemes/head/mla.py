@@ -28,6 +28,7 @@ from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer, hstu_attention
 from malloc.models.sasrec import SASRecLayer, softmax_attention
+from malloc.profiling import macs
 from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
 
 
@@ -144,3 +145,13 @@ class MLA(ArchitectureScheme):
 
     def knob_values(self, cfg: ModelConfig) -> dict[str, int]:
         return {"latent_dim": self.latent(cfg)}
+
+    def token_macs(self, cfg: ModelConfig) -> float:
+        """The K and V projections become ``D d_c`` (the latent), plus the absorbed query and output maps
+        ``H d_k d_c + H d_c d_v``."""
+        width, latent = cfg.heads * cfg.head_dim, self.latent(cfg)
+        per_layer = cfg.dim * latent + 2 * width * latent - 2 * width * cfg.dim
+        return macs.token_macs(cfg) + cfg.layers * per_layer
+
+    def attention_macs(self, cfg: ModelConfig, queries: float, keys: float) -> float:
+        return cfg.layers * cfg.heads * queries * keys * 2 * self.latent(cfg)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.architecture import ArchitectureScheme
-from malloc.memory.schemes.head.gqa import grouped_layer
+from malloc.memory.schemes.head.gqa import grouped_layer, grouped_token_macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 
@@ -25,3 +25,6 @@ class MQA(ArchitectureScheme):
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         return grouped_layer(cfg, 1)
+
+    def token_macs(self, cfg: ModelConfig) -> float:
+        return grouped_token_macs(cfg, 1)
