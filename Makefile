@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.malloc-installed
+# ml-latest-small: Debian's r-cran-dslabs package unpacked into the data cache (never committed; see
+# src/malloc/data/sources/dslabs.py). Exported so that the tests and commands run by make find it.
+DATA_CACHE ?= $(or $(MALLOC_DATA_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/malloc)
+export MALLOC_DATA_CACHE := $(DATA_CACHE)
+DSLABS := $(DATA_CACHE)/dslabs/.unpacked
 
 .PHONY: setup test bench lint clean
 
@@ -12,12 +17,22 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU build here
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,parquet,plots]'
+	$(PY) -m pip install -q -e '.[dev,parquet,plots,dslabs]'
 	@# MovieLens-100K ships inside the RecBole wheel; no dependencies of RecBole are needed
 	$(PY) -m pip install -q --no-deps recbole==1.2.1
 	@touch $(STAMP)
 
-setup: $(STAMP)
+# apt-get download needs no root, but finds the package only once the package lists exist (apt-get update).
+# Without apt (not Debian) this warns and goes on: the ml-latest-small tests then skip, saying why.
+$(DSLABS):
+	@mkdir -p $(DATA_CACHE)/dslabs
+	@if cd $(DATA_CACHE) && { apt-get download -q r-cran-dslabs >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get download -q r-cran-dslabs; }; } && \
+	    dpkg -x "$$(ls -t r-cran-dslabs_*.deb | head -n 1)" dslabs; then \
+	  touch $(DSLABS) && echo "ml-latest-small: r-cran-dslabs unpacked in $(DATA_CACHE)/dslabs"; \
+	else echo "warning: could not fetch r-cran-dslabs (needs Debian's apt); ml-latest-small is unavailable"; fi
+
+setup: $(STAMP) $(DSLABS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -7,6 +7,8 @@ source                   what ``path`` points at                                
                          ``ml-100k.inter`` (file or directory holding it)
 ``ml-1m``                ``ratings.dat`` (file or directory holding it)                 movielens
 ``ml-20m``, ``ml-latest`` ``ratings.csv`` (file or directory holding it)               movielens
+``ml-latest-small``      nothing (Debian ``r-cran-dslabs`` unpacked in the cache), or  dslabs
+                         its ``Rdata.rdb`` / a folder above it
 ``amazon-electronics``   reczoo ``AmazonElectronics_x1`` directory (CSV)               reczoo
 ``microvideo``,          reczoo/LongCTR ``*_x2`` directory (Parquet)                   longctr
 ``kuaivideo``
@@ -36,6 +38,7 @@ SOURCES: tuple[str, ...] = (
     "ml-1m",
     "ml-20m",
     "ml-latest",
+    "ml-latest-small",
     "amazon-electronics",
     "microvideo",
     "kuaivideo",
@@ -65,8 +68,10 @@ def load_dataset(
 
     Args:
         source: one of :data:`SOURCES`.
-        path: where the files are (module table); ``None`` for ``ml-100k`` (embedded) and ``synthetic``.
-        label_threshold: MovieLens only: an event is positive (label 1) iff ``rating >= label_threshold``.
+        path: where the files are (module table); ``None`` for ``ml-100k`` (embedded), ``ml-latest-small``
+            (cache, :mod:`malloc.data.sources.dslabs`) and ``synthetic``.
+        label_threshold: MovieLens only (ml-latest-small too): an event is positive (label 1) iff
+            ``rating >= label_threshold``.
         min_events: users with fewer events are dropped (:func:`drop_short_users`).
         synthetic: configuration of the ``synthetic`` source (default ``SyntheticConfig()``); ignored by
             the other sources.
@@ -93,6 +98,10 @@ def load_dataset(
 def _read(
     source: str, path: Path | None, label_threshold: float, synthetic: SyntheticConfig | None
 ) -> Dataset:
+    if source == "ml-latest-small":
+        from malloc.data.sources import dslabs
+
+        return dslabs.read_dslabs_movielens(path, label_threshold=label_threshold, name=source)
     if source.startswith("ml-"):
         from malloc.data.sources import movielens
 
