@@ -14,6 +14,7 @@ from malloc.cli import main, parse_knobs, parse_ratio
 from malloc.evaluate import average_ranks, ctr_fidelity, pearson, retrieval_fidelity, spearman
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import scheme_names, wrapper_names
+from malloc.memory.schemes import ARCHITECTURES
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
@@ -73,12 +74,13 @@ def test_methods_table_and_json(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["name", "granularity", "family"]
-    for name in [*scheme_names(), *wrapper_names()]:
+    for name in [*scheme_names(), *ARCHITECTURES, *wrapper_names()]:
         assert any(line.startswith(name + " ") for line in lines), name
     assert main(["methods", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == [*scheme_names(), *wrapper_names()]
+    assert [r["name"] for r in rows] == [*scheme_names(), *ARCHITECTURES, *wrapper_names()]
     assert {r["family"] for r in rows if r["name"] in wrapper_names()} == {"wrapper"}
+    assert {r["family"] for r in rows if r["name"] in ARCHITECTURES} == {"trained-in"}
     assert set(rows[0]) == {"name", "granularity", "family", "knobs", "keeps"}
 
 

@@ -47,10 +47,30 @@ def _print_metrics(title: str, metrics: dict, meters: dict | None = None) -> Non
 def cmd_train(args: argparse.Namespace) -> int:
     from malloc.runner import run
 
-    cfg = _load(args)
+    cfg = _with_scheme(_load(args), args)
     result = run(cfg, force=args.force, show_progress=not args.quiet)
     _print_metrics(f"{result['run_id']}: test ({cfg.task})", result["metrics"], result["meters"])
     return 0
+
+
+def _with_scheme(cfg, args: argparse.Namespace):
+    """``--scheme/--memory-ratio/--knob`` of ``malloc train``: a trained-in scheme for the model (checked before
+    any work); the run is named ``<name>-<scheme>``."""
+    from dataclasses import replace
+
+    from malloc.memory.policy import SchemeError
+    from malloc.memory.registry import build_architecture
+
+    if args.scheme is None:
+        if args.memory_ratio is not None or args.knobs:
+            raise SchemeError("--memory-ratio and --knob need --scheme NAME (see `malloc methods`)")
+        return cfg
+    ratio = parse_ratio(args.memory_ratio) if args.memory_ratio is not None else 1.0
+    if not 0.0 < ratio <= 1.0:
+        raise SchemeError(f"{args.scheme}: --memory-ratio must be in (0, 1], got {ratio:g}")
+    model = replace(cfg.model, scheme=args.scheme, memory_ratio=ratio, knobs=parse_knobs(args.knobs))
+    build_architecture(model)
+    return replace(cfg, name=f"{cfg.name}-{args.scheme}" if args.scheme != "native" else cfg.name, model=model)
 
 
 def parse_knobs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -205,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rerun even if the run's results exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--scheme", metavar="NAME",
+                   help="train with this trained-in scheme (see `malloc methods`; default: the config's "
+                        "model.scheme, native)")
+    p.add_argument("--memory-ratio", metavar="R", help="the scheme's target stored bytes / Native's, in (0, 1]")
+    p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheme knob, e.g. --knob groups=2")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run's checkpoint through the serving path")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from malloc.bench.results import atomic_file
 from malloc.config import EvalConfig, RunConfig
@@ -21,9 +22,10 @@ from malloc.configio import config_hash, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
 from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics
 from malloc.memory.policy import CachePolicy
-from malloc.models import SequentialRecommender
+from malloc.models import ModelConfig, SequentialRecommender
+from malloc.models.base import DTYPES
 from malloc.profiling.macs import recompute_macs, request_macs
-from malloc.serving.replay import ReplayMeters, replay_ctr, replay_retrieval
+from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
 from malloc.serving.server import Server
 
 # top-K of the retrieval fidelity (overlap of each user's top-K with Native's) and of per-user NDCG deltas
@@ -49,12 +51,13 @@ class Replay:
     layer_bytes: np.ndarray
     state_bytes: np.ndarray
     layer_tokens: np.ndarray
+    history_events: np.ndarray
     logits: np.ndarray | None = None
     ranks: np.ndarray | None = None
     top: np.ndarray | None = None
     requests: int = 0
 
-    _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "logits", "ranks", "top")
+    _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "history_events", "logits", "ranks", "top")
 
     def save(self, path: Path, identity: dict[str, Any]) -> None:
         """Write as ``.npz`` atomically."""
@@ -75,6 +78,8 @@ class Replay:
                 arrays = {k: data[k] for k in cls._ARRAYS if k in data.files}
         except (OSError, ValueError, KeyError):
             return None
+        if not {"users", "layer_bytes", "state_bytes", "layer_tokens", "history_events"} <= set(arrays):
+            return None  # written by an older version
         return cls(metrics=header["metrics"], meters=header["meters"], requests=header["requests"], **arrays)
 
 
@@ -83,25 +88,30 @@ def _per_user(meters: ReplayMeters) -> dict[str, np.ndarray]:
     return {"users": np.asarray(meters.users, dtype=np.int64)[order],
             "layer_bytes": np.asarray(meters.layer_bytes, dtype=np.int64)[order],
             "state_bytes": np.asarray(meters.state_bytes, dtype=np.int64)[order],
-            "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64)[order]}
+            "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64)[order],
+            "history_events": np.asarray(meters.history_events, dtype=np.int64)[order]}
 
 
 def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
-           policy: CachePolicy | None = None) -> Replay:
-    """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it."""
+           policy: CachePolicy | None = None, keep_last: KeepLast | None = None) -> Replay:
+    """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it.
+
+    ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.serving.replay`).
+    """
     was_training = model.training
     server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
                     renormalise=cfg.eval.hstu_normaliser == "kept")
     try:
         if isinstance(view, CTRView):
             rows = view.split(split)
-            logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch)
+            logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
+                                        keep_last=keep_last)
             metrics = ctr_metrics(rows.user, rows.label, logits)
             metrics["rows"] = len(rows)
             return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **_per_user(meters))
         ranks, meters, top = replay_retrieval(server, view.sequences, view.target_index(split), cfg.model.max_len,
                                               cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
-                                              top_k=FIDELITY_TOP_K)
+                                              top_k=FIDELITY_TOP_K, keep_last=keep_last)
         metrics = retrieval_metrics(ranks, cfg.eval.ks)
         metrics["users"] = len(ranks)
         return Replay(metrics, meters.summary(), ranks=ranks, top=top, requests=meters.requests,
@@ -116,10 +126,46 @@ def evaluate(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retri
 
     Returns:
         ``{"metrics": {...}, "meters": {...}}``; CTR metrics are auc, gauc, logloss; retrieval metrics are
-        hr@K, ndcg@K, mrr.
+        hr@K, ndcg@K, mrr. The meters include the model's own cost next to Native's (:func:`model_meters`).
     """
     result = replay(cfg, model, view, split, policy)
-    return {"metrics": result.metrics, "meters": result.meters}
+    return {"metrics": result.metrics, "meters": {**result.meters, **model_meters(cfg, model, view, split, result)}}
+
+
+def model_meters(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+                 result: Replay) -> dict[str, Any]:
+    """What the model's own architecture stores and computes, against a Native model of the same size.
+
+    ``memory_ratio`` is the stored layers' bytes over the bytes Native's layers would store for the same users'
+    histories (:func:`native_layer_bytes`); MACs are the analytic costs of a mean request of the split (the
+    scheme's own formula), of Native's, and of recomputing the history.
+    """
+    shape = _request_shape(cfg, view, split)
+    history = float(result.history_events.mean()) if len(result.history_events) else 0.0
+    scheme = model.scheme
+    keys = history if scheme is None else scheme.stored_keys(cfg.model, round(history))
+    native = np.array([native_layer_bytes(cfg.model, int(n)) for n in result.history_events], dtype=np.int64)
+    return {
+        "scheme": cfg.model.scheme,
+        "scheme_knobs": {} if scheme is None else scheme.knob_values(cfg.model),
+        "history_events_mean": history,
+        "layer_bytes_mean": float(result.layer_bytes.mean()) if len(result.layer_bytes) else 0.0,
+        "native_layer_bytes_mean": float(native.mean()) if len(native) else 0.0,
+        "memory_ratio": _ratio(result.layer_bytes, native),
+        "macs_per_request": request_macs(cfg.model, keys, **shape, scheme=scheme),
+        "native_macs_per_request": request_macs(cfg.model, history, **shape),
+        "recompute_macs_per_request": recompute_macs(cfg.model, round(history), shape["new_events"],
+                                                     shape["candidates"], cfg.eval.prefill_chunk,
+                                                     shape["candidate_chunk"], shape["catalogue"]),
+        "macs_request_shape": shape,
+    }
+
+
+def native_layer_bytes(cfg: ModelConfig, history_len: int) -> int:
+    """Bytes a Native model of ``cfg``'s size stores in its layers for ``history_len`` events: per layer and event,
+    every head's key and value in the state dtype, an int32 position and an int64 timestamp."""
+    per_event = cfg.heads * 2 * cfg.head_dim * torch.empty(0, dtype=DTYPES[cfg.state_dtype]).element_size() + 4 + 8
+    return cfg.layers * history_len * per_event
 
 
 # -- fidelity ----------------------------------------------------------------------------------------------------

@@ -11,11 +11,16 @@ state. History items can be masked from the ranking.
 
 Requests of different users are batched (one step of many users at a time); the meters record the time of each
 batched step divided by the users it served.
+
+Both replays take ``keep_last``, which truncates the *written* history to its most recent events (the memory
+sensitivity curve, :mod:`malloc.sensitivity`): it maps the ``(B,)`` lengths the server would write to the
+``(B,)`` lengths it writes instead; appended events and scored candidates are unchanged.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +32,19 @@ from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
 from malloc.memory.state import UserState
 from malloc.serving.server import Server
+
+
+KeepLast = Callable[[np.ndarray], np.ndarray]
+
+
+def _truncate(starts: np.ndarray, stops: np.ndarray, keep_last: KeepLast | None) -> np.ndarray:
+    """New ``(B,)`` starts of the written histories ``starts:stops`` when only ``keep_last(stops - starts)`` stay."""
+    if keep_last is None:
+        return starts
+    written = stops - starts
+    kept = np.asarray(keep_last(written), dtype=np.int64)
+    assert kept.shape == written.shape and np.all((kept >= 0) & (kept <= written)), "keep_last out of range"
+    return stops - kept
 
 
 def progress(batches: range, desc: str) -> tqdm:
@@ -46,6 +64,7 @@ class ReplayMeters:
         users: ``(U,)`` the user id of each entry of the per-user lists (serving order).
         layer_bytes: ``(U,)`` bytes of the stored layers only (what a cache policy compresses).
         layer_tokens: ``(U,)`` stored tokens per layer, averaged over layers (per-layer budgets differ).
+        history_events: ``(U,)`` events each user's final state has seen (what Native would store).
         requests: requests served (one per user and step), to average per-request quantities.
     """
 
@@ -55,6 +74,7 @@ class ReplayMeters:
     users: list[int] = field(default_factory=list)
     layer_bytes: list[int] = field(default_factory=list)
     layer_tokens: list[float] = field(default_factory=list)
+    history_events: list[int] = field(default_factory=list)
     requests: int = 0
 
     def record(self, users: np.ndarray, states: list[UserState]) -> None:
@@ -65,6 +85,7 @@ class ReplayMeters:
         self.layer_bytes.extend(sum(layer.nbytes() for layer in s.layers) for s in states)
         self.layer_tokens.extend(float(np.mean([layer.num_tokens for layer in s.layers])) if s.layers else 0.0
                                  for s in states)
+        self.history_events.extend(s.next_position for s in states)
 
     def summary(self) -> dict:
         b = np.asarray(self.state_bytes, dtype=np.float64)
@@ -95,9 +116,11 @@ def _user_groups(rows: CTRRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return order, users, bounds, np.argsort(longest, kind="stable")
 
 
-def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256
-               ) -> tuple[np.ndarray, ReplayMeters]:
+def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256,
+               keep_last: KeepLast | None = None) -> tuple[np.ndarray, ReplayMeters]:
     """Click logits of every row, read from stored states.
+
+    ``keep_last`` (see the module docstring) truncates each user's written history before the first step.
 
     Returns:
         ``(R,)`` float64 logits aligned with ``rows``, and the meters.
@@ -116,7 +139,8 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
             steps.append((np.unique(lens), np.split(idx, cuts)))
         batch_users = users[batch]
         first_len = np.array([s[0][0] for s in steps])
-        states = server.write(events(seqs, batch_users, np.maximum(0, first_len - max_len), first_len))
+        written_from = _truncate(np.maximum(0, first_len - max_len), first_len, keep_last)
+        states = server.write(events(seqs, batch_users, written_from, first_len))
         num_steps = max(len(s[0]) for s in steps)
         for k in range(num_steps):
             active = [b for b, s in enumerate(steps) if k < len(s[0])]
@@ -139,7 +163,8 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
 
 
 def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, max_len: int,
-                     append_events: int = 1, user_batch: int = 256, mask_history: bool = True, top_k: int = 0
+                     append_events: int = 1, user_batch: int = 256, mask_history: bool = True, top_k: int = 0,
+                     keep_last: KeepLast | None = None
                      ) -> tuple[np.ndarray, ReplayMeters] | tuple[np.ndarray, ReplayMeters, np.ndarray]:
     """1-based rank of each user's target item in the full catalogue, read from stored states.
 
@@ -147,6 +172,8 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
         target_index: ``(U,)`` index within each user of the event to predict (>= 1).
         top_k: if > 0, also return each user's ``top_k`` highest-scoring items (masked items excluded), e.g. 10
             for the top-10 overlap of fidelity; 0 (default) keeps the two-value return.
+        keep_last: truncates the written history (module docstring); the history mask still covers every
+            earlier event, as a serving fleet filters consumed items from its log, not from the model's memory.
     Returns:
         ``(U,)`` int64 ranks and the meters; with ``top_k > 0`` also ``(U, top_k)`` int64 item ids, best first.
     """
@@ -161,7 +188,7 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
         stop = target_index[users]
         start = np.maximum(0, stop - max_len)
         split = np.maximum(start, stop - append_events)
-        states = server.write(events(seqs, users, start, split))
+        states = server.write(events(seqs, users, _truncate(start, split, keep_last), split))
         tic = time.perf_counter()
         states = server.append(states, events(seqs, users, split, stop))
         scores = server.retrieve(states)
