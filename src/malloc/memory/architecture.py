@@ -42,6 +42,8 @@ class ArchitectureScheme:
     granularity: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     backbones: ClassVar[tuple[str, ...]] = ("hstu", "sasrec")
+    # False for schemes whose state size no knob sets (MQA, RWKV, ...): sweeps train them once, not per ratio
+    ratio_knob: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_ratio <= 1.0:
@@ -73,6 +75,11 @@ class ArchitectureScheme:
     def stored_keys(self, cfg: ModelConfig, history_len: int) -> float:
         """Stored keys a query reads after ``history_len`` events (default: all of them)."""
         return float(history_len)
+
+    def append_tokens(self, cfg: ModelConfig, history_len: int, new_events: int) -> float:
+        """Tokens the layers process when ``new_events`` events are appended after ``history_len`` (default: the
+        events; a scheme that adds tokens of its own, such as beacons when a chunk closes, counts them)."""
+        return float(new_events)
 
     def token_macs(self, cfg: ModelConfig) -> float:
         """Projection (and feed-forward) MACs of one token through all layers (default: the backbone's)."""

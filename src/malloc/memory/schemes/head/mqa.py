@@ -22,6 +22,7 @@ class MQA(ArchitectureScheme):
     name: ClassVar[str] = "mqa"
     granularity: ClassVar[str] = "head"
     summary: ClassVar[str] = "one key/value head shared by every query head (fixed ratio ~ 1/H)"
+    ratio_knob: ClassVar[bool] = False
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         return grouped_layer(cfg, 1)
