@@ -29,14 +29,16 @@ log = logging.getLogger("malloc.run")
 def training_identity(cfg: RunConfig) -> dict[str, Any]:
     """The parts of a config that determine the trained model (and so the run directory's hash).
 
-    A Native model's identity leaves out the scheme fields (at their defaults they change nothing), so runs
-    made before trained-in schemes existed keep their hash.
+    A Native model's identity leaves out the scheme fields (at their defaults they change nothing), and a real
+    data set's leaves out the synthetic generator's settings, so adding a field to either keeps other runs' hashes.
     """
-    model = to_dict(cfg.model)
+    model, data = to_dict(cfg.model), to_dict(cfg.data)
     if model["scheme"] == "native" and model["memory_ratio"] == 1.0 and not model["knobs"]:
         for key in ("scheme", "memory_ratio", "knobs"):
             del model[key]
-    return {"task": cfg.task, "data": to_dict(cfg.data), "model": model, "train": to_dict(cfg.train)}
+    if cfg.data.source != "synthetic":  # the generator's settings do not touch real data
+        del data["synthetic"]
+    return {"task": cfg.task, "data": data, "model": model, "train": to_dict(cfg.train)}
 
 
 def run_dir_for(cfg: RunConfig) -> RunDir:
