@@ -25,6 +25,8 @@ BAD_KNOBS: dict[str, dict | None] = {
     "mqa": None,
     "gqa": {"groups": 3},
     "mla": {"latent_dim": 0},
+    "reformer": {"buckets": 3},
+    "longformer": {"window": 0},
 }
 CASES = [(name, backbone) for name, cls in ARCHITECTURES.items() for backbone in cls.backbones]
 

@@ -16,6 +16,8 @@ from malloc.memory.schemes.precision.int8 import Int8
 from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
 from malloc.memory.schemes.reference.native import Native
+from malloc.memory.schemes.sequence.reformer import Reformer
+from malloc.memory.schemes.token_merge.longformer import Longformer
 from malloc.memory.schemes.token_prune.h2o import H2O
 from malloc.memory.schemes.token_prune.random_policy import Random
 from malloc.memory.schemes.token_prune.recency import Recency
@@ -42,4 +44,6 @@ ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
     MQA,
     GQA,
     MLA,
+    Reformer,
+    Longformer,
 )}
