@@ -11,6 +11,7 @@ import torch
 from malloc.memory.policy import LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import QuantizedLayer
 from malloc.memory.registry import WRAPPER, build_policy, describe, scheme_names, wrapper_names
+from malloc.memory.schemes import ARCHITECTURES
 from malloc.memory.state import LayerState
 from malloc.memory.wrappers import Compose, Pyramid, dense_layer, pyramid_ratios
 from malloc.models import Events, ModelConfig, build_model
@@ -170,7 +171,7 @@ def test_bad_wrapper_specs_raise_scheme_error(name, ratio, knobs, message):
 def test_describe_lists_wrappers_separately():
     rows = describe()
     names = [row.name for row in rows]
-    assert names == [*scheme_names(), *wrapper_names()]
+    assert names == [*scheme_names(), *ARCHITECTURES, *wrapper_names()]
     wrappers = [row for row in rows if row.family == WRAPPER]
     assert [row.name for row in wrappers] == ["pyramid", "compose"]
     assert wrappers[0].knobs == {"inner": None, "inner_knobs": {}, "beta": 20.0}
