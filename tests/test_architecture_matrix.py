@@ -27,6 +27,7 @@ BAD_KNOBS: dict[str, dict | None] = {
     "mla": {"latent_dim": 0},
     "reformer": {"buckets": 3},
     "longformer": {"window": 0},
+    "beacon": {"alpha": 0.5},
 }
 CASES = [(name, backbone) for name, cls in ARCHITECTURES.items() for backbone in cls.backbones]
 

@@ -41,6 +41,7 @@ class TokenBatch:
         timestamps: ``(B, T)`` int64 seconds.
         is_history: ``(B, T)`` bool, True for events that later tokens may see and that enter the state.
         valid: ``(B, T)`` bool, False for padding.
+        beacon: ``(B, T)`` bool, True for tokens a scheme added (Activation Beacon's beacons), or None (none).
     """
 
     items: torch.Tensor
@@ -49,6 +50,7 @@ class TokenBatch:
     timestamps: torch.Tensor
     is_history: torch.Tensor
     valid: torch.Tensor
+    beacon: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.is_history = self.is_history & self.valid
@@ -60,7 +62,8 @@ class TokenBatch:
     def slice(self, start: int, stop: int) -> TokenBatch:
         """Tokens ``start:stop`` along the time axis."""
         return TokenBatch(*(t[:, start:stop] for t in (self.items, self.actions, self.positions,
-                                                       self.timestamps, self.is_history, self.valid)))
+                                                       self.timestamps, self.is_history, self.valid)),
+                          beacon=None if self.beacon is None else self.beacon[:, start:stop])
 
 
 @dataclass

@@ -53,7 +53,8 @@ def _chunks(total: int, chunk: int | None) -> list[int]:
 
 
 def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candidates: int,
-                 candidate_chunk: int | None = None, catalogue: int = 0, scheme: Any = None) -> float:
+                 candidate_chunk: int | None = None, catalogue: int = 0, scheme: Any = None,
+                 history_len: int | None = None) -> float:
     """MACs of one cached request: append ``new_events`` to ``stored_tokens`` stored events, then read.
 
     Args:
@@ -65,13 +66,20 @@ def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candid
         candidate_chunk: candidates per micro-batch (None: all at once).
         catalogue: items scored by the retrieval read (``num_items + 1``; 0 for none).
         scheme: a trained-in architecture scheme (its own per-token and attention costs), or None (Native).
+        history_len: events stored before the request; with a scheme, the append processes
+            ``scheme.append_tokens`` tokens (events plus any tokens of its own) and candidates read
+            ``scheme.stored_keys(history_len + t)`` keys. None: the append processes its ``t`` events and adds
+            ``t`` keys.
     """
     per_token = token_macs(cfg) if scheme is None else scheme.token_macs(cfg)
     attend = partial(attention_macs, cfg) if scheme is None else partial(scheme.attention_macs, cfg)
-    t = new_events
+    t, after = new_events, stored_tokens + new_events  # tokens the append processes, keys stored after it
+    if scheme is not None and history_len is not None:
+        t = scheme.append_tokens(cfg, history_len, new_events)
+        after = scheme.stored_keys(cfg, history_len + new_events)
     macs = t * per_token + attend(t, stored_tokens + t)
     for size in _chunks(candidates, candidate_chunk):
-        macs += size * per_token + attend(size, stored_tokens + t + size) + size * cfg.dim
+        macs += size * per_token + attend(size, after + size) + size * cfg.dim
     return float(macs + catalogue * cfg.dim)
 
 

@@ -17,6 +17,7 @@ from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
 from malloc.memory.schemes.reference.native import Native
 from malloc.memory.schemes.sequence.reformer import Reformer
+from malloc.memory.schemes.token_merge.beacon import Beacon
 from malloc.memory.schemes.token_merge.longformer import Longformer
 from malloc.memory.schemes.token_prune.h2o import H2O
 from malloc.memory.schemes.token_prune.random_policy import Random
@@ -46,4 +47,5 @@ ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
     MLA,
     Reformer,
     Longformer,
+    Beacon,
 )}
