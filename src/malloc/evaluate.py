@@ -152,7 +152,8 @@ def model_meters(cfg: RunConfig, model: SequentialRecommender, view: CTRView | R
         "layer_bytes_mean": float(result.layer_bytes.mean()) if len(result.layer_bytes) else 0.0,
         "native_layer_bytes_mean": float(native.mean()) if len(native) else 0.0,
         "memory_ratio": _ratio(result.layer_bytes, native),
-        "macs_per_request": request_macs(cfg.model, keys, **shape, scheme=scheme),
+        "macs_per_request": request_macs(cfg.model, keys, **shape, scheme=scheme,
+                                         history_len=None if scheme is None else round(history)),
         "native_macs_per_request": request_macs(cfg.model, history, **shape),
         "recompute_macs_per_request": recompute_macs(cfg.model, round(history), shape["new_events"],
                                                      shape["candidates"], cfg.eval.prefill_chunk,
@@ -233,11 +234,7 @@ def retrieval_fidelity(ranks: np.ndarray, top: np.ndarray, native_ranks: np.ndar
     """
     overlap = np.array([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(top, native_top, strict=True)])
 
-    def gain(r: np.ndarray) -> np.ndarray:
-        r = np.asarray(r, dtype=np.float64)
-        return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
-
-    mean, std = _mean_std(gain(ranks) - gain(native_ranks))
+    mean, std = _mean_std(_ndcg_gain(ranks, k) - _ndcg_gain(native_ranks, k))
     return {f"top{k}_overlap_mean": float(overlap.mean()) if len(overlap) else float("nan"),
             "target_rank_spearman": spearman(ranks, native_ranks),
             f"ndcg@{k}_delta_mean": mean, f"ndcg@{k}_delta_std": std}
@@ -331,16 +328,49 @@ def evaluate_scheme(cfg: RunConfig, model: SequentialRecommender, view: CTRView 
             cfg.model, round(native_stored), shape["new_events"], shape["candidates"], cfg.eval.prefill_chunk,
             shape["candidate_chunk"], shape["catalogue"]),
         "macs_request_shape": shape,
+        "threads": torch.get_num_threads(),
     }
-    if isinstance(view, CTRView):
-        rows = view.split(split)
-        assert result.logits is not None and native.logits is not None
-        fidelity = ctr_fidelity(rows.user, rows.label, result.logits, native.logits)
-    else:
-        assert result.ranks is not None and native.ranks is not None
-        fidelity = retrieval_fidelity(result.ranks, result.top, native.ranks, native.top)
     return {
         "scheme": scheme, "knobs": knobs, "policy": repr(policy), "memory_ratio_target": policy.memory_ratio,
         "split": split, "task": cfg.task, "eval": to_dict(cfg.eval), "metrics": result.metrics,
-        "native": {"metrics": native.metrics, "meters": native.meters}, "meters": meters, "fidelity": fidelity,
+        "native": {"metrics": native.metrics, "meters": native.meters}, "meters": meters,
+        "fidelity": fidelity(view, split, result, native), "per_user": per_user_delta(view, split, result, native),
     }
+
+
+def fidelity(view: CTRView | RetrievalView, split: str, result: Replay, native: Replay) -> dict[str, float]:
+    """Agreement of a replay with Native's replay of the same split (:func:`ctr_fidelity`,
+    :func:`retrieval_fidelity`)."""
+    if isinstance(view, CTRView):
+        rows = view.split(split)
+        assert result.logits is not None and native.logits is not None
+        return ctr_fidelity(rows.user, rows.label, result.logits, native.logits)
+    assert result.ranks is not None and native.ranks is not None
+    return retrieval_fidelity(result.ranks, result.top, native.ranks, native.top)
+
+
+def per_user_delta(view: CTRView | RetrievalView, split: str, result: Replay, native: Replay) -> dict[str, Any]:
+    """Each user's metric under ``result`` minus Native's (the pairs of a paired test, :mod:`malloc.bench.stats`).
+
+    Returns:
+        ``{"metric", "users", "delta"}``: CTR: ``user_auc`` (the user's GAUC term), users = the split's users
+        sorted, delta NaN for a user with one label class; retrieval: ``ndcg@{FIDELITY_TOP_K}``, users = every
+        user id. ``users`` and ``delta`` are lists of the same length.
+    """
+    if isinstance(view, CTRView):
+        rows = view.split(split)
+        labels = np.asarray(rows.label).astype(np.int8)
+        assert result.logits is not None and native.logits is not None
+        scheme_auc, _, _ = _grouped_auc(np.asarray(rows.user), labels, np.asarray(result.logits, dtype=np.float64))
+        native_auc, _, _ = _grouped_auc(np.asarray(rows.user), labels, np.asarray(native.logits, dtype=np.float64))
+        return {"metric": "user_auc", "users": np.unique(rows.user).tolist(),
+                "delta": (scheme_auc - native_auc).tolist()}
+    assert result.ranks is not None and native.ranks is not None
+    delta = _ndcg_gain(result.ranks, FIDELITY_TOP_K) - _ndcg_gain(native.ranks, FIDELITY_TOP_K)
+    return {"metric": f"ndcg@{FIDELITY_TOP_K}", "users": list(range(len(delta))), "delta": delta.tolist()}
+
+
+def _ndcg_gain(ranks: np.ndarray, k: int) -> np.ndarray:
+    """``(U,)`` NDCG@k of one relevant item at 1-based ``ranks``."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
