@@ -25,6 +25,8 @@ BAD_KNOBS: dict[str, dict | None] = {
     "mqa": None,
     "gqa": {"groups": 3},
     "mla": {"latent_dim": 0},
+    "linformer": {"rows": 0},
+    "rwkv": None,
     "reformer": {"buckets": 3},
     "longformer": {"window": 0},
     "beacon": {"alpha": 0.5},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.policy import CachePolicy
+from malloc.memory.schemes.architecture.rwkv import RWKV
 from malloc.memory.schemes.head.gqa import GQA
 from malloc.memory.schemes.head.mla import MLA
 from malloc.memory.schemes.head.mqa import MQA
@@ -16,6 +17,7 @@ from malloc.memory.schemes.precision.int8 import Int8
 from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
 from malloc.memory.schemes.reference.native import Native
+from malloc.memory.schemes.sequence.linformer import Linformer
 from malloc.memory.schemes.sequence.reformer import Reformer
 from malloc.memory.schemes.token_merge.beacon import Beacon
 from malloc.memory.schemes.token_merge.longformer import Longformer
@@ -45,7 +47,9 @@ ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
     MQA,
     GQA,
     MLA,
+    Linformer,
     Reformer,
     Longformer,
     Beacon,
+    RWKV,
 )}
