@@ -38,6 +38,9 @@ class Server:
         if self.policy.name != "native" and own_state:
             raise SchemeError(f"{self.policy.name}: training-free policies act on plain per-event keys and values; "
                               f"scheme {model.cfg.scheme!r} stores a state of its own ({own_state[0]})")
+        if renormalise and own_state:
+            raise SchemeError(f"eval.hstu_normaliser=kept rescales stored per-event contributions; scheme "
+                              f"{model.cfg.scheme!r} stores a state of its own ({own_state[0]})")
         self.prefill_chunk = prefill_chunk
         self.candidate_chunk = candidate_chunk
         self.renormalise = renormalise
