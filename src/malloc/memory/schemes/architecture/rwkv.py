@@ -379,6 +379,7 @@ class RWKV(ArchitectureScheme):
     name: ClassVar[str] = "rwkv"
     granularity: ClassVar[str] = "architecture"
     summary: ClassVar[str] = "RWKV-v4 recurrence in place of attention: a constant 4D-5D floats per layer"
+    ratio_knob: ClassVar[bool] = False
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         return HSTURWKVLayer(cfg) if cfg.backbone == "hstu" else SASRecRWKVLayer(cfg)

@@ -163,6 +163,7 @@ class Reformer(ArchitectureScheme):
     name: ClassVar[str] = "reformer"
     granularity: ClassVar[str] = "sequence"
     summary: ClassVar[str] = "LSH attention, shared QK, n_hashes rounds (stores every key: ratio 1)"
+    ratio_knob: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
