@@ -58,7 +58,8 @@ def latency(cfg, history_len: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", required=True)
-    parser.add_argument("--schemes", default=",".join(["native", *ARCHITECTURES]))
+    parser.add_argument("--schemes", default=",".join(["native", *ARCHITECTURES]),
+                        help="comma-separated; NAME@R trains NAME at ratio R only (e.g. gqa@1/2)")
     parser.add_argument("--ratios", default="1/4", help="comma-separated target ratios (schemes with a knob)")
     parser.add_argument("--layers", default="2,8", help="depths; the first is the main table's")
     parser.add_argument("--latency-history", type=int, default=1024, help="history length of the timed request")
@@ -77,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                   + [f"{metric_title} @ {d} layers" for d in depths[1:]])
         lines = [f"**{config}** ({task}; {depths[0]} layers unless said)", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for scheme in schemes:
+        for entry in schemes:
+            scheme, _, own_ratio = entry.partition("@")
             cls = ARCHITECTURES.get(scheme)
-            for ratio in (ratios if cls is not None and cls.ratio_knob else ratios[:1]):
+            for ratio in ([own_ratio] if own_ratio else ratios if cls is not None and cls.ratio_knob else ratios[:1]):
                 value = 1.0 if scheme == "native" else parse_ratio(ratio)
                 cells, main_cfg = [], None
                 for depth in depths:
