@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make bench   create .venv if missing, install, run the default benchmark (MovieLens-100K)
+#   make bench   create .venv if missing, install, run the default suite (MovieLens-100K) and its report
 #   make test    same set-up, then the whole test suite and the linter
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ DATA_CACHE ?= $(or $(MALLOC_DATA_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/m
 export MALLOC_DATA_CACHE := $(DATA_CACHE)
 DSLABS := $(DATA_CACHE)/dslabs/.unpacked
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test bench results lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,17 @@ test: setup
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# the default suite (configs/suites/default.yaml, under 30 min on 2 cores), then its report:
+# results/default/report/index.html (and index.md, Pareto plots)
 bench: setup
-	$(VENV)/bin/malloc bench
+	$(VENV)/bin/malloc bench --suite default
+	$(VENV)/bin/malloc report results/default
+
+# docs/RESULTS.md and docs/report/ from the default and the long suite (the long suite takes hours on a CPU)
+results: setup
+	$(VENV)/bin/malloc bench --suite default
+	$(VENV)/bin/malloc bench --suite long
+	$(VENV)/bin/malloc report results/default results/long --out docs/report --markdown docs/RESULTS.md
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

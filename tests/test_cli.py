@@ -15,6 +15,7 @@ from malloc.runner import build_view, run, run_dir_for
 from malloc.train import train
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+SUITES = Path(__file__).resolve().parents[1] / "configs" / "suites"
 
 
 def smoke(tmp_path: Path, *overrides: str):
@@ -100,18 +101,19 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys, args, message):
     assert err.startswith("malloc ") and message in err and "\n" not in err
 
 
-def test_bench_runs_every_config_of_a_folder(tmp_path, capsys):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    text = Path(SMOKE).read_text()
-    (configs / "a.yaml").write_text(text)
-    (configs / "b.yaml").write_text(text.replace("task: ctr", "task: retrieval"))
-    assert main(["bench", "--configs", str(configs), "--quiet", "--set", f"results_dir={tmp_path / 'res'}"]) == 0
-    out = capsys.readouterr().out
-    assert "| hstu | ctr |" in out and "| hstu | retrieval |" in out
-    assert (tmp_path / "res" / "default-job.md").read_text().strip() == out.strip()
+def test_bench_runs_a_suite_file_and_skips_it_when_done(tmp_path, capsys):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(Path(SUITES / "smoke.yaml").read_text().replace("name: smoke", "name: tiny")
+                     .replace("schemes: [recency, h2o, int8, gqa]", "schemes: [recency]")
+                     .replace("ratios: [1/2, 1/4]", "ratios: [1/2]").replace("  retrieval: {}\n", ""))
+    args = ["bench", "--suite", str(suite), "--results", str(tmp_path / "res"), "--quiet"]
+    assert main(args) == 0
+    assert "2 run, 0 already done, 0 failed" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "0 run, 2 already done" in capsys.readouterr().out
 
 
-def test_bench_without_configs_is_an_error(tmp_path, capsys):
-    assert main(["bench", "--configs", str(tmp_path)]) == 2
-    assert "no run configs" in capsys.readouterr().err
+def test_bench_suite_with_a_wrong_key_is_an_error(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("name: bad\nseed: [1]\n")
+    assert main(["bench", "--suite", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown key 'seed'" in capsys.readouterr().err

@@ -114,3 +114,62 @@ def test_load_dataset_synthetic() -> None:
 def test_bad_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"SyntheticConfig\.{field} "):
         SyntheticConfig(**{field: value})
+
+
+# -- presets ---------------------------------------------------------------------------------------------------------
+def test_presets_fill_the_fields_left_at_their_defaults() -> None:
+    from malloc.data.sources.synthetic import PRESETS
+
+    assert SyntheticConfig(preset="default") == SyntheticConfig()
+    cfg = SyntheticConfig(preset="long-range", num_users=7)
+    assert cfg.num_users == 7  # set explicitly: kept
+    assert (cfg.label_rule, cfg.interests_per_user, cfg.num_topics) == ("affinity", 32, 64)  # from the preset
+    for name, values in PRESETS.items():
+        resolved = SyntheticConfig(preset=name)
+        assert all(getattr(resolved, key) == value for key, value in values.items()), name
+        assert dataclasses.replace(resolved, num_users=5).preset == name  # replace keeps the resolved values
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.preset must be one of default, long-range"):
+        SyntheticConfig(preset="medium")
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.label_rule must be one of"):
+        SyntheticConfig(label_rule="likes")
+    with pytest.raises(ValueError, match=r"SyntheticConfig\.topic_stickiness must be in \[0, 1\)"):
+        SyntheticConfig(topic_stickiness=1.0)
+
+
+def _coverage(cfg: SyntheticConfig, window: int) -> float:
+    """Share of events whose label evidence lies within the last ``window`` events (among events past the first
+    ``window``, so that every one has a full window behind it)."""
+    from malloc.data.sources.synthetic import evidence_distance
+
+    ds, truth = generate_with_truth(cfg)
+    seqs = ds.sequences
+    distance = evidence_distance(ds, truth, cfg)
+    position = np.arange(seqs.num_events) - np.repeat(seqs.offsets[:-1], seqs.lengths)
+    late = position >= 256
+    return float(np.mean((distance[late] > 0) & (distance[late] <= window)))
+
+
+def test_long_range_preset_plants_what_its_docstring_says() -> None:
+    cfg = SyntheticConfig(preset="long-range", num_users=60, seed=1)
+    ds, truth = generate_with_truth(cfg)
+    seqs = ds.sequences
+    user = np.repeat(np.arange(seqs.num_users), seqs.lengths)
+    topic = truth.item_topic[seqs.items]
+    assert truth.likes is not None and not truth.is_recall.any()
+    assert np.array_equal(truth.clean_labels, truth.likes[user, topic].astype(np.int8))  # affinity labels
+    assert np.mean(seqs.labels != truth.clean_labels) == pytest.approx(0.05, abs=0.01)
+    assert max(len(np.unique(topic[user == u])) for u in range(seqs.num_users)) == 32  # 32 interests each
+    for window in (8, 32, 128):  # 1 - (31/32) ** w: 22%, 64%, 98%
+        assert _coverage(cfg, window) == pytest.approx(1 - (31 / 32) ** window, abs=0.02)
+
+
+def test_short_and_reconsume_presets() -> None:
+    short = SyntheticConfig(preset="short", num_users=60, seed=1)
+    assert _coverage(short, 1) == pytest.approx(0.9, abs=0.02)  # the previous event, 90% of the time
+    assert _coverage(short, 256) - _coverage(short, 8) < 0.05  # older events add little
+    reconsume = SyntheticConfig(preset="reconsume", num_users=60, seed=1)
+    ds, truth = generate_with_truth(reconsume)
+    assert np.array_equal(truth.clean_labels, truth.is_recall.astype(np.int8))  # positives are re-consumptions
+    late = (np.arange(ds.sequences.num_events) - np.repeat(ds.sequences.offsets[:-1], ds.sequences.lengths)) >= 32
+    assert truth.is_recall[late].mean() == pytest.approx(0.3, abs=0.02)
+    assert _coverage(reconsume, 31) < 0.02  # no recall source within the last 31 events (only chance repeats)

@@ -1,4 +1,4 @@
-"""The ``malloc`` command: train, eval, bench, data, methods.
+"""The ``malloc`` command: train, eval, bench, data, methods, sensitivity.
 
 Every command takes ``--config FILE`` (YAML under ``configs/``) and any number of ``--set key.sub=value``
 overrides. User errors (bad config key, bad data file, missing checkpoint, unknown scheme or knob) print one line
@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from malloc.configio import ConfigError
@@ -210,9 +211,47 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from malloc.bench.default_job import run_default_job
+    """``malloc bench --suite NAME``: run a suite (configs/suites/NAME.yaml) into <results>/<NAME>/."""
+    from malloc.bench.suite import load_suite
+    from malloc.bench.sweep import SuiteRunner
 
-    print(run_default_job(args.configs, force=args.force, overrides=args.overrides, show_progress=not args.quiet))
+    paths = {}
+    for pair in args.data:
+        label, sep, path = pair.partition("=")
+        if not sep or not label or not path:
+            raise ConfigError(f"--data expects NAME=PATH, got {pair!r}")
+        paths[label] = path
+    spec = load_suite(args.suite)
+    runner = SuiteRunner(spec, args.results, force=args.force, data_paths=paths, show_progress=not args.quiet,
+                         command=" ".join(["malloc", *(args.argv or [])]))
+    print(f"suite {spec.name}: {len(runner.items)} items -> {runner.out_dir}")
+    outcome = runner.run()
+    print(f"suite {spec.name}: {outcome.ran} run, {outcome.skipped} already done, {len(outcome.failed)} failed "
+          f"({outcome.seconds / 60:.1f} min); report: malloc report {outcome.out_dir}")
+    for item, error in outcome.failed.items():
+        print(f"  failed: {item}: {error}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``malloc report DIR...``: index.md, index.html and Pareto plots from suite results files."""
+    from malloc.bench.report import build_report
+
+    path = build_report(args.folders, out=args.out, markdown=args.markdown,
+                        command=" ".join(["malloc", *(args.argv or [])]))
+    print(f"wrote {path} and {path.with_name('index.md')}" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from malloc.sensitivity import format_table, sensitivity, sensitivity_config, sensitivity_path
+
+    cfg = sensitivity_config(args.dataset, args.task, path=args.path, config=args.config, overrides=args.overrides)
+    result = sensitivity(cfg, split=args.split, resamples=args.bootstrap, seed=args.seed, force=args.force,
+                         show_progress=not args.quiet)
+    print(format_table(result), end="")
+    path = sensitivity_path(Path(cfg.results_dir) / result["run_id"], args.split)
+    print(f"wrote {path} (and {path.with_suffix('.md').name}, {path.with_suffix('.png').name})")
     return 0
 
 
@@ -258,18 +297,42 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("bench", help="the default job: HSTU and SASRec on MovieLens-100K, CTR and retrieval")
-    p.add_argument("--configs", default="configs/bench", help="folder of run configs (default: configs/bench)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every run config")
-    p.add_argument("--force", action="store_true", help="rerun even if results exist")
+    p = sub.add_parser("sensitivity", help="memory-sensitivity curve: Native served with its history truncated to "
+                                          "1/2 .. 1/64 and to fixed lengths, next to trivial anchors")
+    p.add_argument("dataset", help="data source (as in `malloc data stats`), or synthetic:<preset> (long-range, "
+                                   "reconsume, short, default)")
+    p.add_argument("--task", choices=["ctr", "retrieval"], default="ctr", help="default: ctr")
+    p.add_argument("--path", help="file or directory for sources that are not embedded (data.path)")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="per-user bootstrap resamples (200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (0)")
+    p.add_argument("--force", action="store_true", help="recompute the curve even if its result exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _config_args(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("bench", help="run a benchmark suite (configs/suites/NAME.yaml): every scheme at every "
+                                     "ratio, resumable")
+    p.add_argument("--suite", default="default",
+                   help="suite name under configs/suites/ or a YAML path (default: default; also smoke, paper, long)")
+    p.add_argument("--results", default="results", help="results root; the suite writes <results>/<suite>/")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="path of a suite data set that needs one (e.g. --data microvideo=~/data/MicroVideo1.7M_x1)")
+    p.add_argument("--force", action="store_true", help="rerun every item and retrain every run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write the report (Markdown, one-file HTML, Pareto plots) of suite results")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="suite results folder(s), e.g. results/default")
+    p.add_argument("--out", help="output folder (default: <first DIR>/report)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the Markdown here (e.g. docs/RESULTS.md)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by bench and report
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -61,6 +61,9 @@ class TrainConfig:
             negatives shared by the batch.
         threads: torch intra-op threads (0 = leave torch's default).
         max_train_users: 0 = all; else train on the first k users only (smoke runs).
+        window: training window in events (0 = ``model.max_len``). A shorter window trains long-history models
+            (serving writes up to ``model.max_len`` events) at the cost of ``window``-long attention; HSTU's
+            normaliser stays ``model.max_len``, and relative distances beyond the window keep their initial bias.
     """
 
     epochs: int = 20
@@ -72,6 +75,7 @@ class TrainConfig:
     negatives: int = 0
     threads: int = 0
     max_train_users: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -79,7 +83,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("negatives", "threads", "max_train_users"):
+        for name in ("negatives", "threads", "max_train_users", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

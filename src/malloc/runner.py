@@ -1,7 +1,8 @@
 """One run end to end: data -> task view -> train -> evaluate the test split through the serving path -> results.
 
-``results/<name>-<hash>/`` holds ``config.yaml``, ``best.pt``, ``last.pt``, ``metrics.json``, ``meters.json`` and,
-written last, ``done.json``. The hash covers what determines the trained model (task, data, model, train), so
+``results/<name>-<hash>/`` holds ``config.yaml``, ``best.pt``, ``last.pt``, ``metrics.json``, ``meters.json``,
+``schemes/native-predictions-test.npz`` (the test replay's per-user predictions and bytes) and, written last,
+``done.json``. The hash covers what determines the trained model (task, data, model, train), so
 changing only evaluation settings re-evaluates the same checkpoint instead of retraining.
 """
 
@@ -19,7 +20,7 @@ from malloc.config import RunConfig
 from malloc.configio import to_dict
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
-from malloc.evaluate import evaluate
+from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
 from malloc.models import SequentialRecommender, build_model
 from malloc.train import train
 
@@ -30,7 +31,8 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
     """The parts of a config that determine the trained model (and so the run directory's hash).
 
     A Native model's identity leaves out the scheme fields (at their defaults they change nothing), and a real
-    data set's leaves out the synthetic generator's settings, so adding a field to either keeps other runs' hashes.
+    data set's leaves out the synthetic generator's settings, and ``train.window`` at its default is left out, so
+    adding a field to any of them keeps other runs' hashes.
     """
     model, data = to_dict(cfg.model), to_dict(cfg.data)
     if model["scheme"] == "native" and model["memory_ratio"] == 1.0 and not model["knobs"]:
@@ -38,7 +40,10 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
             del model[key]
     if cfg.data.source != "synthetic":  # the generator's settings do not touch real data
         del data["synthetic"]
-    return {"task": cfg.task, "data": data, "model": model, "train": to_dict(cfg.train)}
+    train = to_dict(cfg.train)
+    if train["window"] == 0:  # the default window (model.max_len)
+        del train["window"]
+    return {"task": cfg.task, "data": data, "model": model, "train": train}
 
 
 def run_dir_for(cfg: RunConfig) -> RunDir:
@@ -78,7 +83,11 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
     try:
         view = build_view(cfg)
         model, trained = train(cfg, view, run_dir.root, show_progress=show_progress)
-        result = evaluate(cfg, model, view, "test")
+        # saved as the run's policy-free test replay, which schemes and suites compare against
+        replayed = replay(cfg, model, view, "test")
+        replayed.save(native_predictions_path(run_dir.root, "test"), native_identity(cfg, "test"))
+        result = {"metrics": replayed.metrics,
+                  "meters": {**replayed.meters, **model_meters(cfg, model, view, "test", replayed)}}
     except Exception as exc:
         run_dir.record_error(exc)
         raise

@@ -35,14 +35,16 @@ def seed_everything(seed: int) -> None:
 
 
 def training_windows(view: CTRView | RetrievalView, cfg: RunConfig) -> list[Window]:
-    """The training windows of a view (see :mod:`malloc.data.tasks`)."""
+    """The training windows of a view (see :mod:`malloc.data.tasks`), ``train.window`` (default ``model.max_len``)
+    events long at most."""
+    window = min(cfg.train.window or cfg.model.max_len, cfg.model.max_len)
     if isinstance(view, CTRView):
         train = view.split("train")
         ends = np.zeros(view.sequences.num_users, dtype=np.int64)
         np.maximum.at(ends, train.user, train.history_len)
-        found = windows(ends, cfg.model.max_len)
+        found = windows(ends, window)
     else:
-        found = windows(view.train_ends(), cfg.model.max_len, overlap=1)
+        found = windows(view.train_ends(), window, overlap=1)
         found = [w for w in found if w.stop - w.start >= 2]
     if cfg.train.max_train_users:
         found = [w for w in found if w.user < cfg.train.max_train_users]

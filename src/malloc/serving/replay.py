@@ -33,7 +33,6 @@ from malloc.eval.metrics import target_ranks
 from malloc.memory.state import UserState
 from malloc.serving.server import Server
 
-
 KeepLast = Callable[[np.ndarray], np.ndarray]
 
 

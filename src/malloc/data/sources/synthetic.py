@@ -17,13 +17,41 @@ What is planted (everything drawn from one ``numpy.random.default_rng(seed)``, s
   favourite_prob``: a Zipf item of one of the favourite topics (uniform); otherwise (including a recall
   draw too early in the history to recall) an **active** event: a Zipf item of one of the current active
   topics (uniform slot).
-* **Labels.** ``1`` if the item's topic is a favourite topic of the user, or the event is a recall; else 0.
-  Each label is then flipped with probability ``label_noise``. So a CTR model that knows the user's
-  favourites (spread over the whole history) and which items the user consumed long ago predicts the
-  labels; the recent, drifting interests alone do not.
+* **Sticky topics** (``topic_stickiness``, 0 by default). Before the item is drawn, an event after the first
+  repeats the previous event's topic with probability ``topic_stickiness`` (bursts of mean length
+  ``1 / (1 - topic_stickiness)``); otherwise its topic is drawn as above.
+* **Labels** (``label_rule``). ``"favourites"`` (default): ``1`` if the item's topic is a favourite topic of the
+  user, or the event is a recall; else 0. So a CTR model that knows the user's favourites (spread over the
+  whole history) and which items the user consumed long ago predicts the labels; the recent, drifting
+  interests alone do not. ``"affinity"``: every user likes each topic independently with probability
+  ``like_prob`` (fixed for the whole history); ``1`` if the user likes the item's topic, or the event is a
+  recall. The evidence for a row is then the label of the user's last event of the same topic, however far
+  back. ``"recall"``: ``1`` iff the event is a recall. Each label is then flipped with probability
+  ``label_noise``.
 * **Timestamps.** Int64 seconds; a user starts at ``1_600_000_000`` plus up to 30 days; each later event
   follows after ``1 + Exponential(mean_gap_seconds)`` seconds (floored), plus, with probability
   ``break_prob``, a break of 1 to 14 days (uniform). Timestamps strictly increase within a user.
+
+**Presets** (``preset``; :data:`PRESETS`) are named settings whose long-range dependence is known by
+construction; a preset sets every field left at its class default (so a field set explicitly to its class default
+takes the preset's value). The evidence a truncated memory loses is computed exactly by :func:`evidence_within`.
+
+* ``default``: the settings above (favourite topics, drifting interests, recalls at least 256 events back).
+* ``long-range``: *interests that recur long after*. Each user has 32 interest topics (of 64; 4 items each,
+  Zipf within the topic), fixed, and every event draws one uniformly, so a topic comes back after 32 events on
+  average (geometric, a tail of hundreds); labels follow the user's fixed like or dislike of the topic
+  (``affinity``). The last event of the same topic lies within the most recent ``w`` events with probability
+  ``1 - (31/32) ** w``: 22% for ``w = 8``, 64% for ``w = 32``, 98% for ``w = 128``. No favourites, no recalls,
+  no drift; 5% label noise; histories of 128 to 512 events.
+* ``reconsume``: *re-consumption of items seen long ago*. 30% of events (from the 32nd on) re-consume an item the
+  user consumed at least 32 events earlier (uniform over the earlier events), and only those are positives
+  (``recall``); fresh items come from 100,000 items without popularity skew, so a fresh item repeats an earlier
+  one only rarely. A memory of the last ``n / 16`` events (at most 32 for histories of up to 512) never holds
+  the source of a recall.
+* ``short``: *recent events carry almost all the signal*. Topics come in bursts (stickiness 0.9, mean length
+  10) drawn uniformly from all 64 topics, labels follow the user's like or dislike of the topic (``affinity``):
+  the previous event, one step back, is the evidence for 90% of the events; only a burst's first event needs an
+  older one. 5% label noise; histories of 128 to 512 events.
 
 :func:`generate_with_truth` also returns what was planted (:class:`SyntheticTruth`), for tests and analysis.
 """
@@ -32,7 +60,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +69,19 @@ from malloc.data.sequences import Dataset, Sequences
 
 _DAY = 86_400
 _START_TIME = 1_600_000_000
+LABEL_RULES = ("favourites", "affinity", "recall")
+_SHARED_PRESET = {"favourite_prob": 0.0, "recall_prob": 0.0, "drift_rate": 0.0, "label_noise": 0.05,
+                  "min_len": 128, "max_len": 512}
+# Named settings (see the module docstring); each sets the fields left at their class defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "long-range": {**_SHARED_PRESET, "label_rule": "affinity", "num_items": 256, "num_topics": 64,
+                   "interests_per_user": 32},
+    "reconsume": {**_SHARED_PRESET, "label_rule": "recall", "num_items": 100_000, "zipf_exponent": 0.0,
+                  "recall_prob": 0.3, "recall_min_gap": 32},
+    "short": {**_SHARED_PRESET, "label_rule": "affinity", "num_items": 256, "num_topics": 64,
+              "interests_per_user": 64, "topic_stickiness": 0.9},
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +104,10 @@ class SyntheticConfig:
         mean_gap_seconds: mean of the exponential time gap between events (> 0).
         break_prob: per-event probability of a 1-14 day break ([0, 1]).
         seed: seed of the random generator (>= 0).
+        topic_stickiness: per-event probability of repeating the previous event's topic ([0, 1)).
+        label_rule: "favourites", "affinity" or "recall" (module docstring).
+        like_prob: affinity rule: probability that a user likes a topic ([0, 1]).
+        preset: a name from :data:`PRESETS`; it sets the fields left at their class defaults.
     """
 
     num_users: int = 1000
@@ -80,9 +126,25 @@ class SyntheticConfig:
     mean_gap_seconds: float = 3600.0
     break_prob: float = 0.01
     seed: int = 0
+    topic_stickiness: float = 0.0
+    label_rule: str = "favourites"
+    like_prob: float = 0.5
+    preset: str = "default"
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"SyntheticConfig.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for name, value in PRESETS[self.preset].items():
+            default = next(f.default for f in fields(self) if f.name == name)
+            assert default is not MISSING
+            if getattr(self, name) == default:
+                object.__setattr__(self, name, value)
+        if self.label_rule not in LABEL_RULES:
+            raise ValueError(f"SyntheticConfig.label_rule must be one of {', '.join(LABEL_RULES)}, "
+                             f"got {self.label_rule!r}")
         for f in fields(self):
+            if f.name in ("label_rule", "preset"):
+                continue
             value = getattr(self, f.name)
             integral = f.type in ("int", int)
             kind = numbers.Integral if integral else numbers.Real
@@ -108,6 +170,8 @@ class SyntheticConfig:
         self._check("mean_gap_seconds", self.mean_gap_seconds > 0, "> 0")
         self._check("break_prob", 0 <= self.break_prob <= 1, "in [0, 1]")
         self._check("seed", self.seed >= 0, ">= 0")
+        self._check("topic_stickiness", 0 <= self.topic_stickiness < 1, "in [0, 1)")
+        self._check("like_prob", 0 <= self.like_prob <= 1, "in [0, 1]")
 
     def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -125,6 +189,7 @@ class SyntheticTruth:
         recall_source: ``(E,)`` int64 flat index of the event a recall copies (``-1`` otherwise); it belongs
             to the same user and lies at least ``recall_min_gap`` events earlier.
         clean_labels: ``(E,)`` int8 labels before the noise flips.
+        likes: ``(U, num_topics)`` bool topics each user likes (affinity rule), else None.
     """
 
     item_topic: np.ndarray
@@ -132,6 +197,7 @@ class SyntheticTruth:
     is_recall: np.ndarray
     recall_source: np.ndarray
     clean_labels: np.ndarray
+    likes: np.ndarray | None = None
 
 
 def generate(cfg: SyntheticConfig) -> Dataset:
@@ -157,6 +223,9 @@ def generate_with_truth(cfg: SyntheticConfig) -> tuple[Dataset, SyntheticTruth]:
     is_favourite = ~is_recall & (draw >= cfg.recall_prob) & (draw < cfg.recall_prob + cfg.favourite_prob)
     favourite_pick = favourites[user, rng.integers(0, cfg.favourite_topics, len(user))]
     topic = np.where(is_favourite, favourite_pick, _active_topics(rng, cfg, user, position, initial_active))
+    if cfg.topic_stickiness > 0:  # drawn only when used, so the default stream stays as it was
+        stay = (rng.random(len(user)) < cfg.topic_stickiness) & (position > 0)
+        topic = topic[_resolve_copies(np.where(stay, np.arange(len(user)) - 1, -1))]
     fresh_item = _zipf_items(rng, topic, topic_items, topic_cdf, topic_start)
 
     recall_source = np.full(len(user), -1, dtype=np.int64)
@@ -165,8 +234,15 @@ def generate_with_truth(cfg: SyntheticConfig) -> tuple[Dataset, SyntheticTruth]:
     ).astype(np.int64)
     items = fresh_item[_resolve_copies(recall_source)]
 
-    is_fav_topic = (favourites[user] == item_topic[items][:, None]).any(axis=1)
-    clean = (is_fav_topic | is_recall).astype(np.int8)
+    likes = None
+    if cfg.label_rule == "favourites":
+        positive = (favourites[user] == item_topic[items][:, None]).any(axis=1)
+    elif cfg.label_rule == "affinity":
+        likes = rng.random((cfg.num_users, cfg.num_topics)) < cfg.like_prob
+        positive = likes[user, item_topic[items]]
+    else:
+        positive = np.zeros(len(user), dtype=bool)
+    clean = (positive | is_recall).astype(np.int8)
     labels = clean ^ (rng.random(len(user)) < cfg.label_noise).astype(np.int8)
     timestamps = _timestamps(rng, cfg, offsets, user, position)
 
@@ -180,7 +256,7 @@ def generate_with_truth(cfg: SyntheticConfig) -> tuple[Dataset, SyntheticTruth]:
         user_ids=np.arange(cfg.num_users, dtype=np.int64),
         item_ids=np.arange(cfg.num_items + 1, dtype=np.int64),
     )
-    truth = SyntheticTruth(item_topic, favourites, is_recall, recall_source, clean)
+    truth = SyntheticTruth(item_topic, favourites, is_recall, recall_source, clean, likes)
     return Dataset(sequences), truth
 
 
@@ -291,3 +367,23 @@ def _timestamps(
     elapsed -= elapsed[offsets[:-1]][user]  # per-user running time since the user's first event
     start = _START_TIME + rng.integers(0, 30 * _DAY, cfg.num_users)
     return start[user] + elapsed
+
+
+def evidence_distance(ds: Dataset, truth: SyntheticTruth, cfg: SyntheticConfig) -> np.ndarray:
+    """``(E,)`` int64 events back to the evidence for each event's label, ``-1`` where the history holds none.
+
+    The evidence is the user's most recent earlier event of the same topic (labels ``favourites`` and
+    ``affinity``: its label reveals whether the user likes the topic) or of the same item (``recall``: a
+    re-consumption). A memory of the last ``w`` events holds the evidence of an event iff ``0 < distance <= w``.
+    """
+    seqs = ds.sequences
+    user = np.repeat(np.arange(seqs.num_users), seqs.lengths)
+    position = np.arange(seqs.num_events, dtype=np.int64) - seqs.offsets[user]
+    key = seqs.items if cfg.label_rule == "recall" else truth.item_topic[seqs.items]
+    order = np.lexsort((position, key, user))
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (user[order][1:] == user[order][:-1]) & (key[order][1:] == key[order][:-1])
+    distance = np.full(len(order), -1, dtype=np.int64)
+    gaps = np.diff(position[order])
+    distance[order[1:][same[1:]]] = gaps[same[1:]]
+    return distance

@@ -1,0 +1,51 @@
+"""Calibration of the synthetic presets: Native with its full history against its most recent 1/16, per seed.
+
+The CTR run of :func:`malloc.sensitivity.calibration_config` (the one ``tests/test_sensitivity.py`` runs with seed 0)
+for each preset and seed; prints GAUC and AUC at the full history and at 1/16, the delta, and its paired per-user
+bootstrap standard error. The spread of the deltas over seeds is the run-to-run noise the test's margins must
+clear (docs/DATASETS.md). Example::
+
+    python benchmarks/calibrate_presets.py --presets long-range,short --seeds 0,1,2 --results /tmp/calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+
+from malloc.sensitivity import Truncation, calibration_config, sensitivity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="long-range,short", help="comma-separated presets")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, init and shuffling)")
+    parser.add_argument("--users", type=int, default=64, help="synthetic users (64, as in the test)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (8, as in the test)")
+    parser.add_argument("--results", default="results/calibration", help="results folder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print("preset      seed  gauc full  gauc 1/16  delta +- se      auc full  auc 1/16  delta +- se      seconds")
+    for preset in args.presets.split(","):
+        deltas = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            tic = time.perf_counter()
+            cfg = calibration_config(preset, seed, args.results, users=args.users, epochs=args.epochs)
+            result = sensitivity(cfg, points=[Truncation(), Truncation(fraction=16)], resamples=200,
+                                 show_progress=False)
+            full, cut = result["points"]
+            cells = []
+            for metric in ("gauc", "auc"):
+                cells.append(f"{full['metrics'][metric]:.4f}     {cut['metrics'][metric]:.4f}     "
+                             f"{cut['delta'][metric]:+.4f} +- {cut['delta_se'][metric]:.4f}")
+            deltas.append(cut["delta"]["gauc"])
+            print(f"{preset:<11} {seed:>4}  " + "   ".join(cells) + f"   {time.perf_counter() - tic:7.1f}", flush=True)
+        print(f"{preset:<11} gauc delta over seeds: mean {np.mean(deltas):+.4f}, std {np.std(deltas, ddof=1):.4f}"
+              if len(deltas) > 1 else "")
+
+
+if __name__ == "__main__":
+    main()

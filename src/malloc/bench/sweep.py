@@ -1,0 +1,357 @@
+"""Running a suite (:mod:`malloc.bench.suite`): every planned item once, resumable, failures recorded.
+
+Every item is served through the serving path on the test split and records (``<out>/items/<item id>.json``,
+written atomically, ``<out> = <results>/<suite name>``): metrics, Native's metrics, meters (stored bytes per user
+mean/p50/p99, measured memory ratio, analytic MACs per request, of Native and of recomputing the history, batched
+and per-request latency, training seconds per epoch, thread count), fidelity to Native and the per-user metric
+deltas to Native (for the paired test of :mod:`malloc.bench.stats`). The Native item also times one user's cached
+request against recomputing the history, at the median and the longest history.
+
+A failed item records its error (type, first line of the message, traceback) and the suite goes on; a rerun
+skips the items whose record says ``done`` and retries the others, so an interrupted suite resumes where it
+stopped (a run interrupted mid-training resumes from its ``last.pt``). Training runs live in ``<out>/runs/``;
+``<out>/suite.json`` holds the spec, the planned items, the command, the machine, library versions and the git
+commit: everything ``malloc report`` needs besides the item records. Progress is logged as ``[i/N]`` with the
+elapsed time and an ETA (each remaining item costs the mean time of the items of its kind run so far).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from malloc.bench.meters import request_latency_served
+from malloc.bench.results import atomic_write_json, read_json
+from malloc.bench.suite import Item, Setting, SuiteSpec, plan
+from malloc.config import RunConfig
+from malloc.configio import to_dict
+from malloc.data.tasks import CTRView, RetrievalView
+from malloc.evaluate import (
+    Replay,
+    evaluate_scheme,
+    fidelity,
+    native_identity,
+    native_predictions_path,
+    per_user_delta,
+    replay,
+)
+from malloc.memory.policy import SchemeError
+from malloc.memory.registry import build_architecture, build_policy
+from malloc.models import SequentialRecommender, build_model
+from malloc.profiling.latency import request_latency
+from malloc.runner import build_view, run, run_dir_for
+from malloc.serving.server import Server
+
+log = logging.getLogger("malloc.bench")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit(cwd: str | Path = ".") -> dict[str, Any]:
+    """``{"commit", "dirty"}`` of the working tree (None where git or a repository is missing)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions of this process."""
+    versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                                "numpy": np.__version__}
+    from malloc import __version__
+
+    versions["malloc"] = __version__
+    cpu = platform.processor() or platform.machine()
+    try:  # the CPU model name on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"versions": versions, "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+@dataclass
+class SuiteOutcome:
+    """What one ``run_suite`` call did. ``failed``: item id -> one-line error."""
+
+    out_dir: Path
+    planned: int = 0
+    ran: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Loaded:
+    """The current setting's data view and trained models, loaded once for all its items."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.view: CTRView | RetrievalView | None = None
+        self.models: dict[str, SequentialRecommender] = {}
+
+    def view_for(self, cfg: RunConfig) -> CTRView | RetrievalView:
+        key = (cfg.task, json.dumps(to_dict(cfg.data), sort_keys=True))
+        if key != self.key:
+            self.key, self.view, self.models = key, build_view(cfg), {}
+        assert self.view is not None
+        return self.view
+
+    def model_for(self, cfg: RunConfig) -> SequentialRecommender:
+        view = self.view_for(cfg)
+        run_dir = run_dir_for(cfg)
+        if run_dir.run_id not in self.models:
+            model = build_model(cfg.model, view.sequences.num_items)
+            model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
+            self.models[run_dir.run_id] = model.eval()
+        return self.models[run_dir.run_id]
+
+
+class SuiteRunner:
+    """Runs the items of a suite into ``<results_dir>/<suite name>/``.
+
+    Args:
+        spec: the suite.
+        results_dir: root of results.
+        force: rerun every item (and retrain every run) even if done.
+        data_paths: data set label -> path (for data sets with ``needs_path``).
+        command: the command line to record (default: this process's).
+        show_progress: progress bars of training and replays (terminal only).
+    """
+
+    def __init__(self, spec: SuiteSpec, results_dir: str | Path = "results", force: bool = False,
+                 data_paths: Mapping[str, str] | None = None, command: str | None = None,
+                 show_progress: bool = False) -> None:
+        self.spec = spec
+        self.out_dir = Path(results_dir) / spec.name
+        self.force = force
+        self.show_progress = show_progress
+        self.command = command if command is not None else " ".join(["malloc", *sys.argv[1:]])
+        self.items = plan(spec, results_dir, data_paths)
+        self.skipped_datasets = sorted(set(spec.datasets) - {i.setting.dataset for i in self.items})
+        self._loaded = _Loaded()
+        self._forced: set[str] = set()
+
+    def record_path(self, item: Item) -> Path:
+        return self.out_dir / "items" / f"{item.id}.json"
+
+    def is_done(self, item: Item) -> bool:
+        path = self.record_path(item)
+        if not path.is_file():
+            return False
+        try:
+            return read_json(path).get("status") == "done"
+        except (OSError, ValueError):
+            return False
+
+    def write_manifest(self) -> None:
+        atomic_write_json(self.out_dir / "suite.json", {
+            "suite": to_dict(self.spec), "command": self.command, "started_at": _now(), "git": git_commit(),
+            "environment": environment(), "items": [item.describe() for item in self.items],
+            "skipped_datasets": self.skipped_datasets,
+            "runs": {item.setting.key: {"config": to_dict(item.setting.cfg)} for item in self.items
+                     if item.kind == "native"},
+        })
+
+    def run(self, on_item: Callable[[Item], None] | None = None) -> SuiteOutcome:
+        """Run every item not yet done; returns what happened. ``on_item`` is called before each item runs."""
+        outcome = SuiteOutcome(self.out_dir, planned=len(self.items))
+        self.write_manifest()
+        if self.skipped_datasets:
+            log.info("%s: data sets without a path, left out: %s (give --data NAME=PATH)", self.spec.name,
+                     ", ".join(self.skipped_datasets))
+        started = time.perf_counter()
+        durations: dict[str, list[float]] = {}
+        total = len(self.items)
+        for index, item in enumerate(self.items, start=1):
+            if not self.force and self.is_done(item):
+                outcome.skipped += 1
+                continue
+            if on_item is not None:
+                on_item(item)
+            log.info("[%d/%d] %s ...", index, total, item.id)
+            tic = time.perf_counter()
+            record = self._attempt(item)
+            seconds = time.perf_counter() - tic
+            record["seconds"] = seconds
+            atomic_write_json(self.record_path(item), record)
+            durations.setdefault(item.kind, []).append(seconds)
+            outcome.ran += 1
+            if record["status"] != "done":
+                outcome.failed[item.id] = f"{record['error']['type']}: {record['error']['message']}"
+            eta = self._eta(self.items[index:], durations)
+            log.info("[%d/%d] %s %s in %.1f s; elapsed %s, ETA %s", index, total, item.id,
+                     "done" if record["status"] == "done" else f"FAILED ({outcome.failed[item.id]})", seconds,
+                     _clock(time.perf_counter() - started), _clock(eta))
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    def _eta(self, remaining: Sequence[Item], durations: dict[str, list[float]]) -> float:
+        """Seconds left: each remaining item not done costs the mean of the items of its kind run so far."""
+        every = [s for values in durations.values() for s in values]
+        fallback = float(np.mean(every)) if every else 0.0
+        todo = [i for i in remaining if self.force or not self.is_done(i)]
+        return sum(float(np.mean(durations[i.kind])) if i.kind in durations else fallback for i in todo)
+
+    def _attempt(self, item: Item) -> dict[str, Any]:
+        record: dict[str, Any] = {**item.describe(), "started_at": _now()}
+        try:
+            if item.plan_error is not None:
+                raise SchemeError(item.plan_error)
+            threads = item.setting.cfg.train.threads
+            if threads:
+                torch.set_num_threads(threads)
+            record.update(self._execute(item))
+            record["status"] = "done"
+        except Exception as exc:  # recorded; the suite goes on
+            record["status"] = "failed"
+            record["error"] = {"type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else "",
+                               "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+            log.debug("item %s failed", item.id, exc_info=True)
+        record["environment"] = environment()
+        record["finished_at"] = _now()
+        return record
+
+    def _execute(self, item: Item) -> dict[str, Any]:
+        if item.kind == "native":
+            return self._native(item)
+        if item.kind == "policy":
+            return self._policy(item)
+        return self._trained(item)
+
+    # -- the three kinds --------------------------------------------------------------------------------------
+    def _train(self, cfg: RunConfig) -> dict[str, Any]:
+        """:func:`malloc.runner.run` (forced once per suite call with ``force``)."""
+        run_id = run_dir_for(cfg).run_id
+        force = self.force and run_id not in self._forced
+        self._forced.add(run_id)
+        if force:
+            self._loaded.models.pop(run_id, None)
+        result = run(cfg, force=force, show_progress=self.show_progress)
+        return {**result, "metrics": task_metrics(result["metrics"])}
+
+    def _native_run(self, setting: Setting) -> dict[str, Any]:
+        """The setting's Native run, trained if missing."""
+        run_dir = run_dir_for(setting.cfg)
+        if not run_dir.is_done() or (self.force and run_dir.run_id not in self._forced):
+            return self._train(setting.cfg)
+        return {"run_id": run_dir.run_id, "metrics": task_metrics(read_json(run_dir.metrics_path)),
+                "meters": read_json(run_dir.meters_path)}
+
+    def _latency(self, cfg: RunConfig, model: SequentialRecommender, policy: Any = None) -> dict[str, Any]:
+        server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
+                        renormalise=cfg.eval.hstu_normaliser == "kept")
+        return request_latency_served(server, self._loaded.view_for(cfg), "test", cfg.model.max_len,
+                                      self.spec.latency, seed=cfg.train.seed)
+
+    def _native(self, item: Item) -> dict[str, Any]:
+        cfg = item.setting.cfg
+        result = self._native_run(item.setting)
+        model = self._loaded.model_for(cfg)
+        view = self._loaded.view_for(cfg)
+        meters = {**result["meters"], **self._latency(cfg, model)}
+        # cached request against recomputing the history, one user at the median and the longest history
+        lengths = np.minimum(view.sequences.lengths, cfg.model.max_len)
+        recompute = [request_latency(model, history_len=int(n), candidates=self.spec.latency.candidates,
+                                     append_events=1, prefill_chunk=cfg.eval.prefill_chunk, warmup=1,
+                                     min_repeats=3, min_seconds=0.0, max_repeats=3)
+                     for n in sorted({int(np.median(lengths)), int(lengths.max())})]
+        meters["recompute_latency"] = recompute
+        return {"run_id": result["run_id"], "metrics": result["metrics"], "native_metrics": result["metrics"],
+                "meters": meters, "fidelity": {}, "knobs_in_force": {}}
+
+    def _policy(self, item: Item) -> dict[str, Any]:
+        cfg = item.setting.cfg
+        policy = build_policy(item.scheme, item.ratios[0], **item.knobs)  # an unreachable ratio fails here
+        native = self._native_run(item.setting)
+        model = self._loaded.model_for(cfg)
+        result = evaluate_scheme(cfg, model, self._loaded.view_for(cfg), "test", policy, item.scheme, item.knobs,
+                                 run_dir_for(cfg).root)
+        meters = {**result["meters"], **self._latency(cfg, model, policy),
+                  "train_seconds_per_epoch": native["meters"].get("train_seconds_per_epoch")}
+        return {"run_id": native["run_id"], "metrics": result["metrics"], "native_metrics": native["metrics"],
+                "meters": meters, "fidelity": result["fidelity"], "per_user": result["per_user"],
+                "policy": result["policy"], "knobs_in_force": item.knobs}
+
+    def _trained(self, item: Item) -> dict[str, Any]:
+        from malloc.evaluate import Replay
+        native_cfg = item.setting.cfg
+        cfg = replace(native_cfg, name=f"{native_cfg.name}-{item.label}",
+                      model=replace(native_cfg.model, scheme=item.scheme, memory_ratio=item.ratios[0],
+                                    knobs=item.knobs))
+        native = self._native_run(item.setting)
+        result = self._train(cfg)
+        view = self._loaded.view_for(cfg)
+
+        def test_replay(run_cfg: RunConfig) -> Replay:
+            path = native_predictions_path(run_dir_for(run_cfg).root, "test")
+            identity = native_identity(run_cfg, "test")
+            cached = Replay.load(path, identity)
+            if cached is None:  # a run finished before runs saved their test replay
+                cached = replay(run_cfg, self._loaded.model_for(run_cfg), view, "test")
+                cached.save(path, identity)
+            return cached
+
+        mine, reference = test_replay(cfg), test_replay(native_cfg)
+        model = self._loaded.model_for(cfg)
+        arch = build_architecture(cfg.model)
+        return {"run_id": result["run_id"], "metrics": result["metrics"], "native_metrics": native["metrics"],
+                "meters": {**result["meters"], **self._latency(cfg, model)},
+                "fidelity": fidelity(view, "test", mine, reference),
+                "per_user": per_user_delta(view, "test", mine, reference),
+                "knobs_in_force": {} if arch is None else arch.knob_values(cfg.model)}
+
+
+def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a ``metrics.json`` (leaves out the split name and the validation history)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_suite(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``suite.json`` and the item records of a suite's results folder (records in the manifest's order; planned
+    items without a record are returned as ``{"status": "missing", ...}``)."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "suite.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not a suite's results folder (no suite.json): run `malloc bench "
+                                "--suite NAME` first and pass <results>/<NAME>")
+    manifest = read_json(manifest_path)
+    records = []
+    for planned in manifest["items"]:
+        path = out_dir / "items" / f"{planned['item']}.json"
+        records.append(read_json(path) if path.is_file() else {**planned, "status": "missing"})
+    return manifest, records
+
+

@@ -1,0 +1,491 @@
+"""The memory-sensitivity curve: how much of a data set's accuracy needs long-range memory.
+
+Native is trained once (:func:`malloc.runner.run`; an existing run is reused), then its test split is served
+through the serving path (:func:`malloc.evaluate.replay`) again and again with each user's *written* history
+truncated to its most recent events: a fraction of it (1/2, 1/4, ..., 1/64) or a fixed length (8, 16, 32, ...
+events). The appended events and the scored candidates stay as they are, so only the stored memory shrinks, as
+under a compression scheme that keeps the most recent events (StreamingLLM without sinks). The history mask of
+retrieval still covers every earlier event (a fleet filters consumed items from its log, not from the model).
+
+"The written history" is what Native would write: the ``model.max_len`` events before the first scored row
+(CTR) or before the request (retrieval). A fraction ``1/k`` keeps ``ceil(n / k)`` of its ``n`` events (at least
+one); a length ``m`` keeps ``min(n, m)``.
+
+Next to the curve, two trivial anchors that use no sequence model at all:
+
+* CTR, ``item-mean``: a row's score is the mean label of its item over the training rows, smoothed towards the
+  global training mean with :data:`ITEM_MEAN_PRIOR` pseudo-rows (unseen items score the global mean);
+* retrieval, ``popular``: items ranked by their number of training events (the events before each user's
+  validation target), with the same history mask and tie rule as the model.
+
+Standard errors come from a per-user bootstrap: :data:`BOOTSTRAP` resamples of the served users with
+replacement (seeded), the same resamples for every point, so that the delta of a point to ``full`` gets a
+paired standard error. CTR metrics: GAUC, AUC, Logloss; retrieval: HR@10, NDCG@10, MRR.
+
+Results go to ``<run>/sensitivity/<split>.json`` (and ``.md``, a table, and ``.png``, the plot), written
+atomically, next to the run's other results; an identical call is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malloc.bench.results import atomic_file, atomic_write_json, atomic_write_text, read_json
+from malloc.config import RunConfig
+from malloc.configio import ConfigError, to_dict
+from malloc.data.sequences import SPLIT_TRAIN
+from malloc.data.tasks import CTRView, RetrievalView
+from malloc.eval.metrics import _grouped_auc, sigmoid, target_ranks
+
+log = logging.getLogger("malloc.sensitivity")
+
+TASKS = ("ctr", "retrieval")
+FRACTIONS: tuple[int, ...] = (2, 4, 8, 16, 32, 64)  # keep 1/k of the written history
+MIN_LENGTH = 8  # fixed lengths 8, 16, 32, ... below model.max_len
+BOOTSTRAP = 200
+ITEM_MEAN_PRIOR = 1.0  # pseudo-rows at the global mean added to every item's mean label
+RETRIEVAL_K = 10
+PRIMARY = {"ctr": "gauc", "retrieval": f"ndcg@{RETRIEVAL_K}"}
+SECONDARY = {"ctr": "auc", "retrieval": f"hr@{RETRIEVAL_K}"}
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """One point of the curve: keep the most recent ``1 / fraction`` of the written history, or ``length`` events
+    (exactly one of the two; neither: the full history)."""
+
+    fraction: int | None = None
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fraction is not None and self.length is not None:
+            raise ValueError("a truncation keeps a fraction or a length, not both")
+        for name in ("fraction", "length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def label(self) -> str:
+        if self.fraction is not None:
+            return f"1/{self.fraction}"
+        return f"last {self.length}" if self.length is not None else "full"
+
+    def keep_last(self, written: np.ndarray) -> np.ndarray:
+        """``(B,)`` events kept of ``(B,)`` written history lengths."""
+        written = np.asarray(written, dtype=np.int64)
+        if self.fraction is not None:
+            return np.minimum(written, np.maximum(1, -(-written // self.fraction)))
+        if self.length is not None:
+            return np.minimum(written, self.length)
+        return written
+
+
+def default_truncations(max_len: int, fractions: Sequence[int] = FRACTIONS) -> list[Truncation]:
+    """``full``, ``1/k`` for each k of ``fractions``, and lengths 8, 16, ... below ``max_len``."""
+    points = [Truncation()] + [Truncation(fraction=k) for k in fractions]
+    length = MIN_LENGTH
+    while length < max_len:
+        points.append(Truncation(length=length))
+        length *= 2
+    return points
+
+
+# -- per-user statistics and the bootstrap --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UserScores:
+    """What the bootstrap resamples: per served user, everything the metrics need.
+
+    CTR: ``auc (U,)`` per-user AUC (NaN for a single class), ``rows (U,)``, ``loss (U,)`` summed row log loss,
+    plus the row arrays ``row_user (R,)`` (index into the users), ``labels (R,)``, ``scores (R,)`` for the
+    global AUC. Retrieval: ``ranks (U,)`` 1-based target ranks.
+    """
+
+    task: str
+    ranks: np.ndarray | None = None
+    auc: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    loss: np.ndarray | None = None
+    row_user: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.ranks) if self.task == "retrieval" else len(self.rows)
+
+
+def ctr_user_scores(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> UserScores:
+    """Per-user CTR statistics of rows ``(R,)``; users in ascending id order."""
+    labels = np.asarray(labels).astype(np.int8)
+    logits = np.asarray(logits, dtype=np.float64)
+    auc, rows, _ = _grouped_auc(np.asarray(users), labels, logits)
+    uniq, row_user = np.unique(users, return_inverse=True)
+    prob = np.clip(sigmoid(logits), 1e-7, 1 - 1e-7)
+    row_loss = np.where(labels == 1, -np.log(prob), -np.log1p(-prob))
+    loss = np.bincount(row_user, weights=row_loss, minlength=len(uniq))
+    return UserScores("ctr", auc=auc, rows=rows.astype(np.float64), loss=loss, row_user=row_user, labels=labels,
+                      scores=logits)
+
+
+def _weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
+    """ROC AUC with integer row weights (ties count one half); NaN with a single class."""
+    order = np.argsort(scores, kind="stable")
+    s, y, w = scores[order], labels[order], weights[order]
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] != s[:-1]
+    block = np.cumsum(new) - 1
+    neg = np.bincount(block, weights=w * (y == 0))
+    pos = np.bincount(block, weights=w * (y == 1))
+    below = np.cumsum(neg) - neg  # negative weight strictly below each block
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos == 0 or total_neg == 0:
+        return float("nan")
+    return float(((below + 0.5 * neg) * pos).sum() / (total_pos * total_neg))
+
+
+def metrics_with_counts(scores: UserScores, counts: np.ndarray) -> dict[str, float]:
+    """The metrics when user ``u`` is counted ``counts[u]`` times (all ones: the plain metrics)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if scores.task == "retrieval":
+        ranks = np.asarray(scores.ranks, dtype=np.float64)
+        hit = ranks <= RETRIEVAL_K
+        gain = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+        total = counts.sum()
+        return {f"ndcg@{RETRIEVAL_K}": float((counts * gain).sum() / total),
+                f"hr@{RETRIEVAL_K}": float((counts * hit).sum() / total),
+                "mrr": float((counts / ranks).sum() / total)}
+    ok = ~np.isnan(scores.auc)
+    weight = counts[ok] * scores.rows[ok]
+    gauc = float((weight * scores.auc[ok]).sum() / weight.sum()) if weight.sum() else float("nan")
+    return {"gauc": gauc,
+            "auc": _weighted_auc(scores.labels, scores.scores, counts[scores.row_user]),
+            "logloss": float((counts * scores.loss).sum() / (counts * scores.rows).sum())}
+
+
+def bootstrap_counts(num_users: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, num_users)`` how often each user is drawn in each resample (with replacement)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, num_users, size=(resamples, num_users))
+    return np.stack([np.bincount(row, minlength=num_users) for row in draws]) if resamples else np.zeros((0, 0))
+
+
+def bootstrap(scores: UserScores, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """``{metric: (resamples,)}`` the metrics of every resample."""
+    samples = [metrics_with_counts(scores, row) for row in counts]
+    return {key: np.array([s[key] for s in samples]) for key in (samples[0] if samples else {})}
+
+
+def _std(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+
+
+# -- anchors ---------------------------------------------------------------------------------------------------------
+def item_mean_logits(view: CTRView, split: str, prior: float = ITEM_MEAN_PRIOR) -> np.ndarray:
+    """``(R,)`` logit of each ``split`` row's item mean label over the training rows (smoothed, see module)."""
+    train = view.rows.select(view.rows.split == SPLIT_TRAIN)
+    size = view.sequences.num_items + 1
+    positives = np.bincount(train.item, weights=train.label.astype(np.float64), minlength=size)
+    seen = np.bincount(train.item, minlength=size).astype(np.float64)
+    base = float(train.label.mean()) if len(train) else 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(seen + prior > 0, (positives + prior * base) / (seen + prior), base)
+    mean = np.clip(mean, 1e-6, 1 - 1e-6)
+    rows = view.split(split)
+    return np.log(mean[rows.item]) - np.log1p(-mean[rows.item])
+
+
+def popularity_ranks(view: RetrievalView, split: str, mask_history: bool = True, user_batch: int = 256
+                     ) -> np.ndarray:
+    """``(U,)`` 1-based rank of each user's target under training-event popularity (same mask and ties)."""
+    seqs = view.sequences
+    ends = view.train_ends()
+    index_in_user = np.arange(seqs.num_events) - np.repeat(seqs.offsets[:-1], seqs.lengths)
+    train_event = index_in_user < np.repeat(ends, seqs.lengths)
+    import torch
+
+    counts = np.bincount(seqs.items[train_event], minlength=seqs.num_items + 1).astype(np.float64)
+    counts[0] = -np.inf  # padding is never recommended
+    targets = view.target_index(split)
+    ranks = np.zeros(seqs.num_users, dtype=np.int64)
+    for first in range(0, seqs.num_users, user_batch):
+        users = np.arange(first, min(first + user_batch, seqs.num_users))
+        scores = torch.from_numpy(counts).expand(len(users), -1)
+        exclude = None
+        if mask_history:
+            exclude = np.zeros(scores.shape, dtype=bool)
+            for b, u in enumerate(users.tolist()):
+                base = int(seqs.offsets[u])
+                exclude[b, seqs.items[base:base + int(targets[u])]] = True
+        target_items = seqs.items[seqs.offsets[users] + targets[users]]
+        ranks[users] = target_ranks(scores, target_items, exclude)
+    return ranks
+
+
+# -- the curve -------------------------------------------------------------------------------------------------------
+def parse_dataset(name: str) -> tuple[str, str | None]:
+    """``"ml-100k"`` -> ``("ml-100k", None)``; ``"synthetic:long-range"`` -> ``("synthetic", "long-range")``.
+
+    Raises:
+        DataError: an unknown source or preset (the message lists the known ones).
+    """
+    from malloc.data.sequences import DataError
+    from malloc.data.sources import SOURCES
+    from malloc.data.sources.synthetic import PRESETS
+
+    source, _, preset = name.partition(":")
+    if source not in SOURCES:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(SOURCES)}, or synthetic:<preset> with a "
+                        f"preset from {', '.join(PRESETS)}")
+    if preset and (source != "synthetic" or preset not in PRESETS):
+        raise DataError(f"unknown data set {name!r}: only synthetic takes a preset, one of {', '.join(PRESETS)}")
+    return source, preset or None
+
+
+def sensitivity_config(dataset: str, task: str, *, path: str | None = None, config: str | None = None,
+                       overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config of ``malloc sensitivity``: the config file (default: the built-in defaults) with the data
+    set, path and task set; named ``<data set>-<backbone>-<task>`` unless the file or an override names it.
+
+    Raises:
+        DataError: unknown data set; ConfigError: unknown task or a bad override.
+    """
+    from dataclasses import replace
+
+    from malloc.config import load_config
+
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    source, preset = parse_dataset(dataset)
+    extra = [f"task={task}", f"data.source={source}"]
+    if path is not None:
+        extra.append(f"data.path={path}")
+    if preset is not None:
+        extra.append(f"data.synthetic.preset={preset}")
+    cfg = load_config(config, [*overrides, *extra])
+    if config is None and not any(o.strip().startswith("name=") for o in overrides):
+        cfg = replace(cfg, name=f"{dataset.replace(':', '-')}-{cfg.model.backbone}-{task}")
+    return cfg
+
+
+def sensitivity_path(run_root: str | Path, split: str = "test") -> Path:
+    return Path(run_root) / "sensitivity" / f"{split}.json"
+
+
+def _identity(cfg: RunConfig, split: str, points: Sequence[Truncation], resamples: int, seed: int) -> dict[str, Any]:
+    return {"split": split, "points": [p.label for p in points], "bootstrap": resamples, "seed": seed,
+            "item_mean_prior": ITEM_MEAN_PRIOR, "eval": to_dict(cfg.eval), "max_len": cfg.model.max_len}
+
+
+def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncation] | None = None,
+                resamples: int = BOOTSTRAP, seed: int = 0, force: bool = False, show_progress: bool = True
+                ) -> dict[str, Any]:
+    """Train Native once (or reuse the run), serve ``split`` at every truncation, and compare with the anchors.
+
+    Returns (and writes, see the module docstring) ``{"dataset", "task", "run_id", "split", "identity",
+    "primary", "secondary", "points": [...], "anchors": [...], "written_mean", "users"}``; each point and anchor
+    holds ``label``, ``kind``, ``kept_mean`` (events written per user, mean), ``metrics``, ``se`` and (points)
+    ``delta`` and ``delta_se`` to ``full``.
+
+    Raises:
+        ConfigError: an unknown task or split, or fewer than 2 bootstrap resamples.
+    """
+    import torch
+
+    from malloc.evaluate import replay
+    from malloc.models import build_model
+    from malloc.runner import build_view, run, run_dir_for
+
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if split not in ("valid", "test"):
+        raise ConfigError(f"split must be 'valid' or 'test', got {split!r}")
+    if resamples < 2:
+        raise ConfigError(f"bootstrap resamples must be >= 2, got {resamples}")
+    points = list(points) if points is not None else default_truncations(cfg.model.max_len)
+    identity = _identity(cfg, split, points, resamples, seed)
+    view = build_view(cfg)  # a bad data set fails here, before the run writes anything
+    trained = run(cfg, show_progress=show_progress)
+    run_dir = run_dir_for(cfg)
+    model = build_model(cfg.model, view.sequences.num_items)
+    model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
+    model.eval()
+    path = sensitivity_path(run_dir.root, split)
+    if path.is_file() and not force:
+        done = read_json(path)
+        if done.get("identity") == identity:
+            log.info("%s exists; skipping (use --force to rerun)", path)
+            return done
+
+    per_point: list[tuple[Truncation, UserScores]] = []
+    for point in points:
+        result = replay(cfg, model, view, split, keep_last=None if point == Truncation() else point.keep_last)
+        if isinstance(view, CTRView):
+            rows = view.split(split)
+            scores = ctr_user_scores(rows.user, rows.label, result.logits)
+        else:
+            scores = UserScores("retrieval", ranks=result.ranks)
+        per_point.append((point, scores))
+        log.info("%s %s: %s %.4f", run_dir.run_id, point.label, PRIMARY[cfg.task],
+                 metrics_with_counts(scores, np.ones(scores.num_users))[PRIMARY[cfg.task]])
+
+    if isinstance(view, CTRView):
+        rows = view.split(split)
+        anchors = [("item-mean", ctr_user_scores(rows.user, rows.label, item_mean_logits(view, split)))]
+        written = _written_lengths(rows.user, rows.history_len, cfg.model.max_len)
+    else:
+        ranks = popularity_ranks(view, split, cfg.eval.mask_history, cfg.eval.user_batch)
+        anchors = [("popular", UserScores("retrieval", ranks=ranks))]
+        stop = view.target_index(split)
+        written = np.minimum(np.maximum(0, stop - cfg.eval.append_events), cfg.model.max_len)
+    num_users = per_point[0][1].num_users
+    counts = bootstrap_counts(num_users, resamples, seed)
+    ones = np.ones(num_users)
+    full_samples = bootstrap(per_point[0][1], counts)
+
+    out_points = []
+    for point, scores in per_point:
+        samples = bootstrap(scores, counts)
+        metrics = metrics_with_counts(scores, ones)
+        full_metrics = metrics_with_counts(per_point[0][1], ones)
+        kept = point.keep_last(written)
+        out_points.append({
+            "label": point.label, "kind": "length" if point.length else "fraction" if point.fraction else "full",
+            "fraction": None if point.fraction is None else 1.0 / point.fraction, "length": point.length,
+            "kept_mean": float(kept.mean()) if len(kept) else 0.0,
+            "metrics": metrics, "se": {k: _std(v) for k, v in samples.items()},
+            "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
+            "delta_se": {k: _std(samples[k] - full_samples[k]) for k in samples},
+        })
+    out_anchors = []
+    for name, scores in anchors:
+        samples = bootstrap(scores, counts)
+        metrics = metrics_with_counts(scores, ones)
+        out_anchors.append({"label": name, "kind": "anchor", "kept_mean": 0.0, "metrics": metrics,
+                            "se": {k: _std(v) for k, v in samples.items()}})
+    result = {
+        "dataset": cfg.data.source if cfg.data.source != "synthetic" else f"synthetic:{cfg.data.synthetic.preset}",
+        "task": cfg.task, "backbone": cfg.model.backbone, "run_id": run_dir.run_id, "split": split,
+        "identity": identity, "primary": PRIMARY[cfg.task], "secondary": SECONDARY[cfg.task],
+        "users": num_users, "written_mean": float(written.mean()) if len(written) else 0.0,
+        "written_p50": float(np.median(written)) if len(written) else 0.0,
+        "native_test_metrics": trained["metrics"], "points": out_points, "anchors": out_anchors,
+    }
+    write_outputs(result, path)
+    return result
+
+
+def _written_lengths(users: np.ndarray, history_len: np.ndarray, max_len: int) -> np.ndarray:
+    """``(U,)`` CTR: events written before each user's first scored row (users in ascending id order)."""
+    order = np.lexsort((history_len, users))
+    first = np.unique(users[order], return_index=True)[1]
+    return np.minimum(history_len[order][first], max_len)
+
+
+# -- calibration of the synthetic presets ---------------------------------------------------------------------------
+def calibration_config(preset: str, seed: int = 0, results_dir: str = "results", users: int = 64,
+                       epochs: int = 8) -> RunConfig:
+    """The small, seeded CTR run behind the preset calibration (``tests/test_sensitivity.py``,
+    ``benchmarks/calibrate_presets.py``): a 1-layer HSTU (D = 32) trained on ``users`` users of 128 events.
+
+    Validation (early stopping only) uses the last 2% of each user's events before the 10% of test rows. Sizes are
+    shrunk so that it trains in seconds: ``long-range`` keeps 16 topics of one item each, all of them
+    every user's interests (a topic recurs after 16 events on average, so a memory of the last 8 events holds the
+    evidence for ``1 - (15/16) ** 8 = 40%`` of the rows, the full history for all); ``short`` keeps 64 topics of
+    one item each, bursts of mean length 10.
+    """
+    from malloc.config import load_config
+
+    sizes = {"long-range": ("16", "16"), "short": ("64", "64")}
+    if preset not in sizes:
+        raise ConfigError(f"calibrated presets: {', '.join(sizes)}; got {preset!r}")
+    topics, interests = sizes[preset]
+    overrides = [
+        "task=ctr", "data.source=synthetic", f"data.synthetic.preset={preset}", f"data.synthetic.seed={seed}",
+        f"data.synthetic.num_users={users}", "data.synthetic.min_len=128", "data.synthetic.max_len=128",
+        f"data.synthetic.num_topics={topics}", f"data.synthetic.num_items={topics}",
+        f"data.synthetic.interests_per_user={interests}", "data.valid_fraction=0.02",
+        "model.dim=32", "model.layers=1", "model.heads=4", "model.head_dim=8", "model.dropout=0.0",
+        "model.max_len=128", f"train.epochs={epochs}", f"train.patience={epochs}", "train.batch_size=16",
+        "train.lr=0.01", f"train.seed={seed}", "eval.user_batch=64", f"results_dir={results_dir}",
+        f"name=calibration-{preset}",
+    ]
+    return load_config(None, overrides)
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------------
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table: one row per point and anchor, metrics with their standard errors."""
+    primary, secondary = result["primary"], result["secondary"]
+    third = "logloss" if result["task"] == "ctr" else "mrr"
+    lines = [f"{result['dataset']} {result['task']} ({result['backbone']}, {result['run_id']}, {result['split']} "
+             f"split, {result['users']} users, written history mean {result['written_mean']:.1f} / median "
+             f"{result['written_p50']:.0f} events; +- = per-user bootstrap SE, {result['identity']['bootstrap']} "
+             "resamples)", "",
+             f"| history kept | events kept (mean) | {primary} | delta to full | {secondary} | {third} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for entry in result["points"] + result["anchors"]:
+        m, se = entry["metrics"], entry["se"]
+        delta = (f"{entry['delta'][primary]:+.4f} +- {entry['delta_se'][primary]:.4f}"
+                 if "delta" in entry and entry["kind"] != "full" else "")
+        label = entry["label"] if entry["kind"] != "anchor" else f"anchor: {entry['label']}"
+        kept = f"{entry['kept_mean']:.1f}" if entry["kind"] != "anchor" else "-"
+        lines.append(f"| {label} | {kept} | {m[primary]:.4f} +- {se[primary]:.4f} | {delta} | "
+                     f"{m[secondary]:.4f} +- {se[secondary]:.4f} | {m[third]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """The curve as a PNG (metric against mean events kept, log scale; +-1 SE bars; anchors as lines).
+
+    Returns False (and writes nothing) when matplotlib is not installed (the ``plots`` extra).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        log.warning("matplotlib is not installed (pip install -e '.[plots]'): no plot written")
+        return False
+    metrics = (result["primary"], result["secondary"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for kind, style, name in (("fraction", "o-", "fraction of history"), ("length", "s--", "last m events")):
+            pts = sorted([p for p in result["points"] if p["kind"] in (kind, "full")], key=lambda p: p["kept_mean"])
+            ax.errorbar([p["kept_mean"] for p in pts], [p["metrics"][metric] for p in pts],
+                        yerr=[p["se"][metric] for p in pts], fmt=style, capsize=3, label=name)
+        full = next(p for p in result["points"] if p["kind"] == "full")
+        for anchor, colour in zip(result["anchors"], ("tab:red", "tab:purple"), strict=False):
+            value, se = anchor["metrics"][metric], anchor["se"][metric]
+            ax.axhline(value, color=colour, linestyle=":", label=f"anchor: {anchor['label']}")
+            ax.axhspan(value - se, value + se, color=colour, alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("events written per user (mean, log scale)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric}: full {full['metrics'][metric]:.4f}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['dataset']} {result['task']}: memory sensitivity ({result['backbone']}, "
+                 f"{result['split']}, +-1 SE)")
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict[str, Any], path: Path) -> None:
+    """``<path>`` (JSON), ``.md`` (table) and ``.png`` (plot), each atomically; the JSON last (it marks done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path.with_suffix(".md"), format_table(result))
+    plot(result, path.with_suffix(".png"))
+    atomic_write_json(path, result)
+

@@ -1,0 +1,89 @@
+"""The report (built from the smoke suite's results only), Pareto fronts, the paired test and the complexity table."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from malloc.bench.complexity import COMPLEXITY, missing_entries
+from malloc.bench.pareto import pareto_front
+from malloc.bench.report import ratio_text
+from malloc.bench.stats import mean_std, seed_mean_delta, wilcoxon_signed_rank
+from malloc.cli import main
+from malloc.memory.registry import describe
+from smoke_suite import smoke_run
+
+
+def test_report_from_the_smoke_results_contains_every_scheme(tmp_path, capsys):
+    run = smoke_run()
+    out = tmp_path / "report"
+    assert main(["report", str(run.folder), "--out", str(out), "--markdown", str(tmp_path / "RESULTS.md")]) == 0
+    assert "index.html" in capsys.readouterr().out
+    md = (out / "index.md").read_text()
+    page = (out / "index.html").read_text()
+    for scheme in ("native", "recency", "h2o", "int8", "gqa"):
+        assert f"| {scheme} |" in md, scheme
+        assert f"<td>{scheme}</td>" in page, scheme
+    for heading in ("HSTU, ctr, synthetic", "HSTU, retrieval, synthetic", "Complexity of every registered scheme"):
+        assert heading in md
+    assert "malloc bench --suite smoke" in md and "Git commit" in md and "torch" in md  # how it was made
+    assert "int8 1/4 (seed 0): failed: SchemeError" in md  # unreachable points are listed with their reason
+    # four plots (two tasks x memory, MACs), as files and embedded in the one-file HTML; no external resource
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert len(plots) == 4 and all(f"]({name})" in md for name in plots)
+    assert page.count("src='data:image/png;base64,") == 4
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+    assert md.count("**Pareto front** against") == 4
+    # the Markdown copy links the plots relative to itself
+    assert "](report/pareto-smoke-synthetic-hstu-ctr-memory.png)" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_report_of_a_folder_that_is_not_a_suite_is_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no suite.json" in capsys.readouterr().err
+
+
+def test_pareto_front_of_hand_made_points():
+    points = [(1.0, 0.70), (0.5, 0.69), (0.5, 0.65), (0.25, 0.69), (0.25, 0.60), (0.125, 0.50),
+              (0.3, float("nan")), (0.06, None), (0.125, 0.50)]
+    # (0.5, 0.69) is dominated by (0.25, 0.69); equal points (0.125, 0.50) are both kept; missing values never count
+    assert pareto_front(points) == [5, 8, 3, 0]
+    # a loss: lower is better
+    assert pareto_front([(1.0, 0.5), (0.5, 0.6), (0.25, 0.4)], higher_is_better=False) == [2]
+    assert pareto_front([]) == []
+
+
+def test_wilcoxon_by_hand_and_against_scipy():
+    # differences 1, -2, 3, 0 (dropped): ranks of |d| 1, 2, 3; W+ = 1 + 3 = 4; mean 3, variance 3.5
+    result = wilcoxon_signed_rank(np.array([1.0, -2.0, 3.0, 0.0, np.nan]))
+    assert result["n"] == 3 and result["w_plus"] == 4.0
+    assert result["z"] == pytest.approx(1 / math.sqrt(3.5))
+    assert math.isnan(wilcoxon_signed_rank(np.zeros(5))["p_value"])
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for delta in (rng.normal(0.05, 0.2, 300), np.round(rng.normal(0, 1, 80)), rng.normal(0, 1, 30)):
+        ours = wilcoxon_signed_rank(delta)
+        theirs = stats.wilcoxon(delta, zero_method="wilcox", correction=False, method="approx")
+        assert ours["p_value"] == pytest.approx(theirs.pvalue, rel=1e-9)
+
+
+def test_seed_statistics():
+    assert mean_std([0.5, 0.7, None]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    deltas = seed_mean_delta([([1, 2, 3], [0.1, None, 0.3]), ([2, 3, 4], [0.2, 0.5, float("nan")])])
+    np.testing.assert_allclose(deltas, [0.1, 0.2, 0.4, np.nan])
+
+
+def test_every_registered_scheme_has_complexity_formulas():
+    assert missing_entries() == [], "add the scheme's formulas to COMPLEXITY in src/malloc/bench/complexity.py"
+    names = {row.name for row in describe()}
+    assert set(COMPLEXITY) >= names
+    for formulas in COMPLEXITY.values():
+        assert formulas.state and formulas.request and formulas.knob
+
+
+def test_ratio_text():
+    assert [ratio_text(r) for r in (1.0, 0.5, 0.0625, 0.3, 1 / 64)] == ["1", "1/2", "1/16", "0.3", "1/64"]
