@@ -190,8 +190,9 @@ class SuiteRunner:
         started = time.perf_counter()
         durations: dict[str, list[float]] = {}
         total = len(self.items)
+        pending = [self.force or not self.is_done(item) for item in self.items]
         for index, item in enumerate(self.items, start=1):
-            if not self.force and self.is_done(item):
+            if not pending[index - 1]:
                 outcome.skipped += 1
                 continue
             if on_item is not None:
@@ -206,19 +207,12 @@ class SuiteRunner:
             outcome.ran += 1
             if record["status"] != "done":
                 outcome.failed[item.id] = f"{record['error']['type']}: {record['error']['message']}"
-            eta = self._eta(self.items[index:], durations)
+            eta = _eta([i for i, todo in zip(self.items[index:], pending[index:], strict=True) if todo], durations)
             log.info("[%d/%d] %s %s in %.1f s; elapsed %s, ETA %s", index, total, item.id,
                      "done" if record["status"] == "done" else f"FAILED ({outcome.failed[item.id]})", seconds,
                      _clock(time.perf_counter() - started), _clock(eta))
         outcome.seconds = time.perf_counter() - started
         return outcome
-
-    def _eta(self, remaining: Sequence[Item], durations: dict[str, list[float]]) -> float:
-        """Seconds left: each remaining item not done costs the mean of the items of its kind run so far."""
-        every = [s for values in durations.values() for s in values]
-        fallback = float(np.mean(every)) if every else 0.0
-        todo = [i for i in remaining if self.force or not self.is_done(i)]
-        return sum(float(np.mean(durations[i.kind])) if i.kind in durations else fallback for i in todo)
 
     def _attempt(self, item: Item) -> dict[str, Any]:
         record: dict[str, Any] = {**item.describe(), "started_at": _now()}
@@ -327,6 +321,17 @@ class SuiteRunner:
                 "fidelity": fidelity(view, "test", mine, reference),
                 "per_user": per_user_delta(view, "test", mine, reference),
                 "knobs_in_force": {} if arch is None else arch.knob_values(cfg.model)}
+
+
+def _eta(todo: Sequence[Item], durations: dict[str, list[float]]) -> float:
+    """Seconds left: each item costs the mean of the items of its kind run so far (a trained-in item, before any
+    ran, what a Native item cost: both are a training run; otherwise the mean of every item)."""
+    every = [s for values in durations.values() for s in values]
+    means = {kind: float(np.mean(values)) for kind, values in durations.items()}
+    if "trained" not in means and "native" in means:
+        means["trained"] = means["native"]
+    fallback = float(np.mean(every)) if every else 0.0
+    return sum(means.get(item.kind, fallback) for item in todo)
 
 
 def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
