@@ -7,7 +7,9 @@ retry the failed item and finish the rest.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ class SmokeRun:
 @functools.cache
 def smoke_run() -> SmokeRun:
     results = Path(tempfile.mkdtemp(prefix="malloc-smoke-suite-"))
+    atexit.register(shutil.rmtree, results, ignore_errors=True)
     spec = load_suite("smoke")
     flaky = FlakyRunner(spec, results, command="malloc bench --suite smoke")
     run = SmokeRun(results, flaky.items)
