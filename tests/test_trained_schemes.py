@@ -11,6 +11,7 @@ import torch
 from malloc.cli import main
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_policy
+from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import ModelConfig, build_model
 from malloc.profiling.latency import synthetic_events
 from malloc.serving.server import Server
@@ -76,8 +77,6 @@ def test_cache_policies_compose_with_head_schemes(scheme, policy, knobs, backbon
 
 
 def test_policies_refuse_schemes_with_a_state_of_their_own():
-    from malloc.memory.schemes import ARCHITECTURES
-
     own = [name for name, cls in ARCHITECTURES.items()
            if not build_model(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5),
                               10).layers[0].plain_kv]
@@ -85,3 +84,21 @@ def test_policies_refuse_schemes_with_a_state_of_their_own():
         model = build_model(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5), 10)
         with pytest.raises(SchemeError, match="state of its own"):
             Server(model, build_policy("h2o", 0.25))
+
+
+@pytest.mark.parametrize("scheme", ["native", *ARCHITECTURES])
+def test_the_server_keeps_each_schemes_own_state_rule(scheme):
+    """Serving without a policy stores exactly what the model's own append stores (e.g. Longformer's window)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32, scheme=scheme,
+                      memory_ratio=1.0 if scheme == "native" else 0.25)
+    model = build_model(cfg, 40).eval()
+    events = synthetic_events(2, 90, 40, seed=0)
+    server = Server(model)
+    served, direct = server.write(events.slice(0, 60)), model.prefill(events.slice(0, 60))
+    for start in range(60, 90, 10):
+        served = server.append(served, events.slice(start, start + 10))
+        direct = model.append(direct, events.slice(start, start + 10))
+    assert [s.nbytes() for s in served] == [s.nbytes() for s in direct]
+    items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
+    assert torch.allclose(server.score(served, items, times), model.score(direct, items, times))

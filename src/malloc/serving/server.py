@@ -79,8 +79,9 @@ class Server:
             end = int(new.positions[0, -1]) + 1
             return self.policy.merge(stored, new, stats, self._context(layer, user, end))
 
-        return self.model.append(states, events, chunk_size=self.prefill_chunk, observer=observer, merge=merge,
-                                 renormalise=self.renormalise)
+        native = self.policy.name == "native"  # then each layer keeps its own rule (a trained-in scheme's window...)
+        return self.model.append(states, events, chunk_size=self.prefill_chunk, observer=observer,
+                                 merge=None if native else merge, renormalise=self.renormalise)
 
     def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """``(B, c)`` candidate click logits read from the states (left unchanged)."""
