@@ -107,7 +107,8 @@ class HSTULayer(AttentionLayer):
         q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
         return u, q, KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
 
-    def visible(self, tokens: TokenBatch, cache: KVBlock | None) -> torch.Tensor:
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None, keys: KVBlock) -> torch.Tensor:
+        """Which of ``keys = [cache; new]`` each new token sees: ``(B, 1 or H, T, n + T)`` bool."""
         return visibility(tokens, cache)
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
@@ -115,7 +116,7 @@ class HSTULayer(AttentionLayer):
         """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head."""
         batch, _, length, _ = q.shape
         keys = concat_keys(cache, new)
-        visible = self.visible(tokens, cache)
+        visible = self.visible(tokens, cache, keys)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
         key_scale = None
         if cache is not None and cache.scale is not None:  # stored events scaled, new events as they are

@@ -77,7 +77,8 @@ class SASRecLayer(AttentionLayer):
         q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
         return q, KVBlock(k, v, tokens.positions[:, None], tokens.timestamps[:, None], tokens.is_history[:, None])
 
-    def visible(self, tokens: TokenBatch, cache: KVBlock | None) -> torch.Tensor:
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None, keys: KVBlock) -> torch.Tensor:
+        """Which of ``keys = [cache; new]`` each new token sees: ``(B, 1 or H, T, n + T)`` bool."""
         return visibility(tokens, cache)
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
@@ -87,7 +88,7 @@ class SASRecLayer(AttentionLayer):
         keys = concat_keys(cache, new)
         attended, weights = softmax_attention(
             q, to_query_heads(keys.keys.to(q.dtype), self.heads), to_query_heads(keys.values.to(q.dtype), self.heads),
-            to_query_heads(self.visible(tokens, cache), self.heads), need_weights)
+            to_query_heads(self.visible(tokens, cache, keys), self.heads), need_weights)
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
         return attended, None if weights is None else group_mean(weights, self.kv_heads)
 

@@ -89,7 +89,7 @@ class HSTUMLALayer(LatentState, HSTULayer):
         keys = concat_keys(cache, new)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
         latent = keys.keys.to(q.dtype)
-        attended, weights = hstu_attention(self.up.query(q), latent, latent, bias, self.visible(tokens, cache),
+        attended, weights = hstu_attention(self.up.query(q), latent, latent, bias, self.visible(tokens, cache, keys),
                                            self.alpha, self.normaliser)
         return self.up.output(attended), group_mean(weights, 1) if need_weights else None
 
@@ -109,7 +109,7 @@ class SASRecMLALayer(LatentState, SASRecLayer):
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         keys = concat_keys(cache, new)
         latent = keys.keys.to(q.dtype).expand(-1, self.heads, -1, -1)
-        attended, weights = softmax_attention(self.up.query(q), latent, latent, self.visible(tokens, cache),
+        attended, weights = softmax_attention(self.up.query(q), latent, latent, self.visible(tokens, cache, keys),
                                               need_weights, scale=q.shape[-1] ** -0.5)
         return self.up.output(attended), None if weights is None else group_mean(weights, 1)
 

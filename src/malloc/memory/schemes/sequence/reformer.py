@@ -49,10 +49,10 @@ from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.policy import SchemeError
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
-from malloc.models.hstu import HSTULayer, hstu_attention
-from malloc.models.sasrec import SASRecLayer, softmax_attention
+from malloc.models.hstu import HSTULayer
+from malloc.models.sasrec import SASRecLayer
 from malloc.profiling import macs
-from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
+from malloc.tokens import KVBlock, TokenBatch, split_heads
 
 
 class RandomRotationHash(nn.Module):
@@ -92,7 +92,18 @@ def shared_qk_block(q: torch.Tensor, v: torch.Tensor, tokens: TokenBatch) -> KVB
                    tokens.is_history[:, None])
 
 
-class HSTUReformerLayer(HSTULayer):
+class BucketMask:
+    """The LSH restriction of the mask, shared by both backbones' layers (a mixin before the backbone layer)."""
+
+    hash: RandomRotationHash
+
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None, keys: KVBlock) -> torch.Tensor:
+        """The mask rule restricted to keys sharing a bucket with the query: ``(B, H, T, n + T)`` bool."""
+        codes = self.hash(keys.keys.to(self.hash.rotations.dtype))
+        return bucket_visible(super().visible(tokens, cache, keys), codes, tokens.shape[1])
+
+
+class HSTUReformerLayer(BucketMask, HSTULayer):
     def __init__(self, cfg: ModelConfig, n_hashes: int, buckets: int) -> None:
         super().__init__(cfg)
         width = cfg.heads * cfg.head_dim
@@ -105,25 +116,8 @@ class HSTUReformerLayer(HSTULayer):
         q = split_heads(q, self.heads)
         return u, q, shared_qk_block(q, split_heads(v, self.heads), tokens)
 
-    def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
-               need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As :meth:`HSTULayer.attend`, on the bucket-restricted mask ``(B, H, T, n + T)``."""
-        batch, _, length, _ = q.shape
-        keys = concat_keys(cache, new)
-        key_states = keys.keys.to(q.dtype)
-        visible = bucket_visible(self.visible(tokens, cache), self.hash(key_states), length)
-        bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
-        key_scale = None
-        if cache is not None and cache.scale is not None:  # stored events scaled, new events as they are
-            key_scale = torch.ones(batch, 1, 1, keys.keys.shape[2], dtype=q.dtype, device=q.device)
-            key_scale[:, :, :, : cache.keys.shape[2]] = cache.scale[:, :, None, None]
-        attended, weights = hstu_attention(q, key_states, keys.values.to(q.dtype), bias, visible, self.alpha,
-                                           self.normaliser, key_scale)
-        attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        return attended, group_mean(weights, self.kv_heads) if need_weights else None
 
-
-class SASRecReformerLayer(SASRecLayer):
+class SASRecReformerLayer(BucketMask, SASRecLayer):
     def __init__(self, cfg: ModelConfig, n_hashes: int, buckets: int) -> None:
         super().__init__(cfg)
         width = cfg.heads * cfg.head_dim
@@ -135,17 +129,6 @@ class SASRecReformerLayer(SASRecLayer):
         q, v = self.qkv(h).split(self.split, dim=-1)
         q = split_heads(q, self.heads)
         return q, shared_qk_block(q, split_heads(v, self.heads), tokens)
-
-    def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
-               need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As :meth:`SASRecLayer.attend`, on the bucket-restricted mask ``(B, H, T, n + T)``."""
-        batch, _, length, _ = q.shape
-        keys = concat_keys(cache, new)
-        key_states = keys.keys.to(q.dtype)
-        visible = bucket_visible(self.visible(tokens, cache), self.hash(key_states), length)
-        attended, weights = softmax_attention(q, key_states, keys.values.to(q.dtype), visible, need_weights)
-        attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        return attended, None if weights is None else group_mean(weights, self.kv_heads)
 
 
 @dataclass(frozen=True)

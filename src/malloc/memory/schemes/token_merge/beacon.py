@@ -163,7 +163,7 @@ class BeaconState:
             x = torch.where(tokens.beacon[:, :, None], x + self.beacon_embedding[k], x)
         return super().forward(x, tokens, cache, need_weights)
 
-    def visible(self, tokens: TokenBatch, cache: KVBlock | None) -> torch.Tensor:
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None, keys: KVBlock) -> torch.Tensor:
         return beacon_visibility(tokens, cache, self.chunk)
 
     def new_state(self, new: KVBlock, tokens: TokenBatch, user: int, count: int, dtype: torch.dtype

@@ -67,7 +67,7 @@ class SlidingWindowState:
     num_globals: int
     plain_kv = False
 
-    def visible(self, tokens: TokenBatch, cache: KVBlock | None) -> torch.Tensor:
+    def visible(self, tokens: TokenBatch, cache: KVBlock | None, keys: KVBlock) -> torch.Tensor:
         return visibility(tokens, cache) & window_mask(tokens, cache, self.window, self.num_globals)
 
     def store(self, stored: StoredLayer, new: StoredLayer) -> StoredLayer:
