@@ -23,8 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="long-range,short", help="comma-separated presets")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, init and shuffling)")
-    parser.add_argument("--users", type=int, default=64, help="synthetic users (64, as in the test)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (8, as in the test)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: as in the test)")
     parser.add_argument("--results", default="results/calibration", help="results folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -33,7 +32,7 @@ def main() -> None:
         deltas = []
         for seed in (int(s) for s in args.seeds.split(",")):
             tic = time.perf_counter()
-            cfg = calibration_config(preset, seed, args.results, users=args.users, epochs=args.epochs)
+            cfg = calibration_config(preset, seed, args.results, epochs=args.epochs)
             result = sensitivity(cfg, points=[Truncation(), Truncation(fraction=16)], resamples=200,
                                  show_progress=False)
             full, cut = result["points"]

@@ -165,8 +165,8 @@ def test_long_range_preset_plants_what_its_docstring_says() -> None:
 
 def test_short_and_reconsume_presets() -> None:
     short = SyntheticConfig(preset="short", num_users=60, seed=1)
-    assert _coverage(short, 1) == pytest.approx(0.9, abs=0.02)  # the previous event, 90% of the time
-    assert _coverage(short, 256) - _coverage(short, 8) < 0.05  # older events add little
+    assert _coverage(short, 1) == pytest.approx(0.75, abs=0.02)  # the previous event, 75% of the time
+    assert _coverage(short, 256) - _coverage(short, 8) < 0.03  # older events add little
     reconsume = SyntheticConfig(preset="reconsume", num_users=60, seed=1)
     ds, truth = generate_with_truth(reconsume)
     assert np.array_equal(truth.clean_labels, truth.is_recall.astype(np.int8))  # positives are re-consumptions

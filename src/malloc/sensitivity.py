@@ -390,31 +390,33 @@ def _written_lengths(users: np.ndarray, history_len: np.ndarray, max_len: int) -
 
 
 # -- calibration of the synthetic presets ---------------------------------------------------------------------------
-def calibration_config(preset: str, seed: int = 0, results_dir: str = "results", users: int = 64,
-                       epochs: int = 8) -> RunConfig:
+def calibration_config(preset: str, seed: int = 0, results_dir: str = "results", epochs: int | None = None
+                       ) -> RunConfig:
     """The small, seeded CTR run behind the preset calibration (``tests/test_sensitivity.py``,
-    ``benchmarks/calibrate_presets.py``): a 1-layer HSTU (D = 32) trained on ``users`` users of 128 events.
+    ``benchmarks/calibrate_presets.py``): a 1-layer HSTU (D = 32) trained with batches of 4 windows.
 
-    Validation (early stopping only) uses the last 2% of each user's events before the 10% of test rows. Sizes are
-    shrunk so that it trains in seconds: ``long-range`` keeps 16 topics of one item each, all of them
-    every user's interests (a topic recurs after 16 events on average, so a memory of the last 8 events holds the
-    evidence for ``1 - (15/16) ** 8 = 40%`` of the rows, the full history for all); ``short`` keeps 64 topics of
-    one item each, bursts of mean length 10.
+    Sizes are shrunk so that it trains in about a minute; every topic has one item. ``long-range``: 64 users of 128
+    events, 16 topics, all of them every user's interests (a topic recurs after 16 events on average, so the last
+    8 events, 1/16 of 128, hold the evidence for ``1 - (15/16) ** 8 = 40%`` of the rows, the full history for
+    all). ``short``: the same users and lengths, 512 topics in bursts (stickiness 0.75; mean length 4), so the
+    previous event is the evidence for 75% of the rows; it learns what it can in fewer epochs (``epochs=5``).
+    Validation (early stopping only) uses the last 2% of each user's events before the 10% of test rows.
     """
     from malloc.config import load_config
 
-    sizes = {"long-range": ("16", "16"), "short": ("64", "64")}
+    sizes = {"long-range": (16, 64, 128), "short": (512, 64, 128)}  # topics, users, events per user
     if preset not in sizes:
         raise ConfigError(f"calibrated presets: {', '.join(sizes)}; got {preset!r}")
-    topics, interests = sizes[preset]
+    topics, users, length = sizes[preset]
+    epochs = epochs if epochs is not None else {"long-range": 8, "short": 5}[preset]
     overrides = [
         "task=ctr", "data.source=synthetic", f"data.synthetic.preset={preset}", f"data.synthetic.seed={seed}",
-        f"data.synthetic.num_users={users}", "data.synthetic.min_len=128", "data.synthetic.max_len=128",
+        f"data.synthetic.num_users={users}", f"data.synthetic.min_len={length}", f"data.synthetic.max_len={length}",
         f"data.synthetic.num_topics={topics}", f"data.synthetic.num_items={topics}",
-        f"data.synthetic.interests_per_user={interests}", "data.valid_fraction=0.02",
+        f"data.synthetic.interests_per_user={topics}", "data.valid_fraction=0.02",
         "model.dim=32", "model.layers=1", "model.heads=4", "model.head_dim=8", "model.dropout=0.0",
-        "model.max_len=128", f"train.epochs={epochs}", f"train.patience={epochs}", "train.batch_size=16",
-        "train.lr=0.01", f"train.seed={seed}", "eval.user_batch=64", f"results_dir={results_dir}",
+        f"model.max_len={length}", f"train.epochs={epochs}", f"train.patience={epochs}", "train.batch_size=4",
+        "train.lr=0.01", f"train.seed={seed}", "eval.user_batch=128", f"results_dir={results_dir}",
         f"name=calibration-{preset}",
     ]
     return load_config(None, overrides)

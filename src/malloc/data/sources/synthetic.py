@@ -48,10 +48,11 @@ takes the preset's value). The evidence a truncated memory loses is computed exa
   (``recall``); fresh items come from 100,000 items without popularity skew, so a fresh item repeats an earlier
   one only rarely. A memory of the last ``n / 16`` events (at most 32 for histories of up to 512) never holds
   the source of a recall.
-* ``short``: *recent events carry almost all the signal*. Topics come in bursts (stickiness 0.9, mean length
-  10) drawn uniformly from all 64 topics, labels follow the user's like or dislike of the topic (``affinity``):
-  the previous event, one step back, is the evidence for 90% of the events; only a burst's first event needs an
-  older one. 5% label noise; histories of 128 to 512 events.
+* ``short``: *recent events carry almost all the signal*. Topics come in bursts (stickiness 0.75, mean length
+  4) drawn uniformly from 1,024 topics of one item each, labels follow the user's like or dislike of the topic
+  (``affinity``): the previous event, one step back, is the evidence for 75% of the events; a burst's first
+  event needs the last burst of the same topic, which a history of at most 128 bursts rarely holds (about 12%
+  of the burst starts at 512 events). 5% label noise; histories of 128 to 512 events.
 
 :func:`generate_with_truth` also returns what was planted (:class:`SyntheticTruth`), for tests and analysis.
 """
@@ -79,8 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "interests_per_user": 32},
     "reconsume": {**_SHARED_PRESET, "label_rule": "recall", "num_items": 100_000, "zipf_exponent": 0.0,
                   "recall_prob": 0.3, "recall_min_gap": 32},
-    "short": {**_SHARED_PRESET, "label_rule": "affinity", "num_items": 256, "num_topics": 64,
-              "interests_per_user": 64, "topic_stickiness": 0.9},
+    "short": {**_SHARED_PRESET, "label_rule": "affinity", "num_items": 1024, "num_topics": 1024,
+              "interests_per_user": 1024, "topic_stickiness": 0.75},
 }
 
 
