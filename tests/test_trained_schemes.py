@@ -102,3 +102,19 @@ def test_the_server_keeps_each_schemes_own_state_rule(scheme):
     assert [s.nbytes() for s in served] == [s.nbytes() for s in direct]
     items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
     assert torch.allclose(server.score(served, items, times), model.score(direct, items, times))
+
+
+@pytest.mark.parametrize("scheme", ["gqa", "mla"])
+def test_n_kept_switch_rescales_stored_events_of_head_schemes(scheme):
+    """HSTU's "N = kept" switch (eval.hstu_normaliser) acts on head schemes' stored events too."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64, scheme=scheme,
+                      memory_ratio=0.5)
+    model = build_model(cfg, 40)
+    events = synthetic_events(2, 80, 40, seed=0)
+    items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
+    scores = []
+    for renormalise in (False, True):
+        server = Server(model, build_policy("h2o", 0.25), renormalise=renormalise)
+        scores.append(server.score(server.write(events), items, times))
+    assert not torch.allclose(scores[0], scores[1])

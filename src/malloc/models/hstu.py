@@ -70,6 +70,16 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     return weights @ v, weights
 
 
+def stored_scale(cache: KVBlock | None, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(B, 1, 1, keys)`` multiplier of the weights: the cache's ``scale`` on stored keys, 1 on new ones; None
+    when the cache has no scale (the original normaliser)."""
+    if cache is None or cache.scale is None:
+        return None
+    scale = torch.ones(cache.keys.shape[0], 1, 1, keys, dtype=dtype, device=cache.keys.device)
+    scale[:, :, :, : cache.keys.shape[2]] = cache.scale[:, :, None, None]
+    return scale
+
+
 class HSTULayer(AttentionLayer):
     """One HSTU layer; ``kv_heads < heads`` shares each stored key/value head among a group of query heads (GQA).
 
@@ -118,14 +128,10 @@ class HSTULayer(AttentionLayer):
         keys = concat_keys(cache, new)
         visible = self.visible(tokens, cache, keys)
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
-        key_scale = None
-        if cache is not None and cache.scale is not None:  # stored events scaled, new events as they are
-            key_scale = torch.ones(batch, 1, 1, keys.keys.shape[2], dtype=q.dtype, device=q.device)
-            key_scale[:, :, :, : cache.keys.shape[2]] = cache.scale[:, :, None, None]
         attended, weights = hstu_attention(
             q, to_query_heads(keys.keys.to(q.dtype), self.heads), to_query_heads(keys.values.to(q.dtype), self.heads),
             to_query_heads(bias, self.heads), to_query_heads(visible, self.heads), self.alpha, self.normaliser,
-            key_scale)
+            stored_scale(cache, keys.keys.shape[2], q.dtype))
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
         return attended, group_mean(weights, self.kv_heads) if need_weights else None
 

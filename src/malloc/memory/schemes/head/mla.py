@@ -26,7 +26,7 @@ from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.state import LayerState, StoredLayer, collate_layers
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
-from malloc.models.hstu import HSTULayer, hstu_attention
+from malloc.models.hstu import HSTULayer, hstu_attention, stored_scale
 from malloc.models.sasrec import SASRecLayer, softmax_attention
 from malloc.profiling import macs
 from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
@@ -90,7 +90,7 @@ class HSTUMLALayer(LatentState, HSTULayer):
         bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
         latent = keys.keys.to(q.dtype)
         attended, weights = hstu_attention(self.up.query(q), latent, latent, bias, self.visible(tokens, cache, keys),
-                                           self.alpha, self.normaliser)
+                                           self.alpha, self.normaliser, stored_scale(cache, latent.shape[2], q.dtype))
         return self.up.output(attended), group_mean(weights, 1) if need_weights else None
 
 
