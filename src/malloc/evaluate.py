@@ -21,9 +21,9 @@ from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
 from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics
+from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
-from malloc.models.base import DTYPES
 from malloc.profiling.macs import recompute_macs, request_macs
 from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
 from malloc.serving.server import Server
@@ -163,10 +163,8 @@ def model_meters(cfg: RunConfig, model: SequentialRecommender, view: CTRView | R
 
 
 def native_layer_bytes(cfg: ModelConfig, history_len: int) -> int:
-    """Bytes a Native model of ``cfg``'s size stores in its layers for ``history_len`` events: per layer and event,
-    every head's key and value in the state dtype, an int32 position and an int64 timestamp."""
-    per_event = cfg.heads * 2 * cfg.head_dim * torch.empty(0, dtype=DTYPES[cfg.state_dtype]).element_size() + 4 + 8
-    return cfg.layers * history_len * per_event
+    """Bytes a Native model of ``cfg``'s size stores in its layers for ``history_len`` events."""
+    return cfg.layers * history_len * native_event_bytes(cfg)
 
 
 # -- fidelity ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ TRAINED_IN = "trained-in"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def native_event_bytes(cfg: ModelConfig) -> int:
+    """Bytes a Native layer of ``cfg``'s size stores per event: every head's key and value in the state dtype,
+    an int32 position and an int64 timestamp."""
+    return cfg.heads * 2 * cfg.head_dim * DTYPE_BYTES[cfg.state_dtype] + 4 + 8
+
+
 @dataclass(frozen=True)
 class ArchitectureScheme:
     """Base of the trained-in schemes.

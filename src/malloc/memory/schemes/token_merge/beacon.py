@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
+from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
 from malloc.memory.policy import SchemeError
 from malloc.memory.state import LayerState, StoredLayer
 from malloc.models.base import AttentionLayer
@@ -263,7 +263,7 @@ class Beacon(ArchitectureScheme):
 
     def state_bytes(self, cfg: ModelConfig, history_len: int) -> int:
         """``L s (H (d_k + d_v) b + 12)`` with ``s`` = :meth:`stored_keys`: keys, values, positions, timestamps."""
-        per_token = cfg.heads * 2 * cfg.head_dim * DTYPE_BYTES[cfg.state_dtype] + 4 + 8
+        per_token = native_event_bytes(cfg)
         return cfg.layers * int(self.stored_keys(cfg, history_len)) * per_token
 
     def append_tokens(self, cfg: ModelConfig, history_len: int, new_events: int) -> float:

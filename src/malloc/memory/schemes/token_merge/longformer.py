@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
+from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
 from malloc.memory.policy import SchemeError
 from malloc.memory.state import LayerState, StoredLayer
 from malloc.models.base import AttentionLayer
@@ -134,5 +134,4 @@ class Longformer(ArchitectureScheme):
 
     def state_bytes(self, cfg: ModelConfig, history_len: int) -> int:
         """``L min(n, w + g) (H (d_k + d_v) b + 12)``: the kept events' keys, values, positions, timestamps."""
-        per_event = cfg.heads * 2 * cfg.head_dim * DTYPE_BYTES[cfg.state_dtype] + 4 + 8
-        return cfg.layers * int(self.stored_keys(cfg, history_len)) * per_event
+        return cfg.layers * int(self.stored_keys(cfg, history_len)) * native_event_bytes(cfg)
