@@ -8,6 +8,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -214,6 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``malloc bench --suite NAME``: run a suite (configs/suites/NAME.yaml) into <results>/<NAME>/."""
     from malloc.bench.suite import load_suite
     from malloc.bench.sweep import SuiteRunner
+    from malloc.device import resolve_device
 
     paths = {}
     for pair in args.data:
@@ -222,9 +224,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data expects NAME=PATH, got {pair!r}")
         paths[label] = path
     spec = load_suite(args.suite)
+    if args.device is not None:  # where the suite computes is not part of any run's hash
+        resolve_device(args.device)  # a bad name or a missing GPU fails here, not in every item
+        spec = dataclasses.replace(spec, base={**spec.base, "device": args.device})
+    index, sep, count = (args.shard or "0/1").partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ConfigError(f"--shard expects I/N with 0 <= I < N (e.g. 0/4), got {args.shard!r}")
     runner = SuiteRunner(spec, args.results, force=args.force, data_paths=paths, show_progress=not args.quiet,
-                         command=" ".join(["malloc", *(args.argv or [])]))
-    print(f"suite {spec.name}: {len(runner.items)} items -> {runner.out_dir}")
+                         command=" ".join(["malloc", *(args.argv or [])]), shard=(int(index), int(count)))
+    print(f"suite {spec.name}: {len(runner.shard_items)} of {len(runner.items)} items -> {runner.out_dir}")
     outcome = runner.run()
     print(f"suite {spec.name}: {outcome.ran} run, {outcome.skipped} already done, {len(outcome.failed)} failed "
           f"({outcome.seconds / 60:.1f} min); report: malloc report {outcome.out_dir}")
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="path of a suite data set that needs one (e.g. --data microvideo=~/data/MicroVideo1.7M_x1)")
     p.add_argument("--force", action="store_true", help="rerun every item and retrain every run")
+    p.add_argument("--shard", metavar="I/N", help="run items I, I+N, I+2N, ... of the plan only (N processes "
+                   "sharing --results run the suite in parallel; shared training runs are trained once)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto for every run of the suite (default: the suite's, cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from malloc.configio import apply_overrides, from_dict, load_yaml
 from malloc.data.sources.synthetic import SyntheticConfig
+from malloc.device import check_device_name
 from malloc.models.config import ModelConfig
 
 
@@ -129,6 +130,7 @@ class RunConfig:
         name: run name; results go to ``<results_dir>/<name>-<config hash>/``.
         task: "ctr" (AUC, GAUC, Logloss) or "retrieval" (HR@K, NDCG@K, MRR over the full catalogue).
         results_dir: root folder of results.
+        device: "cpu", "cuda", "cuda:N" or "auto" (see :mod:`malloc.device`); not part of the run's hash.
     """
 
     name: str = "run"
@@ -138,6 +140,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
 
     @property
     def monitor(self) -> str:

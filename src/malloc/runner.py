@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from malloc.config import RunConfig
 from malloc.configio import to_dict
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
+from malloc.device import device_name, resolve_device
 from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
 from malloc.models import SequentialRecommender, build_model
 from malloc.train import train
@@ -60,17 +62,27 @@ def build_view(cfg: RunConfig) -> CTRView | RetrievalView:
     return RetrievalView(ds.sequences)
 
 
-def environment() -> dict[str, Any]:
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Library versions, the processor, torch's thread count and the device (``cfg.device``) of a run."""
     return {"malloc": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads()}
+            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "device": device_name(resolve_device(device))}
 
 
 def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Train and test one configuration, or return the stored result if the run is already done.
 
+    Holds the run's lock (:meth:`RunDir.lock`) throughout, so processes that share a results folder train each
+    run once.
+
     Returns:
         ``{"run_id", "metrics", "meters"}``.
     """
+    with run_dir_for(cfg).lock():
+        return _run_locked(cfg, force, show_progress)
+
+
+def _run_locked(cfg: RunConfig, force: bool, show_progress: bool) -> dict[str, Any]:
     run_dir = run_dir_for(cfg)
     if force:
         run_dir.clear()
@@ -97,7 +109,7 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
         "best_epoch": trained.best_epoch, "epochs_run": trained.epochs_run,
         "train_seconds_per_epoch": trained.seconds_per_epoch,
         "train_events_per_second": trained.events_per_second,
-        "environment": environment(),
+        "environment": environment(cfg.device),
     }
     run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history})
     run_dir.write_meters(meters)
@@ -112,6 +124,11 @@ def load_trained(cfg: RunConfig) -> tuple[SequentialRecommender, CTRView | Retri
         raise FileNotFoundError(f"no checkpoint for this config at {run_dir.checkpoint_path}: run `malloc train` "
                                 "with the same config first")
     view = build_view(cfg)
-    model = build_model(cfg.model, view.sequences.num_items)
-    model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
-    return model.eval(), view, run_dir
+    return load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path), view, run_dir
+
+
+def load_model(cfg: RunConfig, num_items: int, checkpoint: Path) -> SequentialRecommender:
+    """A ``cfg.model`` with the weights saved at ``checkpoint``, on ``cfg.device``, in eval mode."""
+    model = build_model(cfg.model, num_items)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return model.to(resolve_device(cfg.device)).eval()

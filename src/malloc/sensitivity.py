@@ -297,11 +297,8 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     Raises:
         ConfigError: an unknown task or split, or fewer than 2 bootstrap resamples.
     """
-    import torch
-
     from malloc.evaluate import replay
-    from malloc.models import build_model
-    from malloc.runner import build_view, run, run_dir_for
+    from malloc.runner import build_view, load_model, run, run_dir_for
 
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
@@ -314,9 +311,7 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     view = build_view(cfg)  # a bad data set fails here, before the run writes anything
     trained = run(cfg, show_progress=show_progress)
     run_dir = run_dir_for(cfg)
-    model = build_model(cfg.model, view.sequences.num_items)
-    model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
-    model.eval()
+    model = load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path)
     path = sensitivity_path(run_dir.root, split)
     if path.is_file() and not force:
         done = read_json(path)

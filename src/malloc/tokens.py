@@ -65,6 +65,11 @@ class TokenBatch:
                                                        self.timestamps, self.is_history, self.valid)),
                           beacon=None if self.beacon is None else self.beacon[:, start:stop])
 
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in (self.items, self.actions, self.positions, self.timestamps,
+                                                   self.is_history, self.valid)),
+                          beacon=None if self.beacon is None else self.beacon.to(device))
+
 
 @dataclass
 class KVBlock:

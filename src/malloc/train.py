@@ -23,6 +23,7 @@ from malloc.bench.results import atomic_torch_save
 from malloc.config import RunConfig
 from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batch, retrieval_training_batch
 from malloc.data.tasks import CTRView, RetrievalView, Window, windows
+from malloc.device import resolve_device
 from malloc.evaluate import evaluate
 from malloc.models import SequentialRecommender, build_model
 
@@ -70,7 +71,7 @@ def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, ne
     targets = targets.long()
     if negatives == 0:
         return F.cross_entropy(model.item_logits(hidden), targets)
-    sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator)
+    sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator).to(hidden.device)
     positive = (hidden * model.item_embedding(targets)).sum(-1, keepdim=True)
     negative = hidden @ model.item_embedding(sampled).T
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
@@ -96,8 +97,9 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.device)
     seqs = view.sequences
-    model = build_model(cfg.model, seqs.num_items)
+    model = build_model(cfg.model, seqs.num_items).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     all_windows = training_windows(view, cfg)
     lengths = np.array([w.stop - w.start for w in all_windows])
@@ -106,11 +108,13 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": -1, "stale": 0, "history": []}
     if last_path.exists():
-        saved = torch.load(last_path, weights_only=False)
+        saved = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+        generator.set_state(saved["generator"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
         state = saved["progress"]
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
 
@@ -125,7 +129,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
             picked = [all_windows[i] for i in batch_index]
             batch = (ctr_training_batch(seqs, picked, row_index) if row_index is not None
                      else retrieval_training_batch(seqs, picked))
-            loss = batch_loss(model, batch, cfg.task, cfg.train.negatives, generator)
+            loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -149,9 +153,10 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
         state["epoch"] = epoch + 1
         atomic_torch_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                            "progress": state}, last_path)
 
-    model.load_state_dict(torch.load(best_path, weights_only=True))
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     history = state["history"]
     result = TrainResult(
         best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],

@@ -162,6 +162,10 @@ class RunDir:
         return self.root / "last.pt"
 
     @property
+    def lock_path(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
     def done_path(self) -> Path:
         return self.root / "done.json"
 
@@ -203,12 +207,31 @@ class RunDir:
         }
         atomic_write_json(self.error_path, record)
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's exclusive lock (``<root>/run.lock``, an advisory ``flock``) for the block.
+
+        Several processes on one file system (suite shards, workers of a cluster sharing a results folder) may
+        ask for the same run: the first trains it, the others wait here and then find it done. ``clear()``
+        keeps the lock file, so a forced rerun stays under the same lock; the lock dies with its process.
+        """
+        import fcntl
+
+        path = self.lock_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def read_error(self) -> dict[str, Any] | None:
         """The recorded failure, or None."""
         return read_json(self.error_path) if self.error_path.is_file() else None
 
     def clear(self) -> None:
-        """Delete the run directory and everything in it (for ``--force``).
+        """Delete the run directory, or everything in it but its lock file if it has one (for ``--force``).
 
         Refuses a directory whose name is not ``<name>-<8 hex>``, so a mistyped root cannot wipe other data.
         """
@@ -216,8 +239,17 @@ class RunDir:
             raise ValueError(f"refusing to clear {self.root}: not a run directory named <name>-<8 hex hash>")
         if self.root.is_symlink() or self.root.is_file():
             raise ValueError(f"refusing to clear {self.root}: not a directory")
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        if not self.root.exists():
+            return
+        for child in self.root.iterdir():
+            if child == self.lock_path:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if not self.lock_path.exists():
+            self.root.rmdir()
 
 
 __all__ = [

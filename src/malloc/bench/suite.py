@@ -82,6 +82,8 @@ class SuiteSpec:
         exclude: scheme names to leave out of what ``schemes`` selects.
         variants: label -> :class:`VariantSpec`, further arms with knobs of their own.
         ratios: target memory ratios, numbers or fractions (``1/4``), in (0, 1).
+        trained_ratios: the ratios of the trained-in arms, where they differ from ``ratios`` (each distinct model
+            a trained-in scheme builds is a training run, so a suite may give them fewer); empty = ``ratios``.
         seeds: training seeds (``train.seed``); with several, reports give mean and standard deviation.
         latency: per-request latency settings (:class:`~malloc.bench.meters.LatencySpec`).
     """
@@ -97,6 +99,7 @@ class SuiteSpec:
     exclude: tuple[str, ...] = ()
     variants: dict[str, VariantSpec] = field(default_factory=dict)
     ratios: tuple[float | str, ...] = (0.25, 0.0625)
+    trained_ratios: tuple[float | str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     latency: LatencySpec = field(default_factory=LatencySpec)
 
@@ -108,11 +111,13 @@ class SuiteSpec:
             if not label or not all(ch.isalnum() or ch in "_.+=" for ch in label):
                 raise ValueError(f"name {label!r} must be letters, digits and _ . + = (it names files)")
         self.ratio_values()  # checks every ratio
+        self.ratio_values(trained=True)
 
-    def ratio_values(self) -> tuple[float, ...]:
-        """The target ratios as floats, in the file's order."""
+    def ratio_values(self, trained: bool = False) -> tuple[float, ...]:
+        """The target ratios as floats, in the file's order (``trained``: those of the trained-in arms)."""
         values = []
-        for ratio in self.ratios:
+        axis = "trained_ratios" if trained and self.trained_ratios else "ratios"
+        for ratio in getattr(self, axis):
             try:
                 if isinstance(ratio, str) and "/" in ratio:
                     num, den = ratio.split("/", 1)
@@ -120,9 +125,9 @@ class SuiteSpec:
                 else:
                     value = float(ratio)
             except (ValueError, ZeroDivisionError) as exc:
-                raise ValueError(f"ratios: {ratio!r} is not a number or a fraction such as 1/4") from exc
+                raise ValueError(f"{axis}: {ratio!r} is not a number or a fraction such as 1/4") from exc
             if not 0.0 < value < 1.0:
-                raise ValueError(f"ratios: {ratio!r} must be in (0, 1) (Native is the ratio 1 of every setting)")
+                raise ValueError(f"{axis}: {ratio!r} must be in (0, 1) (Native is the ratio 1 of every setting)")
             values.append(value)
         return tuple(values)
 
@@ -313,7 +318,7 @@ def plan(spec: SuiteSpec, results_dir: str | Path = "results", data_paths: Mappi
          ) -> list[Item]:
     """Every item of the suite: per setting, Native first, then the training-free arms, then the trained-in ones."""
     arms = selected_arms(spec)
-    ratios = spec.ratio_values()
+    ratios, trained_ratios = spec.ratio_values(), spec.ratio_values(trained=True)
     items = []
     for setting in settings(spec, results_dir, data_paths):
         key = setting.key
@@ -328,9 +333,10 @@ def plan(spec: SuiteSpec, results_dir: str | Path = "results", data_paths: Mappi
             if scheme not in ARCHITECTURES:
                 continue
             try:
-                groups = _trained_groups(setting.cfg, scheme, knobs, ratios)
+                groups = _trained_groups(setting.cfg, scheme, knobs, trained_ratios)
             except SchemeError as exc:
-                items.append(Item(f"{key}--{label}", setting, "trained", label, scheme, knobs, ratios, str(exc)))
+                items.append(Item(f"{key}--{label}", setting, "trained", label, scheme, knobs, trained_ratios,
+                                  str(exc)))
                 continue
             for group in groups:  # named by the ratio it trains at; the record lists every ratio it stands for
                 items.append(Item(f"{key}--{label}-{_ratio_tag(group[0])}", setting, "trained", label, scheme,

@@ -51,9 +51,9 @@ from malloc.evaluate import (
 )
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture, build_policy
-from malloc.models import SequentialRecommender, build_model
+from malloc.models import SequentialRecommender
 from malloc.profiling.latency import request_latency
-from malloc.runner import build_view, run, run_dir_for
+from malloc.runner import build_view, load_model, run, run_dir_for
 from malloc.serving.server import Server
 
 log = logging.getLogger("malloc.bench")
@@ -128,9 +128,7 @@ class _Loaded:
         view = self.view_for(cfg)
         run_dir = run_dir_for(cfg)
         if run_dir.run_id not in self.models:
-            model = build_model(cfg.model, view.sequences.num_items)
-            model.load_state_dict(torch.load(run_dir.checkpoint_path, weights_only=True))
-            self.models[run_dir.run_id] = model.eval()
+            self.models[run_dir.run_id] = load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path)
         return self.models[run_dir.run_id]
 
 
@@ -144,17 +142,26 @@ class SuiteRunner:
         data_paths: data set label -> path (for data sets with ``needs_path``).
         command: the command line to record (default: this process's).
         show_progress: progress bars of training and replays (terminal only).
+        shard: ``(i, n)``: run only the items whose plan index is ``i`` modulo ``n``. ``n`` processes with
+            ``i = 0..n-1`` sharing the results folder run the whole suite between them (on one machine's cores and
+            GPU, or on the nodes of a cluster with a shared file system); a training run several of them need is
+            trained once under its lock (:meth:`~malloc.bench.results.RunDir.lock`) while the others wait.
     """
 
     def __init__(self, spec: SuiteSpec, results_dir: str | Path = "results", force: bool = False,
                  data_paths: Mapping[str, str] | None = None, command: str | None = None,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+        self.shard = shard
         self.spec = spec
         self.out_dir = Path(results_dir) / spec.name
         self.force = force
         self.show_progress = show_progress
         self.command = command if command is not None else " ".join(["malloc", *sys.argv[1:]])
         self.items = plan(spec, results_dir, data_paths)
+        self.shard_items = [item for k, item in enumerate(self.items) if k % count == index]
         self.skipped_datasets = sorted(set(spec.datasets) - {i.setting.dataset for i in self.items})
         self._loaded = _Loaded()
         self._forced: set[str] = set()
@@ -182,16 +189,16 @@ class SuiteRunner:
 
     def run(self, on_item: Callable[[Item], None] | None = None) -> SuiteOutcome:
         """Run every item not yet done; returns what happened. ``on_item`` is called before each item runs."""
-        outcome = SuiteOutcome(self.out_dir, planned=len(self.items))
+        outcome = SuiteOutcome(self.out_dir, planned=len(self.shard_items))
         self.write_manifest()
         if self.skipped_datasets:
             log.info("%s: data sets without a path, left out: %s (give --data NAME=PATH)", self.spec.name,
                      ", ".join(self.skipped_datasets))
         started = time.perf_counter()
         durations: dict[str, list[float]] = {}
-        total = len(self.items)
-        pending = [self.force or not self.is_done(item) for item in self.items]
-        for index, item in enumerate(self.items, start=1):
+        total = len(self.shard_items)
+        pending = [self.force or not self.is_done(item) for item in self.shard_items]
+        for index, item in enumerate(self.shard_items, start=1):
             if not pending[index - 1]:
                 outcome.skipped += 1
                 continue
@@ -207,7 +214,8 @@ class SuiteRunner:
             outcome.ran += 1
             if record["status"] != "done":
                 outcome.failed[item.id] = f"{record['error']['type']}: {record['error']['message']}"
-            eta = _eta([i for i, todo in zip(self.items[index:], pending[index:], strict=True) if todo], durations)
+            eta = _eta([i for i, todo in zip(self.shard_items[index:], pending[index:], strict=True) if todo],
+                       durations)
             log.info("[%d/%d] %s %s in %.1f s; elapsed %s, ETA %s", index, total, item.id,
                      "done" if record["status"] == "done" else f"FAILED ({outcome.failed[item.id]})", seconds,
                      _clock(time.perf_counter() - started), _clock(eta))
@@ -229,7 +237,7 @@ class SuiteRunner:
             record["error"] = {"type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else "",
                                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
             log.debug("item %s failed", item.id, exc_info=True)
-        record["environment"] = environment()
+        record["environment"] = {**environment(), "device": item.setting.cfg.device}
         record["finished_at"] = _now()
         return record
 

@@ -54,6 +54,9 @@ class TrainingBatch:
     target_mask: torch.Tensor
     targets: torch.Tensor
 
+    def to(self, device: torch.device | str) -> TrainingBatch:
+        return TrainingBatch(self.tokens.to(device), self.target_mask.to(device), self.targets.to(device))
+
 
 def history_tokens(seqs: Sequences, batch: list[Window]) -> TokenBatch:
     """The windows' events as history tokens at positions ``0..len-1``."""

@@ -45,8 +45,11 @@ def synthetic_events(batch: int, length: int, num_items: int, seed: int) -> Even
                   lengths=torch.full((batch,), length, dtype=torch.int64))
 
 
-def _synchronize() -> None:
-    # Only when CUDA was used in this process: never initialise a GPU context just to time a CPU run.
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer read after it counts it; a no-op on a CPU run.
+
+    Only when CUDA was used in this process: never initialise a GPU context just to time a CPU run.
+    """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -67,13 +70,13 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_repeats: int = 5, m
                          f"min_seconds={min_seconds}")
     for _ in range(warmup):
         fn()
-    _synchronize()
+    synchronize()
     samples: list[float] = []
     total = 0.0
     while len(samples) < max_repeats and (len(samples) < min_repeats or total < min_seconds):
         tic = time.perf_counter()
         fn()
-        _synchronize()
+        synchronize()
         elapsed = time.perf_counter() - tic
         samples.append(elapsed)
         total += elapsed

@@ -31,6 +31,7 @@ from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
 from malloc.memory.state import UserState
+from malloc.profiling.latency import synchronize
 from malloc.serving.server import Server
 
 KeepLast = Callable[[np.ndarray], np.ndarray]
@@ -153,6 +154,7 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
             picked = [steps[b][1][k] for b in active]
             scores = server.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
                                   pad([rows.timestamp[p] for p in picked]))
+            synchronize()
             meters.request_seconds.append((time.perf_counter() - tic) / len(active))
             meters.requests += len(active)
             for j, p in enumerate(picked):
@@ -191,6 +193,7 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
         tic = time.perf_counter()
         states = server.append(states, events(seqs, users, split, stop))
         scores = server.retrieve(states)
+        synchronize()
         meters.request_seconds.append((time.perf_counter() - tic) / len(users))
         targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop], device=scores.device)
         exclude = None
