@@ -87,3 +87,14 @@ def test_every_registered_scheme_has_complexity_formulas():
 
 def test_ratio_text():
     assert [ratio_text(r) for r in (1.0, 0.5, 0.0625, 0.3, 1 / 64)] == ["1", "1/2", "1/16", "0.3", "1/64"]
+
+
+def test_markdown_regeneration_keeps_the_hand_written_text_around_the_markers(tmp_path):
+    from malloc.bench.report import BEGIN, END, splice
+
+    page = tmp_path / "RESULTS.md"
+    assert splice(page, "# new\n") == "# new\n"  # no file: the report alone
+    page.write_text("# mine\nintro\n")
+    assert splice(page, "# new\n") == "# new\n"  # no markers: the report alone
+    page.write_text(f"# mine\nintro\n{BEGIN}\nold table\n{END}\n## by hand\nkept\n")
+    assert splice(page, "# new\ntable\n") == f"# mine\nintro\n{BEGIN}\n# new\ntable\n{END}\n## by hand\nkept\n"
