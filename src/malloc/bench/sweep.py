@@ -154,7 +154,6 @@ class SuiteRunner:
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
-        self.shard = shard
         self.spec = spec
         self.out_dir = Path(results_dir) / spec.name
         self.force = force
