@@ -26,6 +26,7 @@ SUITES = ROOT / "configs" / "suites"
 @pytest.mark.parametrize("name", ["cpu", "cuda", "cuda:1", "auto"])
 def test_device_names_that_are_accepted(name):
     check_device_name(name)
+    assert load_config(None, [f"device={name}"]).device == name
 
 
 @pytest.mark.parametrize("name", ["gpu", "CUDA", "cuda:", "cuda:x", "mps0", ""])

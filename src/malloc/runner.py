@@ -78,12 +78,12 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
     Returns:
         ``{"run_id", "metrics", "meters"}``.
     """
-    with run_dir_for(cfg).lock():
-        return _run_locked(cfg, force, show_progress)
-
-
-def _run_locked(cfg: RunConfig, force: bool, show_progress: bool) -> dict[str, Any]:
     run_dir = run_dir_for(cfg)
+    with run_dir.lock():
+        return _run_locked(cfg, run_dir, force, show_progress)
+
+
+def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: bool) -> dict[str, Any]:
     if force:
         run_dir.clear()
     if run_dir.is_done():
