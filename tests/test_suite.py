@@ -139,6 +139,10 @@ def test_smoke_suite_records_carry_every_meter():
             assert len(record["per_user"]["users"]) == len(record["per_user"]["delta"]) > 0
             assert record["fidelity"]
             assert meters["memory_ratio"] < 0.9  # every smoke arm stores less than Native
+    # training-free items reuse the writes of earlier items of the same checkpoint (the same prefill kind)
+    policies = [r for r in done if r["kind"] == "policy"]
+    assert all(set(r["prefill_cache"]) == {"hits", "misses"} for r in policies)
+    assert any(r["prefill_cache"]["hits"] > 0 and r["prefill_cache"]["misses"] == 0 for r in policies)
     manifest = read_json(run.folder / "suite.json")
     assert manifest["command"] == "malloc bench --suite smoke" and [i["item"] for i in manifest["items"]] == [
         item.id for item in run.items]

@@ -25,6 +25,7 @@ from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
 from malloc.profiling.macs import recompute_macs, request_macs
+from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
 from malloc.serving.server import Server
 
@@ -93,14 +94,16 @@ def _per_user(meters: ReplayMeters) -> dict[str, np.ndarray]:
 
 
 def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
-           policy: CachePolicy | None = None, keep_last: KeepLast | None = None) -> Replay:
+           policy: CachePolicy | None = None, keep_last: KeepLast | None = None,
+           prefill_cache: PrefillCache | None = None) -> Replay:
     """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it.
 
-    ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.serving.replay`).
+    ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.serving.replay`);
+    ``prefill_cache`` shares uncompressed writes with other replays of ``model`` (the result is the same).
     """
     was_training = model.training
     server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
-                    renormalise=cfg.eval.hstu_normaliser == "kept")
+                    renormalise=cfg.eval.hstu_normaliser == "kept", prefill_cache=prefill_cache)
     try:
         if isinstance(view, CTRView):
             rows = view.split(split)
@@ -296,16 +299,18 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> float:
 
 
 def evaluate_scheme(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
-                    policy: CachePolicy, scheme: str, knobs: dict[str, Any], run_root: str | Path
-                    ) -> dict[str, Any]:
+                    policy: CachePolicy, scheme: str, knobs: dict[str, Any], run_root: str | Path,
+                    prefill_cache: PrefillCache | None = None) -> dict[str, Any]:
     """Replay the split under ``policy`` and under Native; accuracy, meters and fidelity to Native.
+
+    ``prefill_cache`` shares the policy replay's uncompressed writes with other policies' (a sweep).
 
     Returns:
         ``{"scheme", "knobs", "policy", "memory_ratio_target", "split", "task", "metrics", "native":
         {"metrics", "meters"}, "meters", "fidelity"}`` (see the README's "Memory schemes" section).
     """
     native = native_replay(cfg, model, view, split, run_root)
-    result = replay(cfg, model, view, split, policy)
+    result = replay(cfg, model, view, split, policy, prefill_cache=prefill_cache)
     assert np.array_equal(result.users, native.users), "the scheme and Native must serve the same users"
     shape = _request_shape(cfg, view, split)
     stored = float(result.layer_tokens.mean()) if len(result.layer_tokens) else 0.0

@@ -7,6 +7,11 @@ and per-request latency, training seconds per epoch, thread count), fidelity to 
 deltas to Native (for the paired test of :mod:`malloc.bench.stats`). The Native item also times one user's cached
 request against recomputing the history, at the median and the longest history.
 
+The training-free items of one checkpoint share its uncompressed writes (:mod:`malloc.serving.prefill_cache`):
+each batch of users is prefilled once per observation kind, and each item pays its own compression, appends and
+reads; a policy item's record counts the writes it reused (``prefill_cache``: hits and misses). The results are
+bit for bit those of fresh writes (tested).
+
 A failed item records its error (type, first line of the message, traceback) and the suite goes on; a rerun
 skips the items whose record says ``done`` and retries the others, so an interrupted suite resumes where it
 stopped (a run interrupted mid-training resumes from its ``last.pt``). Training runs live in ``<out>/runs/``;
@@ -54,6 +59,7 @@ from malloc.memory.registry import build_architecture, build_policy
 from malloc.models import SequentialRecommender
 from malloc.profiling.latency import request_latency
 from malloc.runner import build_view, load_model, run, run_dir_for
+from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.server import Server
 
 log = logging.getLogger("malloc.bench")
@@ -110,19 +116,28 @@ class SuiteOutcome:
 
 
 class _Loaded:
-    """The current setting's data view and trained models, loaded once for all its items."""
+    """The current setting's data view and trained models, loaded once for all its items, and each model's
+    :class:`PrefillCache` (its training-free items share one uncompressed write per batch of users)."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.view: CTRView | RetrievalView | None = None
         self.models: dict[str, SequentialRecommender] = {}
+        self.prefills: dict[str, PrefillCache] = {}
 
     def view_for(self, cfg: RunConfig) -> CTRView | RetrievalView:
         key = (cfg.task, json.dumps(to_dict(cfg.data), sort_keys=True))
         if key != self.key:
-            self.key, self.view, self.models = key, build_view(cfg), {}
+            self.key, self.view, self.models, self.prefills = key, build_view(cfg), {}, {}
         assert self.view is not None
         return self.view
+
+    def prefill_cache_for(self, cfg: RunConfig) -> PrefillCache:
+        model = self.model_for(cfg)
+        run_id = run_dir_for(cfg).run_id
+        if run_id not in self.prefills or self.prefills[run_id].model is not model:
+            self.prefills[run_id] = PrefillCache(model)
+        return self.prefills[run_id]
 
     def model_for(self, cfg: RunConfig) -> SequentialRecommender:
         view = self.view_for(cfg)
@@ -266,9 +281,10 @@ class SuiteRunner:
         return {"run_id": run_dir.run_id, "metrics": task_metrics(read_json(run_dir.metrics_path)),
                 "meters": read_json(run_dir.meters_path)}
 
-    def _latency(self, cfg: RunConfig, model: SequentialRecommender, policy: Any = None) -> dict[str, Any]:
+    def _latency(self, cfg: RunConfig, model: SequentialRecommender, policy: Any = None,
+                 prefill_cache: PrefillCache | None = None) -> dict[str, Any]:
         server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
-                        renormalise=cfg.eval.hstu_normaliser == "kept")
+                        renormalise=cfg.eval.hstu_normaliser == "kept", prefill_cache=prefill_cache)
         return request_latency_served(server, self._loaded.view_for(cfg), "test", cfg.model.max_len,
                                       self.spec.latency, seed=cfg.train.seed)
 
@@ -293,13 +309,16 @@ class SuiteRunner:
         policy = build_policy(item.scheme, item.ratios[0], **item.knobs)  # an unreachable ratio fails here
         native = self._native_run(item.setting)
         model = self._loaded.model_for(cfg)
+        prefills = self._loaded.prefill_cache_for(cfg)
+        hits, misses = prefills.hits, prefills.misses
         result = evaluate_scheme(cfg, model, self._loaded.view_for(cfg), "test", policy, item.scheme, item.knobs,
-                                 run_dir_for(cfg).root)
-        meters = {**result["meters"], **self._latency(cfg, model, policy),
+                                 run_dir_for(cfg).root, prefill_cache=prefills)
+        meters = {**result["meters"], **self._latency(cfg, model, policy, prefills),
                   "train_seconds_per_epoch": native["meters"].get("train_seconds_per_epoch")}
         return {"run_id": native["run_id"], "metrics": result["metrics"], "native_metrics": native["metrics"],
                 "meters": meters, "fidelity": result["fidelity"], "per_user": result["per_user"],
-                "policy": result["policy"], "knobs_in_force": item.knobs}
+                "policy": result["policy"], "knobs_in_force": item.knobs,
+                "prefill_cache": {"hits": prefills.hits - hits, "misses": prefills.misses - misses}}
 
     def _trained(self, item: Item) -> dict[str, Any]:
         from malloc.evaluate import Replay

@@ -55,6 +55,7 @@ class AttentionObserver:
     def __init__(self, layers: int, heads: int, end_positions: torch.Tensor, window: int) -> None:
         batch = len(end_positions)
         size = int(end_positions.max()) if batch else 0
+        self.layers = layers
         device = end_positions.device
         self.end_positions = end_positions
         self.window_start = end_positions - window
@@ -90,6 +91,11 @@ class AttentionObserver:
         self._count[layer].scatter_add_(2, index, sees.sum(2).expand(batch, heads, num_keys).contiguous())
         self._window_count[layer].scatter_add_(
             2, index, (sees * in_window).sum(2).expand(batch, heads, num_keys).contiguous())
+
+    def nbytes(self) -> int:
+        """Bytes of the accumulated statistics."""
+        tensors = (self._sum, self._max, self._window, self._last, self._count, self._window_count)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def stats(self, layer: int, user: int) -> LayerStats:
         """The statistics of one user and layer, over positions ``0 .. end_position - 1``."""

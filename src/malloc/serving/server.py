@@ -12,6 +12,7 @@ from malloc.memory.policy import CachePolicy, LayerContext, SchemeError
 from malloc.memory.state import LayerState, StoredLayer, UserState
 from malloc.memory.stats import AttentionObserver
 from malloc.models.base import Events, SequentialRecommender
+from malloc.serving.prefill_cache import Prefill, PrefillCache
 
 
 class Server:
@@ -28,10 +29,13 @@ class Server:
         candidate_chunk: candidates scored per micro-batch.
         renormalise: HSTU only: scale stored contributions by events seen / events stored ("N = kept", METHODS.md
             R3) instead of keeping the original normaliser (evicted events contribute 0; the default).
+        prefill_cache: uncompressed writes shared with other servers of the same model (a sweep's training-free
+            items, :mod:`malloc.serving.prefill_cache`); None computes every write.
     """
 
     def __init__(self, model: SequentialRecommender, policy: CachePolicy | None = None, prefill_chunk: int = 1024,
-                 candidate_chunk: int = 256, renormalise: bool = False) -> None:
+                 candidate_chunk: int = 256, renormalise: bool = False, prefill_cache: PrefillCache | None = None
+                 ) -> None:
         self.model = model.eval()
         self.policy = policy if policy is not None else CachePolicy()
         own_state = [type(layer).__name__ for layer in model.layers if not layer.plain_kv]
@@ -41,9 +45,12 @@ class Server:
         if renormalise and own_state:
             raise SchemeError(f"eval.hstu_normaliser=kept rescales stored per-event contributions; scheme "
                               f"{model.cfg.scheme!r} stores a state of its own ({own_state[0]})")
+        if prefill_cache is not None and prefill_cache.model is not model:
+            raise ValueError("prefill_cache holds the writes of another model")
         self.prefill_chunk = prefill_chunk
         self.candidate_chunk = candidate_chunk
         self.renormalise = renormalise
+        self.prefill_cache = prefill_cache
 
     def _context(self, layer: int, user: int, history_len: int) -> LayerContext:
         return LayerContext(layer=layer, num_layers=len(self.model.layers), backbone=self.model.cfg.backbone,
@@ -58,8 +65,16 @@ class Server:
     def write(self, events: Events) -> list[UserState]:
         """Encode stored histories ``(B, n)`` and return one compressed state per user (on the model's device)."""
         events = events.to(self.model.device)
-        observer = self._observer(events.lengths)
-        states = self.model.prefill(events, chunk_size=self.prefill_chunk, observer=observer)
+
+        def prefill() -> Prefill:
+            observer = self._observer(events.lengths)
+            return self.model.prefill(events, chunk_size=self.prefill_chunk, observer=observer), observer
+
+        if self.prefill_cache is None:
+            states, observer = prefill()
+        else:
+            window = self.policy.observation_window if self.policy.needs_attention else None
+            states, observer = self.prefill_cache.get(events, self.prefill_chunk, window, prefill)
         return [UserState(
             layers=tuple(self.policy.compress(layer, None if observer is None else observer.stats(index, b),
                                               self._context(index, b, state.next_position))
