@@ -293,7 +293,8 @@ class SuiteRunner:
         result = self._native_run(item.setting)
         model = self._loaded.model_for(cfg)
         view = self._loaded.view_for(cfg)
-        meters = {**result["meters"], **self._latency(cfg, model)}
+        # the latency users' Native writes are the ones a policy that observes nothing compresses: shared
+        meters = {**result["meters"], **self._latency(cfg, model, prefill_cache=self._loaded.prefill_cache_for(cfg))}
         # cached request against recomputing the history, one user at the median and the longest history
         lengths = np.minimum(view.sequences.lengths, cfg.model.max_len)
         recompute = [request_latency(model, history_len=int(n), candidates=self.spec.latency.candidates,
