@@ -138,14 +138,16 @@ def h2o_expected_write(model, events: Events, ratio: float, backbone: str):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_h2o_write_and_append_equal_brute_force(backbone, seed):
+@pytest.mark.parametrize(("seed", "chunk"), [(0, 1024), (1, 8)])
+def test_h2o_write_and_append_equal_brute_force(backbone, seed, chunk):
+    """``chunk`` 8 writes in chunks that only the longer users reach (their statistics fold into their own rows)."""
     model = tiny_model(backbone)
     ratio = 0.5
     policy = H2O(memory_ratio=ratio)
     lengths = [int(x) for x in torch.randint(20, 41, (3,), generator=torch.Generator().manual_seed(seed))]
+    assert len(set(lengths)) == 3
     history = random_users(seed, lengths)
-    server = Server(model, policy)
+    server = Server(model, policy, prefill_chunk=chunk)
     states = server.write(history)
     new = random_users(seed + 100, [5, 1, 3], start_time=10**7)
     appended = server.append(states, new)
@@ -226,15 +228,16 @@ def snapkv_keep(row: list[int], votes: dict[int, float], total: int, budget: int
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-@pytest.mark.parametrize(("window", "kernel"), [(8, 5), (3, 3), (4, 1)])
-def test_snapkv_write_and_append_equal_brute_force(backbone, window, kernel):
+@pytest.mark.parametrize(("window", "kernel", "chunk"), [(8, 5, 1024), (3, 3, 1024), (4, 1, 16), (8, 3, 16)])
+def test_snapkv_write_and_append_equal_brute_force(backbone, window, kernel, chunk):
+    """``chunk`` 16 writes the two longer users' last events in a chunk of their own (their window's votes)."""
     model = tiny_model(backbone)
     ratio = 0.45
     policy = SnapKV(memory_ratio=ratio, window=window, kernel=kernel)
     assert policy.observation_window == window
     lengths = [20, 33, 40, 17]
     history = random_users(window, lengths)
-    server = Server(model, policy)
+    server = Server(model, policy, prefill_chunk=chunk)
     states = server.write(history)
     new = random_users(window + 100, [1, 6, 12, 3], start_time=10**7)
     appended = server.append(states, new)

@@ -67,30 +67,43 @@ class AttentionObserver:
         self._count = torch.zeros(layers, batch, heads, size, **zeros)
         self._window_count = torch.zeros(layers, batch, heads, size, **zeros)
 
-    def observe(self, layer: int, weights: torch.Tensor, keys: KVBlock, queries: TokenBatch) -> None:
+    def observe(self, layer: int, weights: torch.Tensor, keys: KVBlock, queries: TokenBatch,
+                rows: torch.Tensor | None = None) -> None:
         """Fold one layer's weights of one chunk.
 
         Args:
-            weights: ``(B, H, T, S)`` attention of the chunk's queries over ``[stored; chunk]`` keys (0 if unseen).
+            weights: ``(b, H, T, S)`` attention of the chunk's queries over ``[stored; chunk]`` keys (0 if unseen).
             keys: the ``S`` keys' metadata (positions and validity, head axis 1 or H).
             queries: the chunk's tokens (only history tokens count as queries).
+            rows: ``(b,)`` the batch rows of the chunk's users, when the chunk computes only some of the users
+                (:meth:`restrict`); None: all ``B``, in order.
         """
         batch, heads, _, num_keys = weights.shape
         size = self._sum.shape[-1]
+        select = slice(None) if rows is None else rows
         is_query = queries.is_history
         w = weights.detach().abs().float() * is_query[:, None, :, None]
         index = keys.positions.expand(batch, heads, num_keys).clamp(0, max(size - 1, 0))
-        in_window = (is_query & (queries.positions >= self.window_start[:, None]))[:, None, :, None]
-        is_last = (is_query & (queries.positions == self.end_positions[:, None] - 1))[:, None, :, None]
+        in_window = (is_query & (queries.positions >= self.window_start[select, None]))[:, None, :, None]
+        is_last = (is_query & (queries.positions == self.end_positions[select, None] - 1))[:, None, :, None]
         sees = ((queries.positions[:, None, :, None] >= keys.positions[:, :, None, :])
-                & keys.valid[:, :, None, :] & is_query[:, None, :, None]).float()  # (B, 1|H, T, S)
-        self._sum[layer].scatter_add_(2, index, w.sum(2))
-        self._max[layer].scatter_reduce_(2, index, w.amax(2), reduce="amax")
-        self._window[layer].scatter_add_(2, index, (w * in_window).sum(2))
-        self._last[layer].scatter_add_(2, index, (w * is_last).sum(2))
-        self._count[layer].scatter_add_(2, index, sees.sum(2).expand(batch, heads, num_keys).contiguous())
-        self._window_count[layer].scatter_add_(
-            2, index, (sees * in_window).sum(2).expand(batch, heads, num_keys).contiguous())
+                & keys.valid[:, :, None, :] & is_query[:, None, :, None]).float()  # (b, 1|H, T, S)
+        folds = ((self._sum, w.sum(2), "sum"), (self._max, w.amax(2), "amax"),
+                 (self._window, (w * in_window).sum(2), "sum"), (self._last, (w * is_last).sum(2), "sum"),
+                 (self._count, sees.sum(2).expand(batch, heads, num_keys).contiguous(), "sum"),
+                 (self._window_count, (sees * in_window).sum(2).expand(batch, heads, num_keys).contiguous(), "sum"))
+        for total, value, reduce in folds:
+            target = total[layer] if rows is None else total[layer, rows]  # the rows' copy, written back below
+            if reduce == "sum":
+                target.scatter_add_(2, index, value)
+            else:
+                target.scatter_reduce_(2, index, value, reduce=reduce)
+            if rows is not None:
+                total[layer, rows] = target
+
+    def restrict(self, rows: torch.Tensor) -> ObservedRows:
+        """This observer as a chunk that computes only batch rows ``rows`` ``(b,)`` sees it."""
+        return ObservedRows(self, rows)
 
     def nbytes(self) -> int:
         """Bytes of the accumulated statistics."""
@@ -104,3 +117,15 @@ class AttentionObserver:
             attention_sum=self._sum[layer, user, :, :n], query_count=self._count[layer, user, :, :n],
             attention_max=self._max[layer, user, :, :n], window_sum=self._window[layer, user, :, :n],
             window_count=self._window_count[layer, user, :, :n], last=self._last[layer, user, :, :n])
+
+
+@dataclass(frozen=True)
+class ObservedRows:
+    """An :class:`AttentionObserver` seen through some rows of its batch: a write's chunk that computes only the
+    users whose events reach it folds their weights into their own rows."""
+
+    observer: AttentionObserver
+    rows: torch.Tensor
+
+    def observe(self, layer: int, weights: torch.Tensor, keys: KVBlock, queries: TokenBatch) -> None:
+        self.observer.observe(layer, weights, keys, queries, rows=self.rows)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layers
-from malloc.memory.stats import AttentionObserver
+from malloc.memory.stats import AttentionObserver, ObservedRows
 from malloc.models.config import ModelConfig
 from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 
@@ -59,6 +59,10 @@ class Events:
     def slice(self, start: int, stop: int) -> Events:
         return Events(self.items[:, start:stop], self.actions[:, start:stop], self.timestamps[:, start:stop],
                       (self.lengths - start).clamp(0, stop - start))
+
+    def take(self, rows: torch.Tensor) -> Events:
+        """The events of users ``rows`` ``(b,)`` only."""
+        return Events(self.items[rows], self.actions[rows], self.timestamps[rows], self.lengths[rows])
 
 
 class AttentionLayer(nn.Module):
@@ -160,8 +164,8 @@ class SequentialRecommender(nn.Module):
         hidden, blocks, _ = self._encode(tokens, caches, observer)
         return hidden, blocks
 
-    def _encode(self, tokens: TokenBatch, caches: list[Any] | None, observer: AttentionObserver | None
-                ) -> tuple[torch.Tensor, list[Any], TokenBatch]:
+    def _encode(self, tokens: TokenBatch, caches: list[Any] | None,
+                observer: AttentionObserver | ObservedRows | None) -> tuple[torch.Tensor, list[Any], TokenBatch]:
         """:meth:`encode`, also returning the tokens the layers processed (a scheme may add its own)."""
         processed, original = (tokens, None) if self.scheme is None else self.scheme.expand(tokens)
         x = self.input_dropout(self.embed(processed))
@@ -243,12 +247,27 @@ class SequentialRecommender(nn.Module):
             renormalise: see :meth:`_caches`.
         """
         for start in range(0, events.items.shape[1], chunk_size):
-            states = self._append_chunk(states, events.slice(start, start + chunk_size), observer, merge,
-                                        renormalise)
+            chunk = events.slice(start, start + chunk_size)
+            rows = torch.nonzero(chunk.lengths > 0).flatten()
+            if len(rows) == len(states):
+                states = self._append_chunk(states, chunk, observer, merge, renormalise)
+                continue
+            if len(rows) == 0:  # events are left-aligned: no later chunk has any either
+                break
+            # only the users whose events reach this chunk: the others' shorter states would only pad attention
+            users = rows.tolist()
+            done = self._append_chunk([states[u] for u in users], chunk.take(rows),
+                                      None if observer is None else observer.restrict(rows), merge, renormalise,
+                                      users)
+            states = list(states)
+            for u, state in zip(users, done, strict=True):
+                states[u] = state
         return states
 
-    def _append_chunk(self, states: list[UserState], events: Events, observer: AttentionObserver | None,
-                      merge: Merge | None, renormalise: bool) -> list[UserState]:
+    def _append_chunk(self, states: list[UserState], events: Events,
+                      observer: AttentionObserver | ObservedRows | None, merge: Merge | None, renormalise: bool,
+                      users: list[int] | None = None) -> list[UserState]:
+        """One chunk of :meth:`append`; ``users`` are the batch indices of ``states`` (merge's user argument)."""
         device = events.items.device
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
         length = events.items.shape[1]
@@ -269,7 +288,8 @@ class SequentialRecommender(nn.Module):
             layers = []
             for index, (layer, stored, block) in enumerate(zip(self.layers, state.layers, blocks, strict=True)):
                 new = layer.new_state(block, processed, b, counts[b], self.state_dtype)
-                layers.append(layer.store(stored, new) if merge is None else merge(stored, new, index, b))
+                user = b if users is None else users[b]
+                layers.append(layer.store(stored, new) if merge is None else merge(stored, new, index, user))
             layers = tuple(layers)
             updated.append(UserState(layers=layers, last_hidden=hidden[b, t - 1].to(self.state_dtype).clone(),
                                      next_position=state.next_position + t,
