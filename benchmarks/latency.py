@@ -32,12 +32,6 @@ WIDTH = 12
 HEADERS = [name for name, _ in COLUMNS]
 
 
-
-
-
-
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", type=name_list, default=["hstu", "sasrec"], help="comma-separated")

@@ -13,6 +13,7 @@ from malloc.memory.registry import build_architecture
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.memory.state import SCALAR_BYTES, tensor_nbytes
 from malloc.models import Events, ModelConfig, build_model
+from malloc.models.base import MAX_SCORES
 from malloc.profiling.latency import synthetic_events
 from malloc.profiling.macs import count_flops, request_macs
 from malloc.tokens import TokenBatch
@@ -92,8 +93,9 @@ def test_own_prefill_append_score_equals_own_full_forward(scheme, backbone, rati
     with torch.no_grad():
         full = model(full_tokens(events, cand_items, cand_positions, cand_times))
     states = model.prefill(events.slice(0, 17), chunk_size=7)
-    for start, stop in ((17, 18), (18, 30), (30, 50)):
-        states = model.append(states, events.slice(start, stop), chunk_size=5)
+    for start, stop in ((17, 18), (18, 30), (30, 50)):  # the middle append one user at a time (max_scores=1)
+        states = model.append(states, events.slice(start, stop), chunk_size=5,
+                              max_scores=1 if start == 18 else MAX_SCORES)
     last = torch.stack([s.last_hidden for s in states])
     assert torch.allclose(last, full[torch.arange(batch), events.lengths - 1], atol=1e-5)
     before = [s.nbytes() for s in states]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -16,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from malloc.memory.state import SCALAR_BYTES
+from malloc.memory.stats import AttentionObserver
 from malloc.models import Events, ModelConfig, build_model
+from malloc.models.base import MAX_SCORES
 from malloc.tokens import TokenBatch
 
 NUM_ITEMS = 50
@@ -81,22 +84,45 @@ def split_events(events: Events, cuts: list[int]) -> list[Events]:
     cut_fractions=st.lists(st.floats(0.05, 0.95), max_size=3),
     prefill_chunk=st.integers(1, 30),
     candidate_chunk=st.integers(1, 8),
+    max_scores=st.sampled_from([1, 300, MAX_SCORES]),
     seed=st.integers(0, 10_000),
 )
-def test_cached_equals_full_forward(backbone, lengths, cut_fractions, prefill_chunk, candidate_chunk, seed):
+def test_cached_equals_full_forward(backbone, lengths, cut_fractions, prefill_chunk, candidate_chunk, max_scores,
+                                    seed):
+    """``max_scores`` 1 and 300 compute a chunk in groups of users (one user, or a few)."""
     model = tiny_model(backbone)
     events, cands, cand_times = random_users(seed, lengths, num_candidates=7)
     expected_logits, expected_last = full_forward(model, events, cands, cand_times)
     n = max(lengths)
     parts = split_events(events, [max(1, int(f * n)) for f in cut_fractions])
-    states = model.prefill(parts[0], chunk_size=prefill_chunk)
+    states = model.prefill(parts[0], chunk_size=prefill_chunk, max_scores=max_scores)
     for part in parts[1:]:
-        states = model.append(states, part, chunk_size=prefill_chunk)
+        states = model.append(states, part, chunk_size=prefill_chunk, max_scores=max_scores)
     logits = model.score(states, cands, cand_times, chunk_size=candidate_chunk)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     last = torch.stack([s.last_hidden for s in states])
     torch.testing.assert_close(last, expected_last, atol=1e-5, rtol=0)
     assert [s.next_position for s in states] == lengths
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_grouped_writes_observe_the_same_attention(backbone):
+    """A write in groups of users (and in chunks only the longer users reach) folds each user's attention into
+    that user's own statistics: the same as one batched write."""
+    model = tiny_model(backbone)
+    events, _, _ = random_users(3, [23, 9, 17, 4], num_candidates=1)
+    observed = []
+    for max_scores in (MAX_SCORES, 1):
+        observer = AttentionObserver(2, 4, events.lengths, window=3)
+        states = model.prefill(events, chunk_size=5, observer=observer, max_scores=max_scores)
+        observed.append((states, observer))
+    (one, one_obs), (grouped, grouped_obs) = observed
+    for b in range(4):
+        torch.testing.assert_close(grouped[b].last_hidden, one[b].last_hidden, atol=1e-6, rtol=0)
+        for layer in range(2):
+            for got, want in zip(dataclasses.astuple(grouped_obs.stats(layer, b)),
+                                 dataclasses.astuple(one_obs.stats(layer, b)), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -29,6 +29,11 @@ from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 # merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
 Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
 
+# attention scores (users x heads x chunk x keys) computed at once by a serving append; past this, users go in
+# groups (docs/BENCHMARKS.md, "Batched writes": on a 2-core CPU, 8M scores per group wrote 8 users of 1,485 to
+# 7,697 events 2.2x faster than one batch)
+MAX_SCORES = 1 << 23
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -226,42 +231,49 @@ class SequentialRecommender(nn.Module):
             device=block.keys.device)) for index, block in enumerate(blocks)]
 
     @torch.no_grad()
-    def prefill(self, events: Events, chunk_size: int = 1024, observer: AttentionObserver | None = None
-                ) -> list[UserState]:
+    def prefill(self, events: Events, chunk_size: int = 1024, observer: AttentionObserver | None = None,
+                max_scores: int = MAX_SCORES) -> list[UserState]:
         """Encode histories from scratch and write one (uncompressed) state per user."""
         states = [self.empty_state() for _ in range(events.items.shape[0])]
-        return self.append(states, events, chunk_size=chunk_size, observer=observer)
+        return self.append(states, events, chunk_size=chunk_size, observer=observer, max_scores=max_scores)
 
     @torch.no_grad()
     def append(self, states: list[UserState], events: Events, chunk_size: int = 1024,
-               observer: AttentionObserver | None = None, merge: Merge | None = None, renormalise: bool = False
-               ) -> list[UserState]:
+               observer: AttentionObserver | None = None, merge: Merge | None = None, renormalise: bool = False,
+               max_scores: int = MAX_SCORES) -> list[UserState]:
         """Compute only the new events against the stored states and return the updated states.
 
-        The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk.
+        The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk; each
+        chunk is computed for the users whose events reach it only (the others would only pad its attention), in
+        groups of users whose attention scores (users x heads x chunk x keys) stay within ``max_scores``: one
+        huge score tensor is slower than several that fit the caches, and each user's result is the same.
 
         Args:
             observer: receives the attention weights of the new events.
             merge: how a layer's stored events and the new events become the stored layer (a cache policy;
                 default: the layer's own rule, :meth:`AttentionLayer.store`).
             renormalise: see :meth:`_caches`.
+            max_scores: attention scores per group of users (at least one user per group).
         """
         for start in range(0, events.items.shape[1], chunk_size):
             chunk = events.slice(start, start + chunk_size)
-            rows = torch.nonzero(chunk.lengths > 0).flatten()
-            if len(rows) == len(states):
+            active = torch.nonzero(chunk.lengths > 0).flatten()
+            if len(active) == 0:  # events are left-aligned: no later chunk has any either
+                break
+            keys = max(states[u].num_tokens for u in active.tolist()) + chunk.items.shape[1]
+            group = max(1, max_scores // (self.cfg.heads * chunk.items.shape[1] * keys))
+            if len(active) == len(states) and group >= len(states):
                 states = self._append_chunk(states, chunk, observer, merge, renormalise)
                 continue
-            if len(rows) == 0:  # events are left-aligned: no later chunk has any either
-                break
-            # only the users whose events reach this chunk: the others' shorter states would only pad attention
-            users = rows.tolist()
-            done = self._append_chunk([states[u] for u in users], chunk.take(rows),
-                                      None if observer is None else observer.restrict(rows), merge, renormalise,
-                                      users)
             states = list(states)
-            for u, state in zip(users, done, strict=True):
-                states[u] = state
+            for first in range(0, len(active), group):
+                rows = active[first:first + group]
+                users = rows.tolist()
+                done = self._append_chunk([states[u] for u in users], chunk.take(rows),
+                                          None if observer is None else observer.restrict(rows), merge,
+                                          renormalise, users)
+                for u, state in zip(users, done, strict=True):
+                    states[u] = state
         return states
 
     def _append_chunk(self, states: list[UserState], events: Events,
