@@ -30,9 +30,9 @@ from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
 
 # attention scores (users x heads x chunk x keys) computed at once by a serving append; past this, users go in
-# groups (docs/BENCHMARKS.md, "Batched writes": on a 2-core CPU, 8M scores per group wrote 8 users of 1,485 to
-# 7,697 events 2.2x faster than one batch)
-MAX_SCORES = 1 << 23
+# groups (docs/BENCHMARKS.md, "Batched writes": on the 2-core CPU, groups within 1M-8M scores wrote 8 users of
+# 1,485 to 7,697 events as fast as one user at a time, one group 1.1x to 2.8x slower depending on the load)
+MAX_SCORES = 1 << 21
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
