@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +127,19 @@ def test_measure_peak_reports_subprocess_error():
 def test_measure_peak_rejects_unserialisable_kwargs():
     with pytest.raises(ValueError, match="JSON"):
         measure_peak_in_subprocess("malloc.profiling.memory:allocate", {"megabytes": object()})
+
+
+
+def test_batched_write_benchmark_runs(capsys, monkeypatch):
+    """benchmarks/batched_write.py end to end on tiny lengths (its timings are in docs/BENCHMARKS.md)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))  # the script imports its sibling _common.py
+    spec = importlib.util.spec_from_file_location("batched_write", folder / "batched_write.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--users", "3", "--min-len", "4", "--max-len", "40", "--prefill-chunk", "8",
+                        "--max-scores", "1,100000", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["lengths"]) == 3 and result["lengths"] == sorted(result["lengths"], reverse=True)
+    assert 4 <= min(result["lengths"]) and max(result["lengths"]) <= 40
+    assert set(result["batched_s"]) == {"1", "100000"} and result["one_by_one_s"] > 0
