@@ -26,7 +26,12 @@ import torch
 
 from _common import int_list
 from malloc.models import ModelConfig, build_model
-from malloc.models.base import MAX_SCORES, Events
+from malloc.models.base import Events
+
+try:
+    from malloc.models.base import MAX_SCORES
+except ImportError:  # a source from before grouped writes (PYTHONPATH=<old checkout>/src), timed as it was
+    MAX_SCORES = None
 from malloc.profiling.latency import synchronize, synthetic_events
 
 
@@ -57,10 +62,10 @@ def log_uniform_lengths(users: int, low: int, high: int, seed: int) -> list[int]
                   reverse=True)
 
 
-def timed_write(model, events: Events, chunk: int, max_scores: int) -> float:
+def timed_write(model, events: Events, chunk: int, max_scores: int | None) -> float:
     synchronize()
     tic = time.perf_counter()
-    model.prefill(events, chunk_size=chunk, max_scores=max_scores)
+    model.prefill(events, chunk_size=chunk, **({} if MAX_SCORES is None else {"max_scores": max_scores}))
     synchronize()
     return time.perf_counter() - tic
 
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = args.max_scores or [MAX_SCORES]
+    budgets = [] if MAX_SCORES is None else args.max_scores or [MAX_SCORES]
     cfg = ModelConfig(backbone=args.backbone, dim=64, layers=2, heads=4, head_dim=16, dropout=0.0,
                       max_len=args.max_len)
     torch.manual_seed(args.seed)
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = Events(full.items, full.actions, full.timestamps, torch.tensor(lengths))
     warm = synthetic_events(2, 2 * args.prefill_chunk, 10_000, args.seed)
     timed_write(model, warm, args.prefill_chunk, MAX_SCORES)
-    unbounded = 1 << 62  # one group: every user whose events reach a chunk, at once
+    unbounded = 1 << 62  # one group: every user whose events reach a chunk (before grouped writes: every user)
     batched = {budget: timed_write(model, batch, args.prefill_chunk, budget) for budget in [*budgets, unbounded]}
     singles = [timed_write(model, Events(full.items[b:b + 1, :n], full.actions[b:b + 1, :n],
                                          full.timestamps[b:b + 1, :n], torch.tensor([n])), args.prefill_chunk,

@@ -323,7 +323,8 @@ def test_shared_prefill_is_exact(case, name, knobs, backbone):
     window = policy.observation_window if policy.needs_attention else None
 
     def recompute():
-        observer = fresh._observer(history.lengths)
+        observer = None if window is None else AttentionObserver(len(model.layers), model.layers[0].kv_heads,
+                                                                 history.lengths, window)
         return model.prefill(history, chunk_size=50, observer=observer), observer
 
     hits = cache.hits

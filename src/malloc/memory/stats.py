@@ -55,7 +55,6 @@ class AttentionObserver:
     def __init__(self, layers: int, heads: int, end_positions: torch.Tensor, window: int) -> None:
         batch = len(end_positions)
         size = int(end_positions.max()) if batch else 0
-        self.layers = layers
         device = end_positions.device
         self.end_positions = end_positions
         self.window_start = end_positions - window
@@ -104,6 +103,10 @@ class AttentionObserver:
     def restrict(self, rows: torch.Tensor) -> ObservedRows:
         """This observer as a chunk that computes only batch rows ``rows`` ``(b,)`` sees it."""
         return ObservedRows(self, rows)
+
+    @property
+    def layers(self) -> int:
+        return self._sum.shape[0]
 
     def nbytes(self) -> int:
         """Bytes of the accumulated statistics."""
