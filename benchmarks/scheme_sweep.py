@@ -22,6 +22,7 @@ from malloc.cli import main as malloc_main
 from malloc.cli import parse_ratio
 from malloc.config import load_config
 from malloc.evaluate import scheme_result_path
+from malloc.heap import retain_freed_memory
 from malloc.memory.registry import TRAINING_FREE, describe
 from malloc.runner import run_dir_for
 
@@ -103,4 +104,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the malloc command does (malloc.heap)
     sys.exit(main())

@@ -23,6 +23,7 @@ import torch
 from malloc.bench.results import atomic_write_text, read_json
 from malloc.cli import parse_ratio
 from malloc.config import load_config
+from malloc.heap import retain_freed_memory
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import build_model
 from malloc.profiling.latency import request_latency, synthetic_training_batch, time_call, training_step
@@ -136,4 +137,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the malloc command does (malloc.heap)
     sys.exit(main())

@@ -2,6 +2,6 @@
 
 import sys
 
-from malloc.cli import main
+from malloc.cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -355,6 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console() -> int:
+    """The installed ``malloc`` script and ``python -m malloc``: :func:`main` in a process that keeps freed memory
+    in its heap (:mod:`malloc.heap`; a long-window training step runs about 2-3 times faster on a CPU)."""
+    from malloc.heap import retain_freed_memory
+
+    retain_freed_memory()
+    return main()
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can cause. SchemeError is looked up only if its module was loaded (it imports torch, which
     the command line loads only when a command needs it; a SchemeError cannot exist before)."""
@@ -366,4 +375,4 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
