@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from _common import int_list, name_list, table_line
+from malloc.heap import retain_freed_memory
 from malloc.models import ModelConfig, build_model
 from malloc.profiling import request_latency
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recompute-min-repeats", type=int, default=3, help="timed recompute calls at least")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heap", choices=["retained", "system"], default="retained",
+                        help="retained: keep freed memory in the heap, as the malloc command does (malloc.heap); "
+                             "system: the C library's defaults")
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
 
@@ -63,6 +67,8 @@ def environment(device: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.heap == "retained":
+        retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     timing = {"warmup": args.warmup, "min_repeats": args.min_repeats, "min_seconds": args.min_seconds,
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                           "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
                           "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
                           **timing, "recompute_warmup": args.recompute_warmup,
-                          "recompute_min_repeats": args.recompute_min_repeats, **environment(args.device)}
+                          "recompute_min_repeats": args.recompute_min_repeats, "heap": args.heap,
+                          **environment(args.device)}
                 print(json.dumps(record), flush=True)
             else:
                 row = {"backbone": backbone, **point}
