@@ -54,8 +54,9 @@ def test_retained_heap_reuses_freed_memory():
     assert retained < system / 20
 
 
-def test_console_applies_the_setting_and_runs_the_command():
-    """``python -m malloc`` goes through the console entry point (heap setting, then the command)."""
+def test_python_m_malloc_runs_through_the_console_entry_point():
+    """``python -m malloc`` calls :func:`malloc.cli.console` (the heap setting, then the command); the setting's
+    effect is the test above."""
     out = subprocess.run([sys.executable, "-m", "malloc", "methods", "--json"], check=True, capture_output=True,
                          text=True)
     assert "native" in [method["name"] for method in json.loads(out.stdout)]
