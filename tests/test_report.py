@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -39,6 +41,30 @@ def test_report_from_the_smoke_results_contains_every_scheme(tmp_path, capsys):
     assert md.count("**Pareto front** against") == 4
     # the Markdown copy links the plots relative to itself
     assert "](report/pareto-smoke-synthetic-hstu-ctr-memory.png)" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_report_names_the_commit_of_every_item_when_a_suite_spans_commits(tmp_path, capsys):
+    run = smoke_run()
+    folder = tmp_path / "smoke"
+    shutil.copytree(run.folder, folder)
+    manifest = json.loads((folder / "suite.json").read_text())
+    records = sorted((folder / "items").glob("*.json"))
+    assert all(json.loads(p.read_text())["git"] == manifest["git"] for p in records)  # each record names its commit
+    out = tmp_path / "report"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    assert "Items by the commit" not in (out / "index.md").read_text()  # one commit: the manifest's line says it
+    # a suite resumed at another commit: two items ran earlier, one before records named their commit
+    earlier = {"commit": "0123456789abcdef", "dirty": True}
+    for path, git in zip(records[:3], [earlier, earlier, None], strict=True):
+        record = json.loads(path.read_text())
+        record.pop("git") if git is None else record.update(git=git)
+        path.write_text(json.dumps(record))
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    capsys.readouterr()
+    line = next(x for x in (out / "index.md").read_text().splitlines() if "Items by the commit" in x)
+    here = manifest["git"]["commit"][:12] if manifest["git"]["commit"] else None
+    assert "`0123456789ab` (with uncommitted changes) 2" in line and "not recorded 1" in line
+    assert here is None or f"`{here}`" in line
 
 
 def test_report_of_a_folder_that_is_not_a_suite_is_exit_2(tmp_path, capsys):

@@ -20,6 +20,7 @@ import base64
 import html
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -193,10 +194,19 @@ def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[tu
 
 
 # -- sections ---------------------------------------------------------------------------------------------------
-def _provenance(manifest: dict[str, Any], folder: Path) -> list[Block]:
+def _commit_label(git: dict[str, Any] | None) -> str:
+    if not git or not git.get("commit"):
+        return "not recorded"
+    return f"`{git['commit'][:12]}`" + (" (with uncommitted changes)" if git.get("dirty") else "")
+
+
+def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, Any]]) -> list[Block]:
+    """How the suite was made; where its items ran at other commits than the last invocation (a suite resumed
+    across commits), how many ran at each."""
     env, git, suite = manifest["environment"], manifest["git"], manifest["suite"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     commit = git.get("commit") or "unknown"
+    by_commit = Counter(_commit_label(record.get("git")) for record in records)
     train = suite.get("base", {}).get("train", {})
     budget = ", ".join(f"{k} {v}" for k, v in train.items()) or "the run configs' defaults"
     axes = "; ".join(f"{axis} {label}: `{cfg}`" for axis in ("backbones", "tasks")
@@ -210,6 +220,9 @@ def _provenance(manifest: dict[str, Any], folder: Path) -> list[Block]:
              f"**Seeds**: {', '.join(str(s) for s in suite['seeds'])}; **latency**: batch 1, "
              f"{suite['latency']['users']} test users x {suite['latency']['repeats']} requests after "
              f"{suite['latency']['warmup']} warm-up requests"]
+    if set(by_commit) - {_commit_label(git)}:
+        lines.append("**Items by the commit they ran at**: " + ", ".join(
+            f"{label} {count}" for label, count in by_commit.most_common()))
     if manifest.get("skipped_datasets"):
         lines.append(f"**Data sets left out** (no path given): {', '.join(manifest['skipped_datasets'])}")
     return [Bullets(lines)]
@@ -329,7 +342,7 @@ def suite_blocks(folder: Path, out: Path) -> tuple[list[Block], list[str]]:
     manifest, records = read_suite(folder)
     name = manifest["suite"]["name"]
     blocks: list[Block] = [Heading(f"Suite `{name}`", 2), Para(manifest["suite"].get("description") or ""),
-                           *_provenance(manifest, folder)]
+                           *_provenance(manifest, folder, records)]
     fronts = []
     for (dataset, backbone, task), by_arm in _groups(records).items():
         arms = list(by_arm.values())

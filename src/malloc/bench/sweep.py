@@ -69,15 +69,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def git_commit(cwd: str | Path = ".") -> dict[str, Any]:
-    """``{"commit", "dirty"}`` of the working tree (None where git or a repository is missing)."""
+def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
+    """``{"commit", "dirty"}`` of the code that runs: the git checkout that holds this package (an editable
+    install), or of ``cwd`` when given; both None where git is missing or the package is not a tracked file of a
+    checkout (an installed wheel)."""
+    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[1]
+
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+            done = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip()
 
+    if cwd is None and git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return {"commit": None, "dirty": None}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
@@ -252,6 +258,7 @@ class SuiteRunner:
                                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
             log.debug("item %s failed", item.id, exc_info=True)
         record["environment"] = {**environment(), "device": item.setting.cfg.device}
+        record["git"] = git_commit()  # a resumed suite may span commits; each record names its own
         record["finished_at"] = _now()
         return record
 
