@@ -82,6 +82,27 @@ def test_shards_partition_the_plan():
         SuiteRunner(spec, "unused", shard=(3, 3))
 
 
+def test_only_selects_items_by_glob_in_the_order_of_the_patterns():
+    spec = load_suite("smoke", SUITES)
+    every = [item.id for item in plan(spec, "unused")]
+    quarter = [i for i in every if i.endswith("-r0.25")]
+    ordered = [item.id for item in SuiteRunner(spec, "unused", only=["*-r0.25", "*"]).shard_items]
+    assert ordered == quarter + [i for i in every if i not in quarter]  # each once, the 1/4 items first
+    gqa = [item.id for item in SuiteRunner(spec, "unused", only=["*--gqa*"]).shard_items]
+    assert gqa and all("--gqa" in i for i in gqa) and gqa == [i for i in every if "--gqa" in i]
+    # with shards, a pattern is checked against the whole plan and selects within the shard
+    shards = [[item.id for item in SuiteRunner(spec, "unused", shard=(k, 2), only=["*--native"]).shard_items]
+              for k in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(i for i in every if i.endswith("--native"))
+
+
+def test_an_only_pattern_that_matches_nothing_is_one_clear_error(tmp_path, capsys):
+    assert main(["bench", "--suite", "smoke", "--results", str(tmp_path), "--only", "*rwvk*"]) == 2
+    err = capsys.readouterr().err
+    assert "--only '*rwvk*' matches no item of the suite" in err and "synthetic-hstu-ctr-s0--native" in err
+    assert not (tmp_path / "smoke").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "1/-2"])
 def test_a_bad_shard_is_one_clear_error(tmp_path, capsys, shard):
     assert main(["bench", "--suite", "smoke", "--results", str(tmp_path), "--shard", shard]) == 2

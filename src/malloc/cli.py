@@ -231,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise ConfigError(f"--shard expects I/N with 0 <= I < N (e.g. 0/4), got {args.shard!r}")
     runner = SuiteRunner(spec, args.results, force=args.force, data_paths=paths, show_progress=not args.quiet,
-                         command=" ".join(["malloc", *(args.argv or [])]), shard=(int(index), int(count)))
+                         command=" ".join(["malloc", *(args.argv or [])]), shard=(int(index), int(count)),
+                         only=args.only)
     print(f"suite {spec.name}: {len(runner.shard_items)} of {len(runner.items)} items -> {runner.out_dir}")
     outcome = runner.run()
     print(f"suite {spec.name}: {outcome.ran} run, {outcome.skipped} already done, {len(outcome.failed)} failed "
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun every item and retrain every run")
     p.add_argument("--shard", metavar="I/N", help="run items I, I+N, I+2N, ... of the plan only (N processes "
                    "sharing --results run the suite in parallel; shared training runs are trained once)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="run only the items whose id matches (repeatable; items run in the order of the patterns, "
+                        "e.g. --only '*-r0.25' --only '*' runs every 1/4 item first)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto for every run of the suite (default: the suite's, cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)

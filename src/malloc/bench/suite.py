@@ -18,6 +18,7 @@ Running the items is :mod:`malloc.bench.sweep`.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -344,5 +345,30 @@ def plan(spec: SuiteSpec, results_dir: str | Path = "results", data_paths: Mappi
     return items
 
 
+
+def select_items(items: Sequence[Item], patterns: Sequence[str], among: Sequence[Item] | None = None) -> list[Item]:
+    """The items whose id matches one of ``patterns`` (shell globs, e.g. ``*rwkv*`` or ``*-r0.25``), ordered by
+    the first pattern each matches, then by plan order: ``["*-r0.25", "*"]`` runs every ratio-1/4 item first.
+
+    Args:
+        items: the items to choose from, in plan order (a shard's).
+        patterns: the globs; none selects every item in plan order.
+        among: the whole plan, against which each pattern must match at least one item (default: ``items``).
+    Raises:
+        ConfigError: a pattern that matches no item of the plan (a typo would otherwise run nothing).
+    """
+    if not patterns:
+        return list(items)
+    plan_ids = [item.id for item in (items if among is None else among)]
+    for pattern in patterns:
+        if not fnmatch.filter(plan_ids, pattern):
+            example = plan_ids[0] if plan_ids else "none planned"
+            raise ConfigError(f"--only {pattern!r} matches no item of the suite (items are named <data set>-"
+                              f"<backbone>-<task>-s<seed>--<label>[-r<ratio>], e.g. {example})")
+    rank = {item.id: min(k for k, pattern in enumerate(patterns) if fnmatch.fnmatchcase(item.id, pattern))
+            for item in items if any(fnmatch.fnmatchcase(item.id, pattern) for pattern in patterns)}
+    return sorted((item for item in items if item.id in rank), key=lambda item: rank[item.id])  # stable
+
+
 __all__ = ["DatasetSpec", "Item", "Setting", "SuiteSpec", "VariantSpec", "find_suite", "known_suites", "load_suite",
-           "plan", "settings"]
+           "plan", "select_items", "settings"]

@@ -41,7 +41,7 @@ import torch
 
 from malloc.bench.meters import request_latency_served
 from malloc.bench.results import atomic_write_json, read_json
-from malloc.bench.suite import Item, Setting, SuiteSpec, plan
+from malloc.bench.suite import Item, Setting, SuiteSpec, plan, select_items
 from malloc.config import RunConfig
 from malloc.configio import to_dict
 from malloc.data.tasks import CTRView, RetrievalView
@@ -167,11 +167,13 @@ class SuiteRunner:
             ``i = 0..n-1`` sharing the results folder run the whole suite between them (on one machine's cores and
             GPU, or on the nodes of a cluster with a shared file system); a training run several of them need is
             trained once under its lock (:meth:`~malloc.bench.results.RunDir.lock`) while the others wait.
+        only: item-id globs (:func:`~malloc.bench.suite.select_items`): run only the matching items of the shard,
+            in the order of the patterns (``["*-r0.25", "*"]``: every ratio-1/4 item first, then the rest).
     """
 
     def __init__(self, spec: SuiteSpec, results_dir: str | Path = "results", force: bool = False,
                  data_paths: Mapping[str, str] | None = None, command: str | None = None,
-                 show_progress: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
+                 show_progress: bool = False, shard: tuple[int, int] = (0, 1), only: Sequence[str] = ()) -> None:
         index, count = shard
         if not 0 <= index < count:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
@@ -181,7 +183,8 @@ class SuiteRunner:
         self.show_progress = show_progress
         self.command = command if command is not None else " ".join(["malloc", *sys.argv[1:]])
         self.items = plan(spec, results_dir, data_paths)
-        self.shard_items = [item for k, item in enumerate(self.items) if k % count == index]
+        self.shard_items = select_items([item for k, item in enumerate(self.items) if k % count == index], only,
+                                        among=self.items)
         self.skipped_datasets = sorted(set(spec.datasets) - {i.setting.dataset for i in self.items})
         self._loaded = _Loaded()
         self._forced: set[str] = set()
