@@ -28,6 +28,7 @@ import torch
 from _common import int_list, table_line
 from malloc.cli import parse_ratio
 from malloc.config import ModelConfig
+from malloc.heap import retain_freed_memory
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture, build_policy, scheme_names
 from malloc.memory.schemes import ARCHITECTURES
@@ -151,4 +152,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # long prefills allocate large temporaries (docs/BENCHMARKS.md, "The heap")
     sys.exit(main())
