@@ -188,6 +188,7 @@ class SuiteRunner:
         self.skipped_datasets = sorted(set(spec.datasets) - {i.setting.dataset for i in self.items})
         self._loaded = _Loaded()
         self._forced: set[str] = set()
+        self.git = git_commit()  # the code this process imported; the checkout may move on while the suite runs
 
     def record_path(self, item: Item) -> Path:
         return self.out_dir / "items" / f"{item.id}.json"
@@ -203,7 +204,7 @@ class SuiteRunner:
 
     def write_manifest(self) -> None:
         atomic_write_json(self.out_dir / "suite.json", {
-            "suite": to_dict(self.spec), "command": self.command, "started_at": _now(), "git": git_commit(),
+            "suite": to_dict(self.spec), "command": self.command, "started_at": _now(), "git": self.git,
             "environment": environment(), "items": [item.describe() for item in self.items],
             "skipped_datasets": self.skipped_datasets,
             "runs": {item.setting.key: {"config": to_dict(item.setting.cfg)} for item in self.items
@@ -261,7 +262,7 @@ class SuiteRunner:
                                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
             log.debug("item %s failed", item.id, exc_info=True)
         record["environment"] = {**environment(), "device": item.setting.cfg.device}
-        record["git"] = git_commit()  # a resumed suite may span commits; each record names its own
+        record["git"] = self.git  # a resumed suite may span commits; each record names the one it ran at
         record["finished_at"] = _now()
         return record
 
