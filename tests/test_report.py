@@ -65,6 +65,13 @@ def test_report_names_the_commit_of_every_item_when_a_suite_spans_commits(tmp_pa
     here = manifest["git"]["commit"][:12] if manifest["git"]["commit"] else None
     assert "`0123456789ab` (with uncommitted changes) 2" in line and "not recorded 1" in line
     assert here is None or f"`{here}`" in line
+    # records written before they named a commit: nothing to count, no line
+    for path in records:
+        record = json.loads(path.read_text())
+        record.pop("git", None)
+        path.write_text(json.dumps(record))
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    assert "Items by the commit" not in (out / "index.md").read_text()
 
 
 def test_report_of_a_folder_that_is_not_a_suite_is_exit_2(tmp_path, capsys):

@@ -220,7 +220,7 @@ def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, 
              f"**Seeds**: {', '.join(str(s) for s in suite['seeds'])}; **latency**: batch 1, "
              f"{suite['latency']['users']} test users x {suite['latency']['repeats']} requests after "
              f"{suite['latency']['warmup']} warm-up requests"]
-    if set(by_commit) - {_commit_label(git)}:
+    if set(by_commit) - {_commit_label(git)} and set(by_commit) != {_commit_label(None)}:  # none: an old suite
         lines.append("**Items by the commit they ran at**: " + ", ".join(
             f"{label} {count}" for label, count in by_commit.most_common()))
     if manifest.get("skipped_datasets"):
