@@ -345,7 +345,6 @@ def plan(spec: SuiteSpec, results_dir: str | Path = "results", data_paths: Mappi
     return items
 
 
-
 def select_items(items: Sequence[Item], patterns: Sequence[str], among: Sequence[Item] | None = None) -> list[Item]:
     """The items whose id matches one of ``patterns`` (shell globs, e.g. ``*rwkv*`` or ``*-r0.25``), ordered by
     the first pattern each matches, then by plan order: ``["*-r0.25", "*"]`` runs every ratio-1/4 item first.

@@ -4,8 +4,9 @@ Every item is served through the serving path on the test split and records (``<
 written atomically, ``<out> = <results>/<suite name>``): metrics, Native's metrics, meters (stored bytes per user
 mean/p50/p99, measured memory ratio, analytic MACs per request, of Native and of recomputing the history, batched
 and per-request latency, training seconds per epoch, thread count), fidelity to Native and the per-user metric
-deltas to Native (for the paired test of :mod:`malloc.bench.stats`). The Native item also times one user's cached
-request against recomputing the history, at the median and the longest history.
+deltas to Native (for the paired test of :mod:`malloc.bench.stats`), and the git commit of the code that ran it
+(read when the process starts). The Native item also times one user's cached request against recomputing the
+history, at the median and the longest history.
 
 The training-free items of one checkpoint share its uncompressed writes (:mod:`malloc.serving.prefill_cache`):
 each batch of users is prefilled once per observation kind, and each item pays its own compression, appends and
