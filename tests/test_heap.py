@@ -3,12 +3,10 @@ per-process setting, so the test process's own heap is left as it is)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -62,12 +60,9 @@ def test_python_m_malloc_runs_through_the_console_entry_point():
     assert "native" in [method["name"] for method in json.loads(out.stdout)]
 
 
-def test_heap_benchmark_runs(capsys):
+def test_heap_benchmark_runs(capsys, benchmark_script):
     """benchmarks/heap.py end to end on a tiny window (its timings are in docs/BENCHMARKS.md)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heap.py"
-    spec = importlib.util.spec_from_file_location("heap_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("heap")
     assert module.main(["--window", "16", "--batch", "2", "--steps", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["setting"] for row in result["rows"]] == ["system", "retained"]

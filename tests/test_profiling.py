@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,13 +128,9 @@ def test_measure_peak_rejects_unserialisable_kwargs():
 
 
 
-def test_batched_write_benchmark_runs(capsys, monkeypatch):
+def test_batched_write_benchmark_runs(capsys, benchmark_script):
     """benchmarks/batched_write.py end to end on tiny lengths (its timings are in docs/BENCHMARKS.md)."""
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(folder))  # the script imports its sibling _common.py
-    spec = importlib.util.spec_from_file_location("batched_write", folder / "batched_write.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("batched_write")
     assert module.main(["--users", "3", "--min-len", "4", "--max-len", "40", "--prefill-chunk", "8",
                         "--max-scores", "1,100000", "--threads", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -364,9 +364,11 @@ def select_items(items: Sequence[Item], patterns: Sequence[str], among: Sequence
             example = plan_ids[0] if plan_ids else "none planned"
             raise ConfigError(f"--only {pattern!r} matches no item of the suite (items are named <data set>-"
                               f"<backbone>-<task>-s<seed>--<label>[-r<ratio>], e.g. {example})")
-    rank = {item.id: min(k for k, pattern in enumerate(patterns) if fnmatch.fnmatchcase(item.id, pattern))
-            for item in items if any(fnmatch.fnmatchcase(item.id, pattern) for pattern in patterns)}
-    return sorted((item for item in items if item.id in rank), key=lambda item: rank[item.id])  # stable
+    def first_match(item: Item) -> int | None:
+        return next((k for k, pattern in enumerate(patterns) if fnmatch.fnmatchcase(item.id, pattern)), None)
+
+    ranked = [(rank, item) for item in items if (rank := first_match(item)) is not None]
+    return [item for _, item in sorted(ranked, key=lambda pair: pair[0])]  # stable: plan order within a pattern
 
 
 __all__ = ["DatasetSpec", "Item", "Setting", "SuiteSpec", "VariantSpec", "find_suite", "known_suites", "load_suite",

@@ -1,0 +1,26 @@
+"""Fixtures shared by test modules."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def benchmark_script(monkeypatch):
+    """``load(name)``: the script ``benchmarks/<name>.py`` imported as a module (its sibling ``_common.py``
+    importable for the test's duration), so a test calls its ``main(argv)``."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
