@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from malloc.memory.policy import SchemeError
-from malloc.memory.schemes.token_merge.beacon import Beacon, beacon_visibility, insert_beacons
+from malloc.memory.schemes.token_merge.beacon import (
+    Beacon,
+    beacon_offsets,
+    beacon_visibility,
+    insert_beacons,
+    stored_beacons,
+)
 from malloc.models import Events, ModelConfig, build_model
 from malloc.profiling.latency import synthetic_events
 from malloc.profiling.macs import count_flops, request_macs
@@ -51,7 +57,8 @@ def reference_mask(tokens: TokenBatch, chunk: int) -> torch.Tensor:
                 elif not hist[j]:
                     continue
                 elif beacon[j] and beacon[i]:  # beacons of earlier chunks, earlier beacons of its own chunk
-                    mask[b, 0, i, j] = pos[j] // chunk < pos[i] // chunk or (pos[j] == pos[i] and j < i)
+                    mask[b, 0, i, j] = pos[j] // chunk < pos[i] // chunk or (pos[j] // chunk == pos[i] // chunk
+                                                                             and j < i)
                 elif beacon[j]:  # an event or candidate: beacons of chunks that end at or before it
                     mask[b, 0, i, j] = (pos[j] // chunk + 1) * chunk <= pos[i]
                 elif beacon[i]:  # a beacon: every event of its chunk
@@ -61,25 +68,29 @@ def reference_mask(tokens: TokenBatch, chunk: int) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.parametrize("placement", ["end", "spread"])
 @pytest.mark.parametrize(("chunk", "beacons"), [(1, 1), (3, 2), (4, 1), (5, 3)])
-def test_inserted_beacons_and_mask_follow_the_rule(chunk, beacons):
+def test_inserted_beacons_and_mask_follow_the_rule(chunk, beacons, placement):
     events = synthetic_events(3, 13, NUM_ITEMS, seed=0)
     events.lengths = torch.tensor([13, 7, 10])
     tokens = full_tokens(events, torch.tensor([[3, 4], [5, 0], [6, 7]]))
-    expanded, index = insert_beacons(tokens, chunk, beacons)
+    expanded, index = insert_beacons(tokens, chunk, beacons, placement)
+    offsets = beacon_offsets(chunk, beacons, placement).repeat(13 // chunk)
     for b, n in enumerate(events.lengths.tolist()):
         beacon = expanded.beacon[b]
         assert int(beacon.sum()) == beacons * (n // chunk)
-        assert (expanded.positions[b][beacon] % chunk == chunk - 1).all()  # the chunk's last event's position
+        assert torch.equal(expanded.positions[b][beacon] % chunk, offsets[:int(beacon.sum())])
         assert torch.equal(expanded.items[b, index[b]], tokens.items[b])  # originals in order, at `index`
         assert (expanded.is_history[b][beacon]).all() and not expanded.valid[b, index[b, -1] + 1:].any()
     assert torch.equal(beacon_visibility(expanded, None, chunk), reference_mask(expanded, chunk))
 
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
-@pytest.mark.parametrize(("chunk", "ratio"), [(1, 1.0), (3, 0.5), (4, 0.25), (5, 0.4)])
-def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, ratio):
-    model = tiny(backbone, chunk, ratio)
+@pytest.mark.parametrize(("chunk", "ratio", "placement"), [(1, 1.0, "end"), (3, 0.5, "end"), (4, 0.25, "end"),
+                                                           (5, 0.4, "end"), (4, 0.25, "spread"), (5, 0.4, "spread"),
+                                                           (8, 0.5, "spread")])
+def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, ratio, placement):
+    model = tiny(backbone, chunk, ratio, placement=placement)
     events = synthetic_events(3, 30, NUM_ITEMS, seed=2)
     events.lengths = torch.tensor([30, 19, 24])
     model.train()  # a few steps, so beacon weights differ from the events'
@@ -103,7 +114,7 @@ def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, r
     for state, n in zip(states, events.lengths.tolist(), strict=True):
         assert state.nbytes() == (model.scheme.state_bytes(model.cfg, n) + state.last_hidden.numel() * 4 + 16)
         positions = state.layers[0].positions[0]
-        beacons = (positions + 1) % chunk == 0
+        beacons = stored_beacons(positions, torch.ones_like(positions, dtype=torch.bool), chunk)
         assert int(beacons.sum()) == model.scheme.beacons_per_chunk() * (n // chunk)
         assert (positions[~beacons] >= n // chunk * chunk).all()  # only the open chunk's events stay raw
 
@@ -144,6 +155,9 @@ def test_knob_rule_and_errors():
     cfg = ModelConfig(scheme="beacon", memory_ratio=0.25)
     assert Beacon(memory_ratio=0.25).stored_keys(cfg, 70) == 8 * 2 + 6
     assert Beacon(memory_ratio=0.25).append_tokens(cfg, 62, 3) == 3 + 8
-    for knobs, name in (({"alpha": 0.5}, "alpha"), ({"chunk": 0}, "chunk"), ({"chunk": 2.5}, "chunk")):
+    assert beacon_offsets(32, 8, "spread").tolist() == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert beacon_offsets(10, 3, "spread").tolist() == [3, 6, 9] and beacon_offsets(10, 3, "end").tolist() == [9] * 3
+    for knobs, name in (({"alpha": 0.5}, "alpha"), ({"chunk": 0}, "chunk"), ({"chunk": 2.5}, "chunk"),
+                        ({"placement": "middle"}, "placement")):
         with pytest.raises(SchemeError, match=f"beacon.*{name}"):
             Beacon(**knobs)

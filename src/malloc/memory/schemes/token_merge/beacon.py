@@ -2,23 +2,27 @@
 
 Trained with the scheme. The history is cut by position into chunks of ``w`` events (chunk ``c`` = positions
 ``[c w, (c + 1) w)``). When a chunk is complete, ``m = ceil(w / alpha)`` beacon tokens follow it in the token
-stream (:meth:`Beacon.expand`, in training and serving alike). A beacon takes the position and timestamp of its
-chunk's last event (METHODS.md R8); it enters the first layer as an empty item (item 0, action "unknown", and in
-SASRec the position embedding), and every layer adds a learned embedding of the beacon's index ``k < m`` to its
+stream (:meth:`Beacon.expand`, in training and serving alike). A beacon takes the timestamp of its chunk's last
+event (METHODS.md R8) and a position inside its chunk: the chunk's last one for every beacon (``placement="end"``,
+the default), or the last of its own ``k``-th of ``m`` equal segments (``"spread"``: ``c w + ceil((k + 1) w / m)
+- 1``), which lets the relative-position bias tell a chunk's beacons apart; the last beacon sits at the chunk's
+end either way. It enters the first layer as an empty item (item 0, action "unknown", and in SASRec the position
+embedding), and every layer adds a learned embedding of the beacon's index ``k < m`` to its
 input and projects it with its own Q/K/V (HSTU: U/V/Q/K) weights; the output projection, norms and SASRec's
 feed-forward block are shared with the events.
 
 Serving rule (exact under caching; the same mask in the full forward), query at position ``p``:
 
-- an event or a candidate sees the beacons of complete chunks (chunk end ``<= p``, i.e. beacon position ``< p``),
+- an event or a candidate sees the beacons of complete chunks (chunk end ``<= p``, i.e. beacon chunk ``< p // w``),
   the earlier events of its own chunk, and itself;
 - a beacon of chunk ``c`` sees every event of chunk ``c``, the beacons of earlier chunks, the earlier beacons of
   chunk ``c``, and itself.
 
 No token after a chunk's beacons sees that chunk's events, so the stored state after each append is exactly the
 beacons of the closed chunks plus the events of the open chunk, and prefill + appends + score equal the full
-forward. Beacons are recognised in the stored state by position alone: a stored token at a position ``= w - 1
-(mod w)`` is a beacon (the event at that position closes its chunk and is dropped with it), so no flag is kept.
+forward. Beacons are recognised in the stored state by position alone, so no flag is kept: the open chunk is
+``(max stored position + 1) // w`` (the last beacon of a closed chunk sits at its end) and a stored token of an
+earlier chunk is a beacon (:func:`stored_beacons`).
 
 Differences from the paper: beacons are appended after their chunk (the paper's "segmentation" placement, not
 interleaved every ``alpha`` events); the beacons' output projection (and SASRec's feed-forward block) is shared;
@@ -31,7 +35,8 @@ Stored per layer, after ``n`` events: a :class:`LayerState` of ``s = m floor(n /
 
 Knobs: ``alpha`` the condensing ratio (>= 1; None = ``1 / memory_ratio``) and ``chunk`` ``w`` (>= 1; default 32
 events: a session or a few in recsys logs, so that with ``alpha`` in 4..16 a chunk keeps 2..8 beacons and the raw
-open chunk stays small next to histories of 200..1000 events). The measured ratio is about ``1 / alpha`` plus the
+open chunk stays small next to histories of 200..1000 events), and ``placement`` (above; ``"end"`` by default, as
+every measured number so far used). The measured ratio is about ``1 / alpha`` plus the
 open chunk's ``(n mod w) / n``.
 
 Cost: a request that closes a chunk also runs its ``m`` beacons through every layer (against the state, as events
@@ -57,12 +62,26 @@ from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
 from malloc.tokens import ACTION_UNKNOWN, KVBlock, TokenBatch, split_heads
 
+PLACEMENTS = ("end", "spread")
 
-def insert_beacons(tokens: TokenBatch, chunk: int, beacons: int) -> tuple[TokenBatch, torch.Tensor | None]:
+
+def beacon_offsets(chunk: int, beacons: int, placement: str) -> torch.Tensor:
+    """``(m,)`` position of each beacon within its chunk: ``w - 1`` for every beacon (``"end"``), or the last
+    position of its ``k``-th of ``m`` segments, ``ceil((k + 1) w / m) - 1`` (``"spread"``). The last beacon sits at
+    the chunk's end either way."""
+    if placement == "end":
+        return torch.full((beacons,), chunk - 1)
+    return torch.tensor([-(-(k + 1) * chunk // beacons) - 1 for k in range(beacons)])
+
+
+def insert_beacons(tokens: TokenBatch, chunk: int, beacons: int, placement: str = "end"
+                   ) -> tuple[TokenBatch, torch.Tensor | None]:
     """Insert ``beacons`` beacon tokens after every history event that completes a chunk.
 
     Args:
         tokens: ``(B, T)`` tokens without beacons (history events and/or candidates).
+        placement: the beacons' positions within their chunk (:func:`beacon_offsets`); each takes the timestamp of
+            the chunk's last event.
     Returns:
         ``(B, T')`` tokens with ``beacon`` set (the given tokens keep their order; valid tokens stay left-aligned
         if they were), and the index ``(B, T)`` of each given token among them; ``tokens, None`` if no chunk
@@ -90,13 +109,27 @@ def insert_beacons(tokens: TokenBatch, chunk: int, beacons: int) -> tuple[TokenB
     expanded = TokenBatch(
         items=place(tokens.items, 0),
         actions=place(tokens.actions, ACTION_UNKNOWN),
-        positions=place(tokens.positions, tokens.positions[rows, cols][:, None]),
+        positions=place(tokens.positions, tokens.positions[rows, cols][:, None] - (chunk - 1)
+                        + beacon_offsets(chunk, beacons, placement).to(device)[None, :]),
         timestamps=place(tokens.timestamps, tokens.timestamps[rows, cols][:, None]),
         is_history=place(tokens.is_history, True),
         valid=place(tokens.valid, True),
         beacon=place(torch.zeros_like(tokens.valid), True),
     )
     return expanded, index
+
+
+def stored_beacons(positions: torch.Tensor, valid: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Which stored tokens are beacons, from positions alone: ``positions, valid (..., n)`` -> ``(..., n)`` bool.
+
+    A stored state is the beacons of the closed chunks followed by the events of the open chunk, and the last
+    beacon of a chunk sits at the chunk's end. So the open chunk is ``(max position + 1) // w`` (a state that ends
+    on a closed chunk has no open events), and a stored token is a beacon iff its chunk is below it.
+    """
+    if positions.shape[-1] == 0:
+        return torch.zeros_like(valid)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(dim=-1, keepdim=True)
+    return positions // chunk < (last + 1) // chunk
 
 
 def beacon_visibility(tokens: TokenBatch, cache: KVBlock | None, chunk: int) -> torch.Tensor:
@@ -116,18 +149,19 @@ def beacon_visibility(tokens: TokenBatch, cache: KVBlock | None, chunk: int) -> 
     k_pos = tokens.positions[:, None, None, :]  # (B, 1, 1, T)
     k_beacon = beacon[:, None, None, :]
     k_event = (tokens.is_history & ~beacon)[:, None, None, :]
-    earlier = k_pos < q_pos
-    own_chunk = (k_pos // chunk == q_chunk) & (earlier | q_beacon)
+    k_chunk = k_pos // chunk
+    own_chunk = (k_chunk == q_chunk) & ((k_pos < q_pos) | q_beacon)
     in_order = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # key j <= query i
-    same_chunk_beacon = q_beacon & (k_pos == q_pos) & in_order
-    new_part = ((k_event & own_chunk) | (k_beacon & (earlier | same_chunk_beacon))
+    same_chunk_beacon = q_beacon & (k_chunk == q_chunk) & in_order
+    new_part = ((k_event & own_chunk) | (k_beacon & ((k_chunk < q_chunk) | same_chunk_beacon))
                 | torch.eye(length, dtype=torch.bool, device=device))
     if cache is None:
         return new_part
     c_pos = cache.positions[:, :, None, :]  # (B, 1|H, 1, n)
-    c_earlier = c_pos < q_pos
-    c_own_chunk = (c_pos // chunk == q_chunk) & (c_earlier | q_beacon)
-    cached_part = cache.valid[:, :, None, :] & torch.where((c_pos + 1) % chunk == 0, c_earlier, c_own_chunk)
+    c_chunk = c_pos // chunk
+    c_own_chunk = (c_chunk == q_chunk) & ((c_pos < q_pos) | q_beacon)
+    c_beacon = stored_beacons(cache.positions, cache.valid, chunk)[:, :, None, :]
+    cached_part = cache.valid[:, :, None, :] & torch.where(c_beacon, c_chunk < q_chunk, c_own_chunk)
     return torch.cat([cached_part, new_part.expand(-1, cached_part.shape[1], -1, -1)], dim=-1)
 
 
@@ -182,7 +216,8 @@ class BeaconState:
         if stored.num_tokens:
             positions = stored.positions[0]
             closed_end = (int(new.positions.max()) + 1) // self.chunk * self.chunk
-            keep = ((positions + 1) % self.chunk == 0) | (positions >= closed_end)
+            beacon = stored_beacons(positions, torch.ones_like(positions, dtype=torch.bool), self.chunk)
+            keep = beacon | (positions >= closed_end)
             if not bool(keep.all()):
                 stored = stored.select(keep.nonzero()[:, 0][None])
         return stored.extend(new)
@@ -220,10 +255,14 @@ class Beacon(ArchitectureScheme):
         chunk: ``w``, events per chunk (>= 1; default 32).
         alpha: condensing ratio (>= 1); None = from the ratio: ``1 / memory_ratio``. Beacons per chunk
             ``m = ceil(w / alpha)``.
+        placement: ``"end"`` (default): every beacon at its chunk's last position; ``"spread"``: beacon ``k`` at
+            the last position of the ``k``-th of ``m`` equal segments of the chunk, so the relative-position bias
+            tells a chunk's beacons apart (:func:`beacon_offsets`).
     """
 
     chunk: int = 32
     alpha: float | None = None
+    placement: str = "end"
 
     name: ClassVar[str] = "beacon"
     granularity: ClassVar[str] = "token-merge"
@@ -236,6 +275,9 @@ class Beacon(ArchitectureScheme):
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
                                        or not self.alpha >= 1.0):
             raise SchemeError(f"{self.name}: knob alpha (condensing ratio) must be a number >= 1, got {self.alpha!r}")
+        if self.placement not in PLACEMENTS:
+            raise SchemeError(f"{self.name}: knob placement must be one of {', '.join(PLACEMENTS)}, "
+                              f"got {self.placement!r}")
         if not 1 <= self.beacons_per_chunk() <= self.chunk:
             raise SchemeError(f"{self.name}: knob alpha={self.condensing_ratio()} gives "
                               f"{self.beacons_per_chunk()} beacons per chunk of {self.chunk}; need 1..chunk")
@@ -252,10 +294,10 @@ class Beacon(ArchitectureScheme):
         return layer(cfg, self.chunk, self.beacons_per_chunk())
 
     def expand(self, tokens: TokenBatch) -> tuple[TokenBatch, torch.Tensor | None]:
-        return insert_beacons(tokens, self.chunk, self.beacons_per_chunk())
+        return insert_beacons(tokens, self.chunk, self.beacons_per_chunk(), self.placement)
 
     def knob_values(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {"chunk": self.chunk, "alpha": self.condensing_ratio()}
+        return {"chunk": self.chunk, "alpha": self.condensing_ratio(), "placement": self.placement}
 
     def stored_keys(self, cfg: ModelConfig, history_len: int) -> float:
         """``m floor(n / w) + (n mod w)``: beacons of the closed chunks and events of the open one."""
