@@ -206,7 +206,7 @@ def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, 
     env, git, suite = manifest["environment"], manifest["git"], manifest["suite"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     commit = git.get("commit") or "unknown"
-    by_commit = Counter(_commit_label(record.get("git")) for record in records)
+    by_commit = Counter(_commit_label(record.get("git")) for record in records if record["status"] != "missing")
     train = suite.get("base", {}).get("train", {})
     budget = ", ".join(f"{k} {v}" for k, v in train.items()) or "the run configs' defaults"
     axes = "; ".join(f"{axis} {label}: `{cfg}`" for axis in ("backbones", "tasks")
