@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,13 @@ class TrainResult:
     history: list[dict]
 
 
-def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True
-          ) -> tuple[SequentialRecommender, TrainResult]:
+def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True,
+          make_model: Callable[[], SequentialRecommender] | None = None) -> tuple[SequentialRecommender, TrainResult]:
     """Train ``cfg.model`` on ``view``; checkpoints go to ``run_dir`` (``best.pt``, ``last.pt``).
 
+    Args:
+        make_model: builds the model to train instead of ``build_model(cfg.model)`` (an ablation a benchmark
+            defines, e.g. benchmarks/beacon_learning.py); called where ``build_model`` would be, after seeding.
     Returns the model loaded with its best epoch's weights.
     """
     if cfg.train.threads:
@@ -100,7 +104,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     seqs = view.sequences
-    model = build_model(cfg.model, seqs.num_items).to(device)
+    model = (build_model(cfg.model, seqs.num_items) if make_model is None else make_model()).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     all_windows = training_windows(view, cfg)
     lengths = np.array([w.stop - w.start for w in all_windows])
