@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from malloc.config import load_config
 from malloc.models import HSTU, ModelConfig
 from malloc.profiling.latency import synthetic_events
 
@@ -57,3 +58,13 @@ def test_curves_for_the_three_models_resume_and_bad_input(tmp_path, capsys, benc
     assert "task: ctr" in capsys.readouterr().err
     assert script.main([*argv, "--knob", "alpha=0.5"]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_each_model_config_names_its_own_scheme(benchmark_script):
+    script = benchmark_script("beacon_learning")
+    cfg = load_config(SMOKE, ["model.scheme=gqa", "model.memory_ratio=0.5"])  # a trained-in run's config
+    native = script.model_config(cfg, "native", 0.25, {"chunk": 4})
+    assert (native.model.scheme, native.model.memory_ratio, native.model.knobs) == ("native", 1.0, {})
+    for name in ("beacon", "chunk_only"):
+        model = script.model_config(cfg, name, 0.25, {"chunk": 4}).model
+        assert (model.scheme, model.memory_ratio, model.knobs) == ("beacon", 0.25, {"chunk": 4})
