@@ -9,8 +9,9 @@ their validation GAUC after every epoch, then each one's test metrics through th
   earlier events of its own chunk (the open chunk). This is the floor Beacon falls to when its beacons carry
   nothing: Beacon above it has learnt to condense; Beacon at it has not (yet).
 
-Each model trains in ``--out/<model>/`` and resumes there (an interrupted run goes on from its last epoch); the
-curves are also written to ``--out/curves.json``.
+Each model trains in ``--out/<model>/`` and resumes there: an interrupted run goes on from its last epoch, a
+finished one is read back (only its test replay runs again), and a larger ``--epochs`` extends it. The curves of
+the models named in the latest invocation are also written to ``--out/curves.json``.
 
     python benchmarks/beacon_learning.py --config configs/bench/long-range-small.yaml --epochs 20 \\
         --out results/beacon-learning
