@@ -32,6 +32,7 @@ from malloc.configio import ConfigError
 from malloc.evaluate import evaluate
 from malloc.heap import retain_freed_memory
 from malloc.memory.policy import SchemeError
+from malloc.memory.registry import build_architecture
 from malloc.memory.schemes.token_merge.beacon import Beacon
 from malloc.models import BACKBONES, SequentialRecommender, build_model
 from malloc.runner import build_view
@@ -55,10 +56,9 @@ def model_config(cfg: RunConfig, model: str, ratio: float, knobs: dict[str, Any]
 
 
 def build(cfg: RunConfig, model: str, num_items: int) -> SequentialRecommender:
-    """A new model; raises SchemeError on a bad knob (the registry checks them, as for ``malloc train``)."""
-    built = build_model(cfg.model, num_items)
+    """A new model; ``chunk_only`` is built as ``beacon`` is, so it starts from the same weights."""
     if model != "chunk_only":
-        return built
+        return build_model(cfg.model, num_items)
     scheme = ChunkOnly(memory_ratio=cfg.model.memory_ratio, **cfg.model.knobs)
     return BACKBONES[cfg.model.backbone](cfg.model, num_items, scheme=scheme)
 
@@ -71,8 +71,8 @@ def learning_curves(config: str, overrides: list[str], epochs: int, ratio: float
         raise ConfigError(f"{config}: task is {base.task!r}; the curves are CTR GAUC (task: ctr)")
     view = build_view(base)
     configs = {name: model_config(base, name, ratio, knobs) for name in models}
-    for name, cfg in configs.items():  # bad knobs fail here, before any training
-        build(cfg, name, view.sequences.num_items)
+    for cfg in configs.values():  # bad knobs fail here (the registry's checks, as for `malloc train`), before training
+        build_architecture(cfg.model)
     curves: dict[str, Any] = {}
     for name, cfg in configs.items():
         trained, result = train(cfg, view, out / name, show_progress=False,
