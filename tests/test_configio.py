@@ -223,7 +223,7 @@ def test_malformed_override(override: str) -> None:
 def test_override_into_scalar_and_bad_value() -> None:
     with pytest.raises(ConfigError, match=r"'model\.layers' holds 2"):
         apply_overrides({"model": {"layers": 2}}, ["model.layers.x=1"])
-    with pytest.raises(ConfigError, match="cannot parse the value"):
+    with pytest.raises(ConfigError, match="invalid YAML in override"):
         apply_overrides({}, ["a=[1, 2"])
 
 

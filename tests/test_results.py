@@ -157,6 +157,8 @@ def test_error_record_and_cleared_by_success(tmp_path: Path) -> None:
     assert record["type"] == "KeyError" and "no such method" in record["message"]
     assert "Traceback" in record["traceback"] and "test_error_record" in record["traceback"]
     assert not run.is_done()
+    run.write_metrics({"auc": 0.5})
+    run.write_meters({})
     run.mark_done({})
     assert run.read_error() is None and run.is_done()
 

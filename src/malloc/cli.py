@@ -1,8 +1,9 @@
 """The ``malloc`` command: train, eval, bench, data, methods, sensitivity.
 
 Every command takes ``--config FILE`` (YAML under ``configs/``) and any number of ``--set key.sub=value``
-overrides. User errors (bad config key, bad data file, missing checkpoint, unknown scheme or knob) print one line
-and exit with status 2.
+overrides. User errors (bad config key, bad data file, missing or refused checkpoint, unusable results folder, unknown
+scheme or knob: :class:`~malloc.errors.MallocError`) print one line and exit with status 2; an interruption (Ctrl-C)
+prints one line and exits with status 130, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from malloc.configio import ConfigError
-from malloc.data.sequences import DataError
+from malloc.errors import MallocError
 
 log = logging.getLogger("malloc")
 
@@ -77,8 +78,7 @@ def _with_scheme(cfg, args: argparse.Namespace):
 
 def parse_knobs(pairs: Sequence[str]) -> dict[str, Any]:
     """``["k=v", "inner_knobs.window=8"]`` -> ``{"k": v, "inner_knobs": {"window": 8}}`` (values read as YAML)."""
-    import yaml
-
+    from malloc.configio import parse_yaml
     from malloc.memory.policy import SchemeError
 
     knobs: dict[str, Any] = {}
@@ -87,9 +87,9 @@ def parse_knobs(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SchemeError(f"--knob expects KEY=VALUE, got {pair!r}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise SchemeError(f"--knob {key}: cannot read value {text!r}") from exc
+            value = parse_yaml(text, f"--knob {key}") if text.strip() else None
+        except ConfigError as exc:
+            raise SchemeError(str(exc)) from exc
         *parents, leaf = key.strip().split(".")
         node = knobs
         for part in parents:
@@ -120,7 +120,7 @@ def _scheme_identity(result: dict) -> dict:
 
 def cmd_eval_scheme(args: argparse.Namespace) -> int:
     """``malloc eval --scheme NAME --memory-ratio R [--knob k=v ...]``: a scheme against Native, to JSON."""
-    from malloc.bench.results import atomic_write_json, read_json
+    from malloc.bench.results import atomic_write_json, check_writable, read_json_object
     from malloc.configio import to_dict
     from malloc.evaluate import evaluate_scheme, scheme_result_path
     from malloc.memory.registry import build_policy
@@ -133,12 +133,12 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
     path = scheme_result_path(run_dir_for(cfg).root, args.scheme, ratio, knobs, args.split, cfg.eval)
     identity = _scheme_identity({"scheme": args.scheme, "knobs": knobs, "memory_ratio_target": ratio,
                                  "split": args.split, "eval": to_dict(cfg.eval)})
-    if path.is_file() and not args.force:
-        done = read_json(path)
-        if _scheme_identity(done) == identity:
-            print(f"{path} exists; skipping (use --force to rerun)")
-            _print_scheme(done)
-            return 0
+    done = read_json_object(path) if not args.force else None
+    if done is not None and _scheme_identity(done) == identity and _is_scheme_result(done):
+        print(f"{path} exists; skipping (use --force to rerun)")
+        _print_scheme(done)
+        return 0
+    check_writable(path.parent)
     model, view, run_dir = load_trained(cfg)
     result = evaluate_scheme(cfg, model, view, args.split, policy, args.scheme, knobs, run_dir.root)
     result["run_id"] = run_dir.run_id
@@ -146,6 +146,14 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
     _print_scheme(result)
     print(f"wrote {path}")
     return 0
+
+
+def _is_scheme_result(result: dict) -> bool:
+    """Whether a stored scheme result has what :func:`_print_scheme` reads (else it is recomputed)."""
+    return (isinstance(result.get("meters"), dict) and isinstance(result.get("metrics"), dict)
+            and isinstance(result.get("fidelity"), dict) and isinstance(result.get("native"), dict)
+            and isinstance(result["native"].get("metrics"), dict)
+            and isinstance(result.get("memory_ratio_target"), (int, float)))
 
 
 def _print_scheme(result: dict) -> None:
@@ -181,7 +189,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from malloc.bench.results import atomic_write_json
+    from malloc.bench.results import atomic_write_json, check_writable
     from malloc.evaluate import evaluate
     from malloc.memory.policy import SchemeError
     from malloc.runner import load_trained
@@ -192,6 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SchemeError("--memory-ratio and --knob need --scheme NAME (see `malloc methods`)")
     cfg = _load(args)
     model, view, run_dir = load_trained(cfg)
+    check_writable(run_dir.root)
     result = evaluate(cfg, model, view, args.split)
     atomic_write_json(run_dir.root / f"eval-{args.split}.json", result)
     _print_metrics(f"{run_dir.run_id}: {args.split} ({cfg.task})", result["metrics"], result["meters"])
@@ -352,11 +361,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        print(f"malloc {args.command}: error: {exc}", file=sys.stderr)
+    except (MallocError, FileNotFoundError) as exc:
+        print(f"malloc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # results and checkpoints are written atomically, so whatever finished is kept and the rest resumes
+        print(f"malloc {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (a message that spans lines is joined with spaces)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def console() -> int:
@@ -366,16 +382,6 @@ def console() -> int:
 
     retain_freed_memory()
     return main()
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user can cause. SchemeError is looked up only if its module was loaded (it imports torch, which
-    the command line loads only when a command needs it; a SchemeError cannot exist before)."""
-    errors: list[type[Exception]] = [ConfigError, DataError, FileNotFoundError]
-    policy = sys.modules.get("malloc.memory.policy")
-    if policy is not None:
-        errors.append(policy.SchemeError)
-    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Every error a user can cause raises :class:`ConfigError` naming the dotted key (
 was expected. Range checks live in each dataclass's ``__post_init__``; a ``ValueError`` raised there is
 re-raised as a :class:`ConfigError` prefixed with the dataclass's dotted path.
 
-Supported field types: ``int``, ``float`` (an int is accepted; a string such as ``"1e-3"``, which YAML 1.1
-reads as a string, is parsed), ``bool`` (strict: only true/false), ``str``, ``pathlib.Path``,
+Supported field types: ``int``, ``float`` (finite only; an int is accepted; a string such as ``"1e-3"``, which
+YAML 1.1 reads as a string, is parsed), ``bool`` (strict: only true/false), ``str``, ``pathlib.Path``,
 ``Literal[...]``, unions such as ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``,
 ``dict[str, X]``, ``Any`` and nested dataclasses.
 """
@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -26,10 +27,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from malloc.errors import MallocError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(MallocError, ValueError):
     """A config a user wrote is invalid: unknown key, wrong type, out-of-range value, bad file or override."""
 
 
@@ -115,14 +118,21 @@ def _convert_int(value: Any, where: str) -> int:
 
 
 def _convert_float(value: Any, where: str) -> float:
+    """A finite float: NaN and infinities are rejected here, once for every float field (a range check of the
+    form ``x <= 0`` lets NaN through)."""
+    number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        number = float(value)
+    elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{where}: expected a float, got {_describe(value)}")
+    if number is None:
+        raise ConfigError(f"{where}: expected a float, got {_describe(value)}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _convert_bool(value: Any, where: str) -> bool:
@@ -224,6 +234,38 @@ def to_dict(obj: Any) -> Any:
     raise TypeError(f"cannot convert {type(obj).__name__} to a plain config value")
 
 
+# Values a config may expand to, aliases counted each time they are used: far above any real config, far below what
+# hangs hashing (a "billion laughs" document of a few lines expands to billions of values).
+MAX_CONFIG_VALUES = 100_000
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refusing a document that expands to more than :data:`MAX_CONFIG_VALUES` values.
+
+    YAML aliases share one object, so a short document can stand for an exponentially large config, which
+    hashing and printing would expand; it is rejected here, before any use.
+
+    Raises:
+        ConfigError: naming ``where``: not valid YAML, or too large once expanded.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {where}: {' '.join(str(exc).split())}") from exc
+    pending, seen = [data], 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_CONFIG_VALUES:,} values (nested aliases?)")
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+    return data
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (an empty file gives ``{}``).
 
@@ -237,11 +279,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {path}: {exc}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -265,10 +306,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         parts = key.strip().split(".")
         if not sep or any(not part for part in parts):
             raise ConfigError(f"malformed override {override!r}: expected key.sub=value")
-        try:
-            value = yaml.safe_load(raw_value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {override!r}: cannot parse the value: {exc}") from exc
+        value = parse_yaml(raw_value, f"override {override!r}")
         node = result
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -295,5 +333,6 @@ __all__ = [
     "config_hash",
     "from_dict",
     "load_yaml",
+    "parse_yaml",
     "to_dict",
 ]

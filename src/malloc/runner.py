@@ -2,26 +2,33 @@
 
 ``results/<name>-<hash>/`` holds ``config.yaml``, ``best.pt``, ``last.pt``, ``metrics.json``, ``meters.json``,
 ``schemes/native-predictions-test.npz`` (the test replay's per-user predictions and bytes) and, written last,
-``done.json``. The hash covers what determines the trained model (task, data, model, train), so
-changing only evaluation settings re-evaluates the same checkpoint instead of retraining.
+``done.json``. The hash covers what determines the trained model (task, data and the digest of its files, model,
+train), so changing only evaluation settings re-evaluates the same checkpoint instead of retraining, and editing a
+data file trains a new run. A run folder whose recorded identity or ``config.yaml`` disagrees with the resolved
+config is an error, never reused.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from malloc import __version__
-from malloc.bench.results import RunDir, read_json
+from malloc.bench.results import RunDir, check_writable, load_checkpoint
 from malloc.config import RunConfig
-from malloc.configio import to_dict
+from malloc.configio import ConfigError, from_dict, load_yaml, to_dict
+from malloc.data.fingerprint import data_digest
+from malloc.data.sequences import DataError
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
 from malloc.device import device_name, resolve_device
+from malloc.errors import CheckpointError, ResultsError
 from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
 from malloc.models import SequentialRecommender, build_model
 from malloc.train import train
@@ -34,7 +41,11 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
 
     A Native model's identity leaves out the scheme fields (at their defaults they change nothing), and a real
     data set's leaves out the synthetic generator's settings, and ``train.window`` at its default is left out, so
-    adding a field to any of them keeps other runs' hashes.
+    adding a field to any of them keeps other runs' hashes. ``data_digest`` is the content digest of the data
+    files (:func:`malloc.data.fingerprint.data_digest`; absent for generated data).
+
+    Raises:
+        DataError: a data file is missing or unreadable.
     """
     model, data = to_dict(cfg.model), to_dict(cfg.data)
     if model["scheme"] == "native" and model["memory_ratio"] == 1.0 and not model["knobs"]:
@@ -45,7 +56,11 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
     train = to_dict(cfg.train)
     if train["window"] == 0:  # the default window (model.max_len)
         del train["window"]
-    return {"task": cfg.task, "data": data, "model": model, "train": train}
+    identity = {"task": cfg.task, "data": data, "model": model, "train": train}
+    digest = data_digest(cfg.data.source, cfg.data.path)
+    if digest is not None:
+        identity["data_digest"] = digest
+    return identity
 
 
 def run_dir_for(cfg: RunConfig) -> RunDir:
@@ -79,6 +94,7 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
         ``{"run_id", "metrics", "meters"}``.
     """
     run_dir = run_dir_for(cfg)
+    check_writable(run_dir.root.parent)
     with run_dir.lock():
         return _run_locked(cfg, run_dir, force, show_progress)
 
@@ -86,17 +102,24 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
 def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: bool) -> dict[str, Any]:
     if force:
         run_dir.clear()
+    identity = training_identity(cfg)
+    if run_dir.root.is_dir():
+        check_stored_config(run_dir, cfg)
+        run_dir.claim(identity)
     if run_dir.is_done():
         log.info("%s is done; skipping (use --force to rerun)", run_dir.root)
-        return {"run_id": run_dir.run_id, "metrics": read_json(run_dir.metrics_path),
-                "meters": read_json(run_dir.meters_path)}
+        metrics, meters = run_dir.read_result()
+        return {"run_id": run_dir.run_id, "metrics": metrics, "meters": meters}
     run_dir.root.mkdir(parents=True, exist_ok=True)
+    run_dir.claim(identity)
     run_dir.write_config(cfg)
     try:
         view = build_view(cfg)
+        check_splits(cfg, view)
         model, trained = train(cfg, view, run_dir.root, show_progress=show_progress)
         # saved as the run's policy-free test replay, which schemes and suites compare against
         replayed = replay(cfg, model, view, "test")
+        check_finite(replayed.metrics, "test", run_dir)
         replayed.save(native_predictions_path(run_dir.root, "test"), native_identity(cfg, "test"))
         result = {"metrics": replayed.metrics,
                   "meters": {**replayed.meters, **model_meters(cfg, model, view, "test", replayed)}}
@@ -117,18 +140,96 @@ def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: boo
     return {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters}
 
 
+def check_stored_config(run_dir: RunDir, cfg: RunConfig) -> None:
+    """The run folder's ``config.yaml``, where there is one, must describe the same trained model as ``cfg``.
+
+    Raises:
+        ResultsError: it cannot be read as a config, or its training identity differs (an edited file).
+    """
+    if not run_dir.config_path.is_file():
+        return
+    try:
+        stored = from_dict(RunConfig, load_yaml(run_dir.config_path))
+    except ConfigError as exc:
+        raise ResultsError(f"{run_dir.config_path}: not a config of this version ({exc}); delete the folder or "
+                           "rerun with --force") from exc
+    if training_identity(stored) != training_identity(cfg):
+        raise ResultsError(f"{run_dir.config_path} describes another run than the resolved config (edited by hand?); "
+                           "delete the folder or rerun with --force")
+
+
+def check_splits(cfg: RunConfig, view: CTRView | RetrievalView) -> None:
+    """Every split a run uses has rows, and for CTR both labels (else AUC and GAUC are undefined).
+
+    Raises:
+        DataError: naming the split and the data set (source and path).
+    """
+    where = f"{cfg.data.source}" + (f" ({cfg.data.path})" if cfg.data.path else "")
+    if isinstance(view, RetrievalView):
+        return
+    for split in ("train", "valid", "test"):
+        rows = view.split(split)
+        if len(rows) == 0:
+            raise DataError(f"data set {where}: the {split} split has no rows" + _split_file_hint(cfg, split))
+        if split == "train":
+            continue
+        hint = " (check data.label_threshold)" if cfg.data.source.startswith("ml-") else ""
+        positives = int((rows.label == 1).sum())
+        if positives in (0, len(rows)):
+            kind = "positive" if positives == 0 else "negative"
+            raise DataError(f"data set {where}: the {split} split has no {kind} labels ({len(rows)} rows), so AUC "
+                            f"and GAUC are undefined{hint}")
+        users = np.unique(rows.user)
+        positive_users = np.unique(rows.user[rows.label == 1])
+        negative_users = np.unique(rows.user[rows.label != 1])
+        if len(np.intersect1d(positive_users, negative_users)) == 0:
+            raise DataError(f"data set {where}: no user of the {split} split has both labels ({len(users)} users), so "
+                            f"GAUC is undefined{hint}")
+
+
+def _split_file_hint(cfg: RunConfig, split: str) -> str:
+    if cfg.data.source in ("microvideo", "kuaivideo"):
+        return f" (file {split}.parquet)"
+    if cfg.data.source == "amazon-electronics":
+        return f" (file {split}.csv)"
+    return ""
+
+
+def check_finite(metrics: dict[str, Any], split: str, run_dir: RunDir) -> None:
+    """Metrics that are NaN or infinite are an error, not a result: nothing is marked done.
+
+    Raises:
+        ResultsError: naming the metrics, the split and the likely cause.
+    """
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise ResultsError(f"{run_dir.root}: {', '.join(bad)} of the {split} split are not finite (no user of the "
+                           "split has both labels, or the model's outputs are not finite); nothing was marked done")
+
+
 def load_trained(cfg: RunConfig) -> tuple[SequentialRecommender, CTRView | RetrievalView, RunDir]:
     """The best checkpoint of a finished (or at least once checkpointed) training run for ``cfg``."""
     run_dir = run_dir_for(cfg)
     if not run_dir.checkpoint_path.is_file():
-        raise FileNotFoundError(f"no checkpoint for this config at {run_dir.checkpoint_path}: run `malloc train` "
-                                "with the same config first")
+        raise ResultsError(f"no checkpoint for this config at {run_dir.checkpoint_path}: run `malloc train` with "
+                           "the same config first")
+    check_stored_config(run_dir, cfg)
     view = build_view(cfg)
     return load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path), view, run_dir
 
 
 def load_model(cfg: RunConfig, num_items: int, checkpoint: Path) -> SequentialRecommender:
-    """A ``cfg.model`` with the weights saved at ``checkpoint``, on ``cfg.device``, in eval mode."""
+    """A ``cfg.model`` with the weights saved at ``checkpoint``, on ``cfg.device``, in eval mode.
+
+    Raises:
+        CheckpointError: the file is refused or unreadable (:func:`~malloc.bench.results.load_checkpoint`), or its
+            weights do not fit the configured model.
+    """
     model = build_model(cfg.model, num_items)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    weights = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the configured model "
+                              f"({str(exc).splitlines()[0]}); delete it, or rerun with --force") from exc
     return model.to(resolve_device(cfg.device)).eval()

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from malloc.bench.results import atomic_file, atomic_write_json, atomic_write_text, read_json
+from malloc.bench.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
 from malloc.data.sequences import SPLIT_TRAIN
@@ -313,11 +313,10 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     run_dir = run_dir_for(cfg)
     model = load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path)
     path = sensitivity_path(run_dir.root, split)
-    if path.is_file() and not force:
-        done = read_json(path)
-        if done.get("identity") == identity:
-            log.info("%s exists; skipping (use --force to rerun)", path)
-            return done
+    done = None if force else read_json_object(path)
+    if done is not None and done.get("identity") == identity and isinstance(done.get("points"), list):
+        log.info("%s exists; skipping (use --force to rerun)", path)
+        return done
 
     per_point: list[tuple[Truncation, UserScores]] = []
     for point in points:

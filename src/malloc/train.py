@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from malloc.bench.results import atomic_torch_save
+from malloc.bench.results import atomic_torch_save, load_checkpoint
 from malloc.config import RunConfig
 from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batch, retrieval_training_batch
+from malloc.data.sequences import DataError
 from malloc.data.tasks import CTRView, RetrievalView, Window, windows
 from malloc.device import resolve_device
+from malloc.errors import CheckpointError, TrainingError
 from malloc.evaluate import evaluate
 from malloc.models import SequentialRecommender, build_model
 
@@ -80,6 +82,36 @@ def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, ne
     return F.cross_entropy(torch.cat([positive, negative], dim=1), torch.zeros_like(targets))
 
 
+def _load_weights(model: SequentialRecommender, path: Path, device: torch.device) -> None:
+    try:
+        model.load_state_dict(load_checkpoint(path, map_location=device))
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the configured model ({str(exc).splitlines()[0]}); "
+                              "delete it, or rerun with --force") from exc
+
+
+def _resume(path: Path, model: SequentialRecommender, optimiser: torch.optim.Optimizer,
+            generator: torch.Generator, device: torch.device) -> dict:
+    """Restore model, optimiser and random states from ``last.pt`` (tensors and plain values only); returns the
+    progress record (epoch, best metric and epoch, stale epochs, history)."""
+    saved = load_checkpoint(path, map_location=device)
+    progress = saved.get("progress") if isinstance(saved, dict) else None
+    if not isinstance(progress, dict) or not isinstance(progress.get("epoch"), int):
+        raise CheckpointError(f"{path}: not a resume state (no progress record); delete it, or rerun with --force")
+    try:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        generator.set_state(saved["generator"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a resume state of this run ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it, or rerun with --force"
+                              ) from exc
+    return progress
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -107,20 +139,17 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     model = (build_model(cfg.model, seqs.num_items) if make_model is None else make_model()).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     all_windows = training_windows(view, cfg)
+    if not all_windows:
+        raise DataError(f"data set {cfg.data.source}{f' ({cfg.data.path})' if cfg.data.path else ''}: the train "
+                        "split has no training window (no user has training events"
+                        + (" among the first train.max_train_users" if cfg.train.max_train_users else "") + ")")
     lengths = np.array([w.stop - w.start for w in all_windows])
     row_index = CTRWindowRows(view.split("train")) if isinstance(view, CTRView) else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": -1, "stale": 0, "history": []}
     if last_path.exists():
-        saved = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        generator.set_state(saved["generator"].cpu())
-        torch.set_rng_state(saved["torch_rng"].cpu())
-        if device.type == "cuda" and saved.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
-        state = saved["progress"]
+        state = _resume(last_path, model, optimiser, generator, device)
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
 
     while state["epoch"] < cfg.train.epochs and state["stale"] < cfg.train.patience:
@@ -145,7 +174,9 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
         metrics = evaluate(cfg, model, view, "valid")["metrics"] if cfg.train.epochs > 1 else {}
         metric = metrics.get(cfg.monitor, 0.0)
         if not np.isfinite(total_loss):
-            raise FloatingPointError(f"training loss is not finite at epoch {epoch + 1} of {run_dir}")
+            raise TrainingError(f"{run_dir}: the training loss is not finite at epoch {epoch + 1} (lower train.lr?)")
+        if not np.isfinite(metric):
+            raise TrainingError(f"{run_dir}: the validation {cfg.monitor} is not finite at epoch {epoch + 1}")
         record = {"epoch": epoch + 1, "loss": total_loss / max(1, len(all_windows)), "seconds": seconds,
                   "events_per_second": events_seen / seconds, **{f"valid_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
@@ -162,7 +193,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                            "progress": state}, last_path)
 
-    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    _load_weights(model, best_path, device)
     history = state["history"]
     result = TrainResult(
         best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],

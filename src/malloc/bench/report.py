@@ -29,9 +29,10 @@ from typing import Any
 
 from malloc.bench.complexity import complexity_rows
 from malloc.bench.pareto import pareto_front
-from malloc.bench.results import atomic_file, atomic_write_text
+from malloc.bench.results import atomic_file, atomic_write_text, check_writable
 from malloc.bench.stats import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.bench.sweep import read_suite
+from malloc.errors import ResultsError
 
 METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
 PRIMARY = {"ctr": "gauc", "retrieval": "ndcg@10"}
@@ -389,9 +390,11 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
         The ``index.html`` path.
     """
     if not folders:
-        raise FileNotFoundError("malloc report needs at least one suite results folder")
+        raise ResultsError("malloc report needs at least one suite results folder")
     out_dir = Path(out) if out is not None else Path(folders[0]) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir)
+    if markdown is not None:
+        check_writable(Path(markdown).parent)
     blocks: list[Block] = [Heading("MALLOC benchmark report", 1),
                            Para("Every number is read from the results files of the suites below (written by "
                                 "`malloc bench`); accuracy is read from stored states through the serving path, "

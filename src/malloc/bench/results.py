@@ -5,6 +5,7 @@ A run lives in ``results/<name>-<config hash>/``::
     config.yaml    the resolved config
     metrics.json   accuracy metrics
     meters.json    bytes, MACs, latency, memory
+    identity.json  what the hash covers (task, data and its content digest, model, training), checked on reuse
     best.pt        best checkpoint          last.pt   latest checkpoint (for resuming)
     error.json     type, message and traceback of the last failure
     done.json      written last: its presence marks the run complete, so a sweep skips it
@@ -12,6 +13,11 @@ A run lives in ``results/<name>-<config hash>/``::
 Atomic writes go to a hidden temporary file in the same directory, are fsynced, then ``os.replace``d over the
 target: a reader sees the old file or the new one, never a partial one, and an interrupted sweep resumes from
 what is on disk.
+
+Reading back trusts nothing: checkpoints are loaded with PyTorch's restricted unpickler (tensors and plain values
+only; a file that would build any other object, and so could run code, is refused with a
+:class:`~malloc.errors.CheckpointError`), and JSON results are parsed and checked before they are reused (a corrupt
+``done.json`` or ``metrics.json`` is reported and the run recomputed, never taken as done).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -35,6 +43,9 @@ import torch
 import yaml
 
 from malloc.configio import ConfigError, config_hash, to_dict
+from malloc.errors import CheckpointError, ResultsError
+
+log = logging.getLogger("malloc.results")
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _RUN_DIR = re.compile(r"^.+-[0-9a-f]{8}$")
@@ -107,14 +118,86 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` atomically."""
+    """``torch.save(obj, path)`` atomically. ``obj`` must hold only tensors and plain values (dicts, lists, numbers,
+    strings), the only things :func:`load_checkpoint` reads back."""
     with atomic_file(path, "wb") as handle:
         torch.save(obj, handle)
 
 
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Read a file written by :func:`atomic_torch_save`, refusing anything but tensors and plain values.
+
+    PyTorch's restricted unpickler (``weights_only=True``) builds no object outside an allow-list, so a file whose
+    pickle would call a function (and so run code) is refused before anything in it runs.
+
+    Raises:
+        CheckpointError: one line naming the file: refused (holds other objects), or unreadable (empty, truncated,
+            not a checkpoint).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # a forbidden object (a global, a class) or bytes that are no pickle
+        raise CheckpointError(f"{path}: refused to load: not a checkpoint of tensors and plain values only (corrupt, "
+                              "or holding objects that run code when read); delete it, or rerun with --force") from exc
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint (empty, truncated or not a checkpoint: {reason}); "
+                              "delete it, or rerun with --force") from exc
+
+
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file written by :func:`atomic_write_json` (``null`` stands for a non-finite float)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a JSON file written by :func:`atomic_write_json` (``null`` stands for a non-finite float).
+
+    Raises:
+        ResultsError: the file is unreadable or not valid UTF-8 JSON (one line naming it).
+        FileNotFoundError: it does not exist.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ResultsError(f"{path}: not a readable JSON file ({str(exc).splitlines()[0]})") from exc
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None where it is missing, unreadable, not JSON or not an object (the last
+    three are logged as a warning naming the file: the caller recomputes what it held)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = read_json(path)
+    except (ResultsError, FileNotFoundError) as exc:
+        log.warning("%s; recomputing it", exc)
+        return None
+    if not isinstance(value, dict):
+        log.warning("%s: expected a JSON object, found %s; recomputing it", path, type(value).__name__)
+        return None
+    return value
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail early, before any compute, where results cannot be written under ``folder`` (created if missing).
+
+    Writes and removes a probe file (permission bits alone say nothing for root or on read-only mounts).
+
+    Raises:
+        ResultsError: naming the folder and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ResultsError(f"{folder}: cannot write results there ({exc.strerror or exc}); choose another folder "
+                           "(results_dir, --results) or fix its permissions") from exc
 
 
 def _now() -> str:
@@ -170,12 +253,45 @@ class RunDir:
         return self.root / "done.json"
 
     @property
+    def identity_path(self) -> Path:
+        return self.root / "identity.json"
+
+    @property
     def error_path(self) -> Path:
         return self.root / "error.json"
 
     def is_done(self) -> bool:
-        """Whether the run completed (its done marker exists)."""
-        return self.done_path.is_file()
+        """Whether the run completed: its done marker, metrics and meters are all readable JSON objects.
+
+        A corrupt one is logged (naming the file) and the run counts as not done, so it is recomputed (training
+        resumes from ``last.pt``); a missing marker is a run that has not finished.
+        """
+        if not self.done_path.is_file():
+            return False
+        return all(read_json_object(path) is not None for path in (self.done_path, self.metrics_path,
+                                                                    self.meters_path))
+
+    def read_result(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(metrics, meters)`` of a done run (:meth:`is_done` checked they are JSON objects)."""
+        metrics, meters = read_json(self.metrics_path), read_json(self.meters_path)
+        assert isinstance(metrics, dict) and isinstance(meters, dict)
+        return metrics, meters
+
+    def claim(self, identity: Mapping[str, Any]) -> None:
+        """Record the run's identity (what its hash covers), or check it against the one recorded.
+
+        Raises:
+            ResultsError: the folder holds a run of another identity (a hand-edited file or a hash collision), or
+                an unreadable identity file; naming the folder and the first key that differs.
+        """
+        expected = json.loads(json.dumps(to_jsonable(identity), sort_keys=True))
+        if not self.identity_path.is_file():
+            atomic_write_json(self.identity_path, expected)
+            return
+        stored = read_json(self.identity_path)
+        if stored != expected:
+            raise ResultsError(f"{self.root} holds a run of another config ({_first_difference(stored, expected)}); "
+                               "it was edited by hand or its hash collides: delete the folder or rerun with --force")
 
     def write_config(self, config_obj: Any) -> None:
         """Write the resolved config as YAML (keys in field order)."""
@@ -227,8 +343,8 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def read_error(self) -> dict[str, Any] | None:
-        """The recorded failure, or None."""
-        return read_json(self.error_path) if self.error_path.is_file() else None
+        """The recorded failure, or None (also where the record is unreadable)."""
+        return read_json_object(self.error_path)
 
     def clear(self) -> None:
         """Delete the run directory, or everything in it but its lock file if it has one (for ``--force``).
@@ -252,11 +368,24 @@ class RunDir:
             self.root.rmdir()
 
 
+def _first_difference(stored: Any, expected: Any, where: str = "") -> str:
+    """``key: stored X, resolved Y`` for the first dotted key at which two JSON values differ."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for key in sorted(set(stored) | set(expected)):
+            if stored.get(key, "<missing>") != expected.get(key, "<missing>"):
+                return _first_difference(stored.get(key, "<missing>"), expected.get(key, "<missing>"),
+                                         f"{where}.{key}" if where else key)
+    return f"{where or 'identity'}: stored {json.dumps(stored)[:80]}, resolved {json.dumps(expected)[:80]}"
+
+
 __all__ = [
     "RunDir",
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable",
+    "load_checkpoint",
     "read_json",
+    "read_json_object",
     "to_jsonable",
 ]

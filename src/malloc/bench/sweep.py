@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -41,11 +42,12 @@ import numpy as np
 import torch
 
 from malloc.bench.meters import request_latency_served
-from malloc.bench.results import atomic_write_json, read_json
+from malloc.bench.results import atomic_write_json, check_writable, read_json, read_json_object
 from malloc.bench.suite import Item, Setting, SuiteSpec, plan, select_items
 from malloc.config import RunConfig
 from malloc.configio import to_dict
 from malloc.data.tasks import CTRView, RetrievalView
+from malloc.errors import ResultsError
 from malloc.evaluate import (
     Replay,
     evaluate_scheme,
@@ -195,13 +197,14 @@ class SuiteRunner:
         return self.out_dir / "items" / f"{item.id}.json"
 
     def is_done(self, item: Item) -> bool:
-        path = self.record_path(item)
-        if not path.is_file():
+        """Whether the item's record says done and a report can use it (a corrupt one is logged and rerun)."""
+        record = read_json_object(self.record_path(item))
+        if record is None or record.get("status") != "done":
             return False
-        try:
-            return read_json(path).get("status") == "done"
-        except (OSError, ValueError):
-            return False
+        problem = record_problem(record, item.describe())
+        if problem is not None:
+            log.warning("%s: %s; rerunning the item", self.record_path(item), problem)
+        return problem is None
 
     def write_manifest(self) -> None:
         atomic_write_json(self.out_dir / "suite.json", {
@@ -215,6 +218,7 @@ class SuiteRunner:
     def run(self, on_item: Callable[[Item], None] | None = None) -> SuiteOutcome:
         """Run every item not yet done; returns what happened. ``on_item`` is called before each item runs."""
         outcome = SuiteOutcome(self.out_dir, planned=len(self.shard_items))
+        check_writable(self.out_dir)
         self.write_manifest()
         if self.skipped_datasets:
             log.info("%s: data sets without a path, left out: %s (give --data NAME=PATH)", self.spec.name,
@@ -286,12 +290,8 @@ class SuiteRunner:
         return {**result, "metrics": task_metrics(result["metrics"])}
 
     def _native_run(self, setting: Setting) -> dict[str, Any]:
-        """The setting's Native run, trained if missing."""
-        run_dir = run_dir_for(setting.cfg)
-        if not run_dir.is_done() or (self.force and run_dir.run_id not in self._forced):
-            return self._train(setting.cfg)
-        return {"run_id": run_dir.run_id, "metrics": task_metrics(read_json(run_dir.metrics_path)),
-                "meters": read_json(run_dir.meters_path)}
+        """The setting's Native run, trained if missing (a done run is read back, its identity checked)."""
+        return self._train(setting.cfg)
 
     def _latency(self, cfg: RunConfig, model: SequentialRecommender, policy: Any = None,
                  prefill_cache: PrefillCache | None = None) -> dict[str, Any]:
@@ -383,19 +383,79 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+_MANIFEST_KEYS = {"suite": dict, "command": str, "started_at": str, "git": dict, "environment": dict, "items": list}
+_TASK_METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
+
+
 def read_suite(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``suite.json`` and the item records of a suite's results folder (records in the manifest's order; planned
-    items without a record are returned as ``{"status": "missing", ...}``)."""
+    """``suite.json`` and the item records of a suite's results folder, in the manifest's order.
+
+    A planned item without a record is returned as ``{"status": "missing", ...}``; a record that is not readable
+    JSON, or whose numbers are impossible (:func:`record_problem`), as ``{"status": "unreadable", "error": ...}``
+    with the item's planned description, so a report lists it and reports the rest.
+
+    Raises:
+        ResultsError: the folder has no ``suite.json``, or it is not a suite manifest.
+    """
     out_dir = Path(out_dir)
     manifest_path = out_dir / "suite.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{out_dir} is not a suite's results folder (no suite.json): run `malloc bench "
-                                "--suite NAME` first and pass <results>/<NAME>")
+        raise ResultsError(f"{out_dir} is not a suite's results folder (no suite.json): run `malloc bench --suite "
+                           "NAME` first and pass <results>/<NAME>")
     manifest = read_json(manifest_path)
+    wrong = [key for key, kind in _MANIFEST_KEYS.items()
+             if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
+    if wrong:
+        raise ResultsError(f"{manifest_path}: not a suite manifest (missing or malformed: {', '.join(wrong)})")
     records = []
     for planned in manifest["items"]:
         path = out_dir / "items" / f"{planned['item']}.json"
-        records.append(read_json(path) if path.is_file() else {**planned, "status": "missing"})
+        if not path.is_file():
+            records.append({**planned, "status": "missing"})
+            continue
+        try:
+            record = read_json(path)
+            problem = record_problem(record, planned)
+        except ResultsError as exc:
+            problem = str(exc)
+        if problem is not None:
+            log.warning("%s: %s; listed as unreadable", path, problem)
+            record = {**planned, "status": "unreadable", "error": {"type": "unreadable record", "message": problem}}
+        records.append(record)
     return manifest, records
 
 
+def record_problem(record: Any, planned: Mapping[str, Any]) -> str | None:
+    """What makes an item record unusable by a report, or None: not an object, another item's record, or (for a
+    done record) a task metric or a meter that is missing, not a number, or out of its range (memory ratio and
+    bytes > 0, MACs and latencies >= 0, metrics in [0, 1] but logloss >= 0)."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, found {type(record).__name__}"
+    if record.get("item") != planned["item"]:
+        return f"the record is of item {record.get('item')!r}"
+    if record.get("status") != "done":
+        error = record.get("error")
+        if not isinstance(error, dict) or not {"type", "message"} <= set(error):
+            return f"a {record.get('status')!r} record without an error type and message"
+        return None
+    for part in ("metrics", "native_metrics", "meters", "fidelity"):
+        if not isinstance(record.get(part), dict):
+            return f"no {part} object"
+    for name in _TASK_METRICS.get(planned["task"], ()):
+        for part in ("metrics", "native_metrics"):
+            value = record[part].get(name)
+            limit = math.inf if name == "logloss" else 1.0
+            if not _number(value) or not 0.0 <= value <= limit:
+                return f"{part}.{name} is {value!r}, expected a number in [0, {limit:g}]"
+    meters = record["meters"]
+    for name, low in (("memory_ratio", 0.0), ("state_bytes_mean", 0.0)):
+        if not _number(meters.get(name)) or not meters[name] > low:
+            return f"meters.{name} is {meters.get(name)!r}, expected a number > {low:g}"
+    for name in ("macs_per_request", "request_ms_p50", "request_ms_p99", "batched_request_ms_p50"):
+        if name in meters and meters[name] is not None and not (_number(meters[name]) and meters[name] >= 0):
+            return f"meters.{name} is {meters[name]!r}, expected a number >= 0"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

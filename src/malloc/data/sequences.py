@@ -9,9 +9,14 @@ Jagged convention: user ``u`` owns the events ``offsets[u] : offsets[u + 1]`` of
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from malloc.errors import MallocError
+
+logger = logging.getLogger("malloc.data")
 
 # Event label meaning "not observed" (retrieval data, or a click log without labels).
 UNKNOWN_LABEL = -1
@@ -114,7 +119,7 @@ class Dataset:
     ctr_rows: CTRRows | None = None
 
 
-class DataError(ValueError):
+class DataError(MallocError, ValueError):
     """A user-caused data problem: the message names the input (file, line) and what was expected."""
 
 
@@ -127,6 +132,10 @@ def build_sequences(
 ) -> Sequences:
     """Group flat interactions by user, sort each user's events by time (stable), and densify item ids.
 
+    Exact duplicates (the same user, item, timestamp and label: the same event as the model sees it) would
+    count one interaction twice in the history and in the CTR rows; every repeat after the first is dropped and
+    the count logged.
+
     Args:
         user_raw: ``(E,)`` source user ids (any sortable dtype).
         item_raw: ``(E,)`` source item ids (any sortable dtype).
@@ -136,6 +145,11 @@ def build_sequences(
         Sequences with users in ascending source-id order and dense items ``1..num_items`` in ascending
         source-id order.
     """
+    first = first_occurrences(user_raw, item_raw, timestamps, labels)
+    if not first.all():
+        logger.info("%s: dropped %d exact duplicate events (same user, item, timestamp and label)", name,
+                    int((~first).sum()))
+        user_raw, item_raw, timestamps, labels = (a[first] for a in (user_raw, item_raw, timestamps, labels))
     order = np.lexsort((np.arange(len(user_raw)), timestamps, user_raw))
     user_sorted = user_raw[order]
     user_ids, counts = np.unique(user_sorted, return_counts=True)
@@ -152,3 +166,19 @@ def build_sequences(
         user_ids=user_ids,
         item_ids=np.concatenate([np.zeros(1, dtype=item_ids.dtype), item_ids]),
     )
+
+
+def first_occurrences(*columns: np.ndarray) -> np.ndarray:
+    """``(E,)`` bool: whether each row of the ``(E,)`` columns is the first (in file order) of its exact repeats."""
+    count = len(columns[0])
+    if count == 0:
+        return np.ones(0, dtype=bool)
+    order = np.lexsort((np.arange(count), *reversed(columns)))
+    repeat = np.ones(count, dtype=bool)
+    repeat[0] = False
+    for column in columns:
+        ordered = column[order]
+        repeat[1:] &= ordered[1:] == ordered[:-1]
+    first = np.ones(count, dtype=bool)
+    first[order[repeat]] = False
+    return first

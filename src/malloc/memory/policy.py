@@ -23,11 +23,12 @@ from typing import ClassVar
 
 import torch
 
+from malloc.errors import MallocError
 from malloc.memory.state import LayerState, StoredLayer
 from malloc.memory.stats import LayerStats
 
 
-class SchemeError(ValueError):
+class SchemeError(MallocError, ValueError):
     """A bad scheme name or knob: the message names the scheme and the knob."""
 
 

@@ -80,19 +80,27 @@ def load_dataset(
     Raises:
         DataError: unknown source, missing path, unreadable or malformed files, or no user left.
     """
-    if source not in SOURCES:
-        raise DataError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
-    if source == "synthetic" and path is not None:
-        raise DataError(f"source 'synthetic' is generated and takes no path (got {path!r})")
-    if source in _EXPECTED_PATH and path is None:
-        raise DataError(f"source {source!r} needs a path: {_EXPECTED_PATH[source]}")
-    dataset = _read(source, None if path is None else Path(path), label_threshold, synthetic)
+    check_source(source, path)
+    try:
+        dataset = _read(source, None if path is None else Path(path).expanduser(), label_threshold, synthetic)
+    except OSError as exc:  # permission, a folder where a file was expected, an I/O error
+        raise DataError(f"{exc.filename or path}: cannot read the {source} data ({exc.strerror or exc})") from exc
     dataset, dropped = drop_short_users(dataset, min_events)
     if dropped:
         logger.info("%s: dropped %d users with fewer than %d events", source, dropped, min_events)
     if dataset.sequences.num_users == 0:
         raise DataError(f"data set {source!r} has no user with at least {min_events} events")
     return dataset
+
+
+def check_source(source: str, path: str | None) -> None:
+    """Raise a :class:`DataError` unless ``source`` is known and ``path`` is given exactly where it needs one."""
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
+    if source == "synthetic" and path is not None:
+        raise DataError(f"source 'synthetic' is generated and takes no path (got {path!r})")
+    if source in _EXPECTED_PATH and path is None:
+        raise DataError(f"source {source!r} needs a path: {_EXPECTED_PATH[source]}")
 
 
 def _read(
@@ -171,4 +179,4 @@ def drop_short_users(dataset: Dataset, min_events: int) -> tuple[Dataset, int]:
     return Dataset(sequences, rows), dropped
 
 
-__all__ = ["SOURCES", "drop_short_users", "load_dataset"]
+__all__ = ["SOURCES", "check_source", "drop_short_users", "load_dataset"]

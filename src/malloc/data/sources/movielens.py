@@ -65,17 +65,25 @@ def read_movielens(source: str, path: Path | None, *, label_threshold: float = 4
     ``path`` may be the ratings file or the directory holding it; ``ml-100k`` without a path reads the copy
     embedded in the ``recbole`` package.
     """
-    if source == "ml-100k":
-        file, fmt = _resolve_ml100k(path)
-    elif source == "ml-1m":
-        assert path is not None
-        file, fmt = _resolve_in_dir(path, "ratings.dat"), RATINGS_DAT
-    elif source in ("ml-20m", "ml-latest"):
-        assert path is not None
-        file, fmt = _resolve_in_dir(path, "ratings.csv"), RATINGS_CSV
-    else:
-        raise DataError(f"not a MovieLens source: {source!r}")
+    file, fmt = _resolve(source, path)
     return ratings_to_dataset(source, file, fmt, label_threshold=label_threshold)
+
+
+def ratings_file(source: str, path: Path | None) -> Path:
+    """The ratings file :func:`read_movielens` reads for ``source`` and ``path``."""
+    return _resolve(source, path)[0]
+
+
+def _resolve(source: str, path: Path | None) -> tuple[Path, TableFormat]:
+    if source == "ml-100k":
+        return _resolve_ml100k(path)
+    if source == "ml-1m":
+        assert path is not None
+        return _resolve_in_dir(path, "ratings.dat"), RATINGS_DAT
+    if source in ("ml-20m", "ml-latest"):
+        assert path is not None
+        return _resolve_in_dir(path, "ratings.csv"), RATINGS_CSV
+    raise DataError(f"not a MovieLens source: {source!r}")
 
 
 def ratings_to_dataset(name: str, file: Path, fmt: TableFormat, *, label_threshold: float = 4.0) -> Dataset:

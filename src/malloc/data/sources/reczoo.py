@@ -92,14 +92,14 @@ def read_amazon_electronics(path: Path, *, name: str = "amazon-electronics") -> 
 def _read_split_file(file: Path, split: int, rows: _Rows) -> None:
     rows.files.append(file)
     file_index = len(rows.files) - 1
-    with file.open(encoding="utf-8", newline="") as stream:
-        header = stream.readline().rstrip("\r\n")
+    with file.open("rb") as stream:
+        header = _decode_line(stream.readline(), file, 1)
         if not header.strip():
             raise DataError(f"{file}, line 1: file is empty; expected the header {AMAZON_HEADER!r}")
         if header != AMAZON_HEADER:
             raise DataError(f"{file}, line 1: expected the header {AMAZON_HEADER!r}, found {header!r}")
-        for line_no, text in enumerate(stream, start=2):
-            line = text.rstrip("\r\n")
+        for line_no, raw in enumerate(stream, start=2):
+            line = _decode_line(raw, file, line_no)
             if not line:
                 continue
             fields = next(csv.reader([line])) if '"' in line else line.split(",")
@@ -121,6 +121,14 @@ def _read_split_file(file: Path, split: int, rows: _Rows) -> None:
             rows.item.append(item)
             rows.history.append(history)
             rows.history_len.append(history.count(HISTORY_SEP) + 1 if history else 0)
+
+
+def _decode_line(raw: bytes, file: Path, line_no: int) -> str:
+    """One line of UTF-8 text without its line end, or a DataError naming the file and line."""
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}, line {line_no}: not UTF-8 text (byte {err.start} of the line)") from None
 
 
 def _rows_to_dataset(name: str, rows: _Rows) -> Dataset:
