@@ -141,7 +141,7 @@ def _longctr(folder: Path, train_rows: int) -> Path:
 
 def test_an_empty_training_split_is_an_error_naming_split_and_file(tmp_path, capsys):
     folder = _longctr(tmp_path / "longctr", train_rows=0)
-    args = [*_cli(tmp_path, "train"), "--set", "data.source=microvideo", "--set", f"data.path={folder}", "--set", "data.min_events=3"]
+    args = [*_cli(tmp_path, "train"), "--set", "data.source=microvideo", "--set", f"data.path={folder}"]
     assert main(args) == 2
     _one_line_error(capsys, "train split has no rows", "train.parquet")
     assert not list((tmp_path / "results").glob("*/done.json"))
