@@ -22,6 +22,7 @@ from malloc.config import load_config
 from malloc.configio import ConfigError
 from malloc.data.batching import history_tokens
 from malloc.data.tasks import Window
+from malloc.errors import MallocError
 from malloc.models.hstu import HSTULayer
 from malloc.runner import load_trained
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = attended_variance(args.config, args.users, args.window)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (MallocError, FileNotFoundError) as exc:
         print(f"attention_scale: {exc}", file=sys.stderr)
         return 2
     print("| layer | attended variance, events | attended variance, beacons | LayerNorm eps | N |")

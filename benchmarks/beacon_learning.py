@@ -29,9 +29,9 @@ from malloc.bench.results import atomic_write_json
 from malloc.cli import parse_knobs, parse_ratio
 from malloc.config import RunConfig, load_config
 from malloc.configio import ConfigError
+from malloc.errors import MallocError
 from malloc.evaluate import evaluate
 from malloc.heap import retain_freed_memory
-from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture
 from malloc.memory.schemes.token_merge.beacon import Beacon
 from malloc.models import BACKBONES, SequentialRecommender, build_model
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         curves = learning_curves(args.config, args.overrides, args.epochs, args.ratio, parse_knobs(args.knobs),
                                  models, args.out)
-    except (ConfigError, SchemeError, FileNotFoundError) as exc:
+    except (MallocError, FileNotFoundError) as exc:
         print(f"beacon_learning: {exc}", file=sys.stderr)
         return 2
     print("| epoch | " + " | ".join(f"valid GAUC, {m}" for m in curves) + " |")

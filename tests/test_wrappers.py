@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -130,6 +131,31 @@ def test_compose_stores_per_head_selections_and_keeps_the_budget_on_append():
             assert layer.nbytes() <= policy.target_bytes(shape, states[0].next_position), index
     scores = server.score(states, torch.tensor([[1, 2, 3]]), torch.full((1, 3), 10**7))
     assert torch.isfinite(scores).all()
+
+
+def test_compose_serves_a_cold_user_next_to_users_with_events():
+    """A 0-event write stores nothing (no history to take a budget from), and the user's first append then stores
+    what a write of the same events stores."""
+    policy = build_policy("compose", 0.25, evict="snapkv", quant="kivi")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
+    g = torch.Generator().manual_seed(1)
+    n = 80
+    events = Events(torch.randint(1, 31, (3, n), generator=g), torch.randint(0, 3, (3, n), generator=g),
+                    torch.cumsum(torch.randint(1, 100, (3, n), generator=g), 1), torch.tensor([n, 0, 50]))
+    server = Server(model, policy)
+    states = server.write(events)
+    assert [layer.num_tokens for layer in states[1].layers] == [0, 0]
+    assert sum(layer.nbytes() for layer in states[1].layers) == 0
+    states = server.append(states, Events(events.items, events.actions, events.timestamps, torch.tensor([0, 70, 0])))
+    alone = server.write(Events(events.items[1:2], events.actions[1:2], events.timestamps[1:2], torch.tensor([70])))
+    assert states[1].nbytes() == alone[0].nbytes()
+    for appended, written in zip(states[1].layers, alone[0].layers, strict=True):
+        assert isinstance(appended, QuantizedLayer) and 0 < appended.num_tokens < 70
+        pairs = zip(dataclasses.astuple(appended.read()), dataclasses.astuple(written.read()), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    items, times = torch.tensor([[1, 2, 3]] * 3), torch.full((3, 3), 10**7)
+    torch.testing.assert_close(server.score(states, items, times)[1:2], server.score(alone, items[:1], times[:1]))
 
 
 def test_dense_layer_dequantizes_to_the_state_dtype():

@@ -320,6 +320,16 @@ def slice_state(layer: LayerState, start: int, stop: int) -> LayerState:
 
 
 # -- the shared policy -----------------------------------------------------------------------------------------
+def channel_group(dim: int, group: int | None = None) -> int:
+    """Channels per group of a per-token quantizer over a ``dim``-wide axis: ``group`` clipped to ``dim`` (the
+    whole axis if None), and at least 1.
+
+    A zero-width tensor (MLA stores its latent as the keys and values of width 0) has no channel groups whatever
+    the group size: at 1 it gets ``ceil(0 / 1) = 0`` groups, no codes and no scales, where 0 would divide by zero.
+    """
+    return max(1, dim if group is None else min(group, dim))
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one of keys/values is quantized: groups of ``group`` along ``axis``, asymmetric or symmetric."""

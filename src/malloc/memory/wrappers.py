@@ -192,6 +192,8 @@ class Compose(CachePolicy):
 
     def evicted(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> LayerState:
         """The dense layer cut to :meth:`kept_events` by the eviction's scores."""
+        if layer.num_tokens == 0:  # a cold user (a 0-event write): nothing to evict, and no history to divide by
+            return layer
         kept = self.kept_events(layer, ctx)
         # the eviction ratio whose own budget rule gives exactly `kept` events
         ratio = (kept + 0.5) * self.evict.kept_token_bytes(layer) / (ctx.history_len * native_token_bytes(layer))

@@ -203,7 +203,13 @@ class SequentialRecommender(nn.Module):
     # -- serving path ------------------------------------------------------------------------------------------
     @property
     def state_dtype(self) -> torch.dtype:
-        return DTYPES[self.cfg.state_dtype]
+        """The stored tensors' dtype: ``cfg.state_dtype``, except that "float32", the exact reference, keeps a
+        float64 model's precision (float64 is how the exactness tests rule out rounding; a float32 state would
+        round every stored key to 1e-7 and hide a logic error behind it)."""
+        stored = DTYPES[self.cfg.state_dtype]
+        if stored == torch.float32 and self.item_embedding.weight.dtype == torch.float64:
+            return torch.float64
+        return stored
 
     @property
     def device(self) -> torch.device:

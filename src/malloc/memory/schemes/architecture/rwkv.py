@@ -238,6 +238,16 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(h * self.mix_r + previous * (1 - self.mix_r))) * self.value(k)
 
 
+def owned_row(batch: torch.Tensor, user: int, dtype: torch.dtype) -> torch.Tensor:
+    """Row ``user`` of a ``(B, X)`` batch tensor as a compact ``(X,)`` copy in ``dtype``.
+
+    The batch's WKV states are views into the scan's ``(B, T + 1, W)`` buffers (:meth:`WKV.at`), and
+    :meth:`RecurrentHooks.store` keeps the new state as it is: a view would keep the whole batch's buffer alive
+    for every user (eight users reported 18.5 KB and kept 557 KB), so the stored row is always a copy.
+    """
+    return batch[user].to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+
 @dataclass(frozen=True)
 class RecurrentState:
     """One user's stored layer.
@@ -301,9 +311,10 @@ class RecurrentHooks:
 
     def new_state(self, new: RecurrentBatch, tokens: TokenBatch, user: int, count: int, dtype: torch.dtype
                   ) -> RecurrentState:
-        return RecurrentState(new.wkv.num[user].to(dtype), new.wkv.den[user].to(dtype), new.wkv.top[user].to(dtype),
-                              new.time_shift[user].to(dtype),
-                              None if new.channel_shift is None else new.channel_shift[user].to(dtype))
+        """User ``user``'s row of the batch's states, each a compact copy of its own (:func:`owned_row`)."""
+        return RecurrentState(owned_row(new.wkv.num, user, dtype), owned_row(new.wkv.den, user, dtype),
+                              owned_row(new.wkv.top, user, dtype), owned_row(new.time_shift, user, dtype),
+                              None if new.channel_shift is None else owned_row(new.channel_shift, user, dtype))
 
     def store(self, stored: StoredLayer, new: StoredLayer) -> StoredLayer:
         """The state after the new events replaces the stored one."""

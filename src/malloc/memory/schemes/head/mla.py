@@ -11,6 +11,10 @@ HSTU: ``u`` and ``q`` come from the usual projection (with SiLU), the latent is 
 
 Stored per event and layer: ``d_c`` values plus a position and a timestamp (Native: ``H (d_k + d_v)``).
 Attention costs ``2 d_c`` multiply-adds per (query head, key) instead of ``d_k + d_v``.
+
+Training-free cache policies act on the stored latent (one stored head, as keys; the values have width 0):
+evictions keep or drop whole latents, and the precision schemes (KIVI, IntactKV, INT8) quantize the latent as they
+quantize keys, storing no codes and no scales for the empty values, so ``nbytes()`` stays their exact formula.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.policy import LayerContext, SchemeError
-from malloc.memory.quant import QuantizationPolicy, QuantSpec
+from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
 from malloc.memory.state import LayerState
 
 
@@ -35,7 +35,8 @@ class Int8(QuantizationPolicy):
         return 0
 
     def specs(self, key_dim: int, value_dim: int) -> tuple[QuantSpec, QuantSpec]:
-        return QuantSpec(key_dim, "channel", symmetric=True), QuantSpec(value_dim, "channel", symmetric=True)
+        return (QuantSpec(channel_group(key_dim), "channel", symmetric=True),
+                QuantSpec(channel_group(value_dim), "channel", symmetric=True))
 
     def resolve_bits(self, layer: LayerState, ctx: LayerContext) -> int:
         reachable = self.predicted_ratio(layer, layer.num_tokens, ctx.history_len, 8)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.policy import SchemeError
-from malloc.memory.quant import QuantizationPolicy, QuantSpec
+from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
 
 
 @dataclass(frozen=True)
@@ -64,4 +64,4 @@ class IntactKV(QuantizationPolicy):
         return min(self.pivots, n)
 
     def specs(self, key_dim: int, value_dim: int) -> tuple[QuantSpec, QuantSpec]:
-        return QuantSpec(key_dim, "channel"), QuantSpec(value_dim, "channel")
+        return QuantSpec(channel_group(key_dim), "channel"), QuantSpec(channel_group(value_dim), "channel")

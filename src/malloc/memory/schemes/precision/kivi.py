@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.policy import SchemeError
-from malloc.memory.quant import QuantizationPolicy, QuantSpec
+from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
 
 
 @dataclass(frozen=True)
@@ -78,4 +78,4 @@ class KIVI(QuantizationPolicy):
         return n - self.group * (max(n - self.residual, 0) // self.group)
 
     def specs(self, key_dim: int, value_dim: int) -> tuple[QuantSpec, QuantSpec]:
-        return QuantSpec(self.group, "token"), QuantSpec(min(self.group, value_dim), "channel")
+        return QuantSpec(self.group, "token"), QuantSpec(channel_group(value_dim, self.group), "channel")
