@@ -11,6 +11,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def run_dirs(results: Path) -> list[Path]:
+    """The run folders under a results root, sorted (not the shared ``anchors/`` cache)."""
+    return sorted(p for p in results.iterdir() if p.is_dir() and p.name != "anchors")
+
+
 @pytest.fixture()
 def benchmark_script(monkeypatch):
     """``load(name)``: the script ``benchmarks/<name>.py`` imported as a module (its sibling ``_common.py``

@@ -100,7 +100,7 @@ def test_own_prefill_append_score_equals_own_full_forward(scheme, backbone, rati
     assert torch.allclose(last, full[torch.arange(batch), events.lengths - 1], atol=1e-5)
     before = [s.nbytes() for s in states]
     logits = model.score(states, cand_items, cand_times, chunk_size=2)
-    assert torch.allclose(logits, model.ctr_logits(full[:, length:]), atol=1e-5)
+    assert torch.allclose(logits, model.ctr_logits(full[:, length:], cand_items), atol=1e-5)
     assert [s.nbytes() for s in states] == before  # scoring leaves the state as it was
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_dirs
 from malloc.bench.results import load_checkpoint, read_json
 from malloc.cli import main
 from malloc.config import load_config
@@ -92,7 +93,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_hostile_checkpoints_in_a_run_folder_are_refused_from_the_cli(tmp_path, capsys, name):
     assert main(_cli(tmp_path, "train")) == 0
-    (run_dir,) = (tmp_path / "results").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "results")
     marker = tmp_path / "marker"
     torch.save({"model": _RunsCode(marker), "progress": {"epoch": 0}}, run_dir / name)
     if name == "last.pt":  # an unfinished run: train resumes from last.pt
@@ -108,7 +109,7 @@ def test_hostile_checkpoints_in_a_run_folder_are_refused_from_the_cli(tmp_path, 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated"])
 def test_empty_or_truncated_checkpoints_are_one_line(tmp_path, capsys, content):
     assert main(_cli(tmp_path, "train")) == 0
-    (run_dir,) = (tmp_path / "results").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "results")
     best = run_dir / "best.pt"
     best.write_bytes(best.read_bytes()[:200] if content == "truncated" else content)
     assert main(_cli(tmp_path, "eval")) == 2
@@ -117,7 +118,7 @@ def test_empty_or_truncated_checkpoints_are_one_line(tmp_path, capsys, content):
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
     assert main(_cli(tmp_path, "train")) == 0
-    (run_dir,) = (tmp_path / "results").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "results")
     torch.save({"something": torch.zeros(3)}, run_dir / "best.pt")
     assert main(_cli(tmp_path, "eval")) == 2
     _one_line_error(capsys, "best.pt", "do not fit")
@@ -156,7 +157,7 @@ def test_the_run_identity_follows_the_data_content(tmp_path, capsys):
     edited = [line.replace("::5::", "::1::") for line in ML1M_LINES]  # same path, other labels
     (data / "ratings.dat").write_text("\n".join(edited) + "\n")
     assert main(args) == 0  # trained anew in a folder of its own: not the old run's metrics
-    runs = sorted(p.name for p in (tmp_path / "results").iterdir())
+    runs = sorted(p.name for p in run_dirs(tmp_path / "results"))
     assert len(runs) == 2 and first.name in runs
     stored = [read_json(tmp_path / "results" / r / "identity.json")["data_digest"] for r in runs]
     assert stored[0] != stored[1]
@@ -166,7 +167,7 @@ def test_the_run_identity_follows_the_data_content(tmp_path, capsys):
 
 def test_an_edited_run_folder_is_an_error_not_a_reuse(tmp_path, capsys):
     assert main(_cli(tmp_path, "train")) == 0
-    (run_dir,) = (tmp_path / "results").iterdir()
+    (run_dir,) = run_dirs(tmp_path / "results")
     config = run_dir / "config.yaml"
     original = config.read_text()
     config.write_text(original.replace("lr: 0.001", "lr: 0.5"))
@@ -389,3 +390,177 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
+
+
+# -- a hostile probe's findings: one line and exit 2 for each --------------------------------------------------------
+@pytest.mark.parametrize(("args", "words"), [
+    (["train", "--set", "model.dim=1000000000"], ["model", "dim"]),
+    (["train", "--set", "model.heads=1024", "--set", "model.head_dim=4096"], ["heads x head_dim"]),
+    (["train", "--set", "train.seed=-1"], ["seed"]),
+    (["train", "--set", "train.seed=99999999999999999999"], ["seed"]),
+    (["train", "--set", "train.lr=1e300"], ["lr"]),
+    (["train", "--set", "task=retrieval", "--set", "model.max_len=1"], ["max_len >= 2"]),
+    (["train", "--set", "eval.monitor=foo"], ["eval.monitor", "foo"]),
+    (["train", "--set", "task=retrieval", "--set", "eval.monitor=hr@7"], ["hr@7"]),
+    (["train", "--set", "data.synthetic.mean_gap_seconds=1e300"], ["mean_gap_seconds"]),
+    (["train", "--set", "data.synthetic.num_users=100000000000"], ["not enough memory"]),
+    (["train", "--scheme", "mla", "--knob", "latent_dim=100000000"], ["latent_dim"]),
+    (["train", "--scheme", "reformer", "--knob", "n_hashes=100000"], ["n_hashes"]),
+    (["train", "--set", "task=retrieval", "--set", "train.negatives=1000000"], ["negatives", "catalogue"]),
+    (["eval", "--scheme", "h2o", "--memory-ratio", "0.5", "--knob", "recent_fraction=nan"], ["recent_fraction"]),
+    (["eval", "--scheme", "pyramid", "--memory-ratio", "0.25", "--knob", "inner=h2o", "--knob", "beta=nan"],
+     ["beta"]),
+    (["eval", "--scheme", "tova", "--memory-ratio", "0.5", "--knob", "foo=1"], ["takes no knobs"]),
+    (["sensitivity", "synthetic", "--bootstrap", "100000000"], ["bootstrap"]),
+    (["sensitivity", "synthetic", "--seed", "-1"], ["seed"]),
+    (["sensitivity", "synthetic", "--set", "task=retrieval"], ["--task"]),
+    (["sensitivity", "synthetic:"], ["preset"]),
+])
+def test_probe_findings_are_one_line(tmp_path, capsys, args, words):
+    base = ["--config", SMOKE, "--set", f"results_dir={tmp_path}"]
+    tic = time.perf_counter()
+    assert main([*args, *base]) == 2
+    assert time.perf_counter() - tic < 60
+    _one_line_error(capsys, *words)
+    assert not list(tmp_path.glob("*/done.json"))
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("name: a\nname: b\n", ["line 2", "duplicate key 'name'"]),
+    ("model: {dim: 16, dim: 32}\n", ["duplicate key 'dim'"]),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+])
+def test_config_files_with_repeated_keys_or_deep_nesting_are_one_line(tmp_path, capsys, text, words):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config), "--set", f"results_dir={tmp_path}"]) == 2
+    _one_line_error(capsys, str(config), *words)
+
+
+def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
+    assert main(["train", "--config", "/dev/zero"]) == 2
+    _one_line_error(capsys, "/dev/zero", "not a regular file")
+
+
+def test_run_folder_and_lock_of_the_wrong_kind_are_one_line(tmp_path, capsys):
+    assert main(_cli(tmp_path, "train")) == 0
+    (run_dir,) = run_dirs(tmp_path / "results")
+    (run_dir / "run.lock").unlink()
+    (run_dir / "run.lock").mkdir()
+    assert main([*_cli(tmp_path, "train"), "--force"]) == 2
+    _one_line_error(capsys, "run.lock", "not a lock file")
+    shutil.rmtree(run_dir)
+    run_dir.write_text("x")
+    for extra in ([], ["--force"]):
+        assert main([*_cli(tmp_path, "train"), *extra]) == 2
+        _one_line_error(capsys, str(run_dir), "not a run folder")
+
+
+def test_the_monitor_minimises_logloss(tmp_path):
+    cfg = load_config(SMOKE, [f"results_dir={tmp_path}", "eval.monitor=logloss", "train.epochs=4",
+                              "train.patience=4"])
+    result = run(cfg, show_progress=False)
+    history = read_json(run_dir_for(cfg).metrics_path)["valid_history"]
+    losses = [h["valid_logloss"] for h in history]
+    assert result["meters"]["best_epoch"] == 1 + int(np.argmin(losses))
+
+
+def test_retrieval_on_a_catalogue_smaller_than_the_cut_off(tmp_path, capsys):
+    lines = [f"{u}::{1 + (u + k) % 6}::{1 + k % 5}::{1000 + 60 * k}" for u in range(1, 9) for k in range(10)]
+    data = _ml1m(tmp_path / "ml1m", lines)
+    args = [*_cli(tmp_path, "train"), *TINY_ML1M, "--set", f"data.path={data}", "--set", "task=retrieval"]
+    assert main(args) == 0  # six items: every metric at K >= 6 is the whole ranking
+
+
+def test_longctr_sequences_that_are_not_lists_are_one_line(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = _longctr(tmp_path / "longctr", train_rows=18)
+    pq.write_table(pa.table({"user_index": [0, 1], "full_item_seq": [1, 2]}), folder / "user_info.parquet")
+    assert main(["data", "stats", "microvideo", "--path", str(folder)]) == 2
+    _one_line_error(capsys, "user_info.parquet", "full_item_seq must be a list")
+
+
+def _suite(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text((ROOT / "configs" / "suites" / "smoke.yaml").read_text().replace("name: smoke", "name: probe")
+                    + extra)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    ("ratios: [0.5, '1/2']\n", ["repeats the ratio 0.5"]),
+    ("variants: {v: {scheme: nosuch}}\n", ["variants.v", "nosuch"]),
+    ("variants: {v: {scheme: h2o, knobs: {recent_fraction: 5}}}\n", ["variants.v", "recent_fraction"]),
+    ("variants: {v: {scheme: pyramid, knobs: {inner: nosuch}}}\n", ["variants.v", "nosuch"]),
+    ("seeds: [-1]\n", ["seed"]),
+    ("latency: {candidates: 1000000000000}\n", ["candidates"]),
+    ("datasets: {m: {config: {data: {source: ml-1m, path: /nonexistent/ratings.dat}}}}\n", ["datasets.m",
+                                                                                             "/nonexistent"]),
+    ("datasets: {m: {config: {data: {source: nosuch}}}}\n", ["nosuch"]),
+    ("datasets: {m: {config: {data: {source: ml-1m}}, needs_path: true}}\n", ["plans no items", "--data m=PATH"]),
+])
+def test_suite_errors_known_before_any_work_are_one_line(tmp_path, capsys, edit, words):
+    suite = _suite(tmp_path, "")
+    key = edit.split(":", 1)[0]
+    kept, skipping = [], False
+    for line in suite.read_text().splitlines():  # drop the smoke suite's own entry for the key (and its block)
+        skipping = line.startswith(f"{key}:") or (skipping and line.startswith(" "))
+        if not skipping:
+            kept.append(line)
+    suite.write_text("\n".join(kept) + "\n" + edit)
+    assert main(["bench", "--suite", str(suite), "--results", str(tmp_path / "res"), "--quiet"]) == 2
+    _one_line_error(capsys, *words)
+
+
+def test_report_markdown_into_a_folder_is_one_line(tmp_path, capsys):
+    folder, _ = _report_folder(tmp_path)
+    (tmp_path / "md").mkdir()
+    assert main(["report", str(folder), "--out", str(tmp_path / "r"), "--markdown", str(tmp_path / "md")]) == 2
+    _one_line_error(capsys, "md", "takes a file")
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("memory_ratio_targets", "x", "memory_ratio_targets"),
+    ("label", 5, "label is 5"),
+    ("family", "nonsense", "family is 'nonsense'"),
+    ("per_user", {"users": "x", "delta": [1]}, "per_user"),
+])
+def test_report_lists_malformed_records_as_unreadable(tmp_path, capsys, field, value, words):
+    folder, records = _report_folder(tmp_path)
+    target = next(p for p in records if json.loads(p.read_text())["kind"] == "policy"
+                  and json.loads(p.read_text())["status"] == "done")
+    record = json.loads(target.read_text())
+    record[field] = value
+    target.write_text(json.dumps(record))
+    assert main(["report", str(folder), "--out", str(tmp_path / "r")]) == 0
+    assert words in (tmp_path / "r" / "index.md").read_text()
+
+
+def test_report_of_a_manifest_item_without_an_id_is_one_line(tmp_path, capsys):
+    folder, _ = _report_folder(tmp_path)
+    manifest = json.loads((folder / "suite.json").read_text())
+    manifest["items"][0] = {"foo": 1}
+    (folder / "suite.json").write_text(json.dumps(manifest))
+    assert main(["report", str(folder), "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "items[0]")
+
+
+def test_cached_results_with_impossible_values_are_recomputed(tmp_path, capsys):
+    assert main(_cli(tmp_path, "train")) == 0
+    (run_dir,) = run_dirs(tmp_path / "results")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "auc": "high"}))
+    assert main(_cli(tmp_path, "train")) == 0
+    assert isinstance(json.loads((run_dir / "metrics.json").read_text())["auc"], float)
+    scheme = ["eval", "--config", SMOKE, "--set", f"results_dir={tmp_path / 'results'}", "--scheme", "recency",
+              "--memory-ratio", "0.5"]
+    assert main(scheme) == 0
+    (path,) = (run_dir / "schemes").glob("recency-*.json")
+    stored = json.loads(path.read_text())
+    stored["metrics"]["gauc"], stored["meters"]["memory_ratio"] = 42.0, -3
+    path.write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main(scheme) == 0
+    out = capsys.readouterr().out
+    assert "exists; skipping" not in out and "42.0000" not in out

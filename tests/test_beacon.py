@@ -110,7 +110,7 @@ def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, r
     last = torch.stack([s.last_hidden for s in states])
     assert torch.allclose(last, full[torch.arange(3), events.lengths - 1], atol=1e-5)
     logits = model.score(states, cands, torch.full((3, 4), 2_000_000_000), chunk_size=3)
-    assert torch.allclose(logits, model.ctr_logits(full[:, 30:]), atol=1e-5)
+    assert torch.allclose(logits, model.ctr_logits(full[:, 30:], cands), atol=1e-5)
     for state, n in zip(states, events.lengths.tolist(), strict=True):
         assert state.nbytes() == (model.scheme.state_bytes(model.cfg, n) + state.last_hidden.numel() * 4 + 16)
         positions = state.layers[0].positions[0]
@@ -141,7 +141,8 @@ def test_training_reaches_the_beacon_parameters(backbone):
     model = tiny(backbone, 4, 0.5)
     model.train()
     events = synthetic_events(4, 24, NUM_ITEMS, seed=1)
-    loss = model.ctr_logits(model(full_tokens(events, torch.zeros(4, 0, dtype=torch.int64)))).square().mean()
+    tokens = full_tokens(events, torch.zeros(4, 0, dtype=torch.int64))
+    loss = model.ctr_logits(model(tokens), tokens.items).square().mean()
     loss.backward()
     for layer in model.layers:
         beacon_linear = layer.beacon_uvqk if backbone == "hstu" else layer.beacon_qkv

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_dirs
 from malloc.bench.results import read_json
 from malloc.cli import main
 from malloc.config import load_config
@@ -28,7 +29,7 @@ def test_train_writes_results_then_skips(tmp_path, capsys, task, backbone):
     args = ["train", "--config", SMOKE, "--quiet", "--set", f"results_dir={tmp_path}", "--set", f"task={task}",
             "--set", f"model.backbone={backbone}"]
     assert main(args) == 0
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = run_dirs(tmp_path)
     for name in ("config.yaml", "best.pt", "last.pt", "metrics.json", "meters.json", "done.json"):
         assert (run_dir / name).is_file(), name
     metrics = read_json(run_dir / "metrics.json")
@@ -68,7 +69,7 @@ def test_eval_reads_the_checkpoint(tmp_path, capsys):
     base = ["--config", SMOKE, "--set", f"results_dir={tmp_path}"]
     assert main(["train", "--quiet", *base]) == 0
     assert main(["eval", *base, "--split", "valid"]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = run_dirs(tmp_path)
     result = json.loads((run_dir / "eval-valid.json").read_text())
     assert set(result) == {"metrics", "meters"} and "gauc" in result["metrics"]
 

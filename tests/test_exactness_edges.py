@@ -124,7 +124,7 @@ def full_forward(model: SequentialRecommender, events: Events, user: int, start:
         valid=torch.ones(1, n + c, dtype=torch.bool))
     with torch.no_grad():
         hidden = model(tokens)[0]
-    return (hidden[n - 1] if n else None), model.ctr_logits(hidden[n:])
+    return (hidden[n - 1] if n else None), model.ctr_logits(hidden[n:], cands)
 
 
 def candidates(events: Events, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,13 +26,18 @@ NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
 
 
-def tiny_model(backbone: str, layers: int = 2):
+# CTR heads: (model.candidate, model.item_prior)
+HEADS = [("item", False), ("query", True)]
+
+
+def tiny_model(backbone: str, layers: int = 2, candidate: str = "item", item_prior: bool = False):
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32)
+    cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32,
+                      candidate=candidate, item_prior=item_prior)
     model = build_model(cfg, NUM_ITEMS).eval()
-    with torch.no_grad():  # non-zero relative biases, so the test covers them
+    with torch.no_grad():  # non-zero relative biases and priors, so the test covers them
         for name, p in model.named_parameters():
-            if name.endswith(("position_bias", "time_bias")):
+            if name.endswith(("position_bias", "time_bias", "item_bias.weight")):
                 p.normal_(0, 0.5)
     return model
 
@@ -69,7 +74,7 @@ def full_forward(model, events: Events, cands: torch.Tensor, cand_times: torch.T
     with torch.no_grad():
         hidden = model(tokens)
     last = hidden[torch.arange(batch), (events.lengths - 1).clamp(min=0)]
-    return model.ctr_logits(hidden[:, n:]), last
+    return model.ctr_logits(hidden[:, n:], tokens.items[:, n:]), last
 
 
 def split_events(events: Events, cuts: list[int]) -> list[Events]:
@@ -77,6 +82,7 @@ def split_events(events: Events, cuts: list[int]) -> list[Events]:
     return [events.slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("backbone", BACKBONES)
 @settings(max_examples=15, deadline=None)
 @given(
@@ -87,10 +93,10 @@ def split_events(events: Events, cuts: list[int]) -> list[Events]:
     max_scores=st.sampled_from([1, 300, MAX_SCORES]),
     seed=st.integers(0, 10_000),
 )
-def test_cached_equals_full_forward(backbone, lengths, cut_fractions, prefill_chunk, candidate_chunk, max_scores,
-                                    seed):
-    """``max_scores`` 1 and 300 compute a chunk in groups of users (one user, or a few)."""
-    model = tiny_model(backbone)
+def test_cached_equals_full_forward(backbone, head, lengths, cut_fractions, prefill_chunk, candidate_chunk,
+                                    max_scores, seed):
+    """``max_scores`` 1 and 300 compute a chunk in groups of users (one user, or a few); every CTR head."""
+    model = tiny_model(backbone, candidate=head[0], item_prior=head[1])
     events, cands, cand_times = random_users(seed, lengths, num_candidates=7)
     expected_logits, expected_last = full_forward(model, events, cands, cand_times)
     n = max(lengths)

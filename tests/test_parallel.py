@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_dirs
 from malloc.bench.results import RunDir, read_json
 from malloc.bench.suite import load_suite, plan
 from malloc.bench.sweep import SuiteRunner
@@ -131,6 +132,6 @@ def test_two_shards_at_once_run_the_whole_suite_and_train_each_run_once(tmp_path
     for item in plan(spec, tmp_path):
         record = read_json(tmp_path / "smoke" / "items" / f"{item.id}.json")
         assert record["status"] == ("failed" if item.scheme == "int8" and item.ratios == (0.25,) else "done")
-    runs = sorted(p for p in (tmp_path / "smoke" / "runs").iterdir() if p.is_dir())
+    runs = run_dirs(tmp_path / "smoke" / "runs")
     trained = "\n".join(logs).count("malloc.train INFO epoch 1 ")
     assert runs and trained == len(runs)  # each run's first epoch logged once, by one of the two shards

@@ -135,14 +135,15 @@ def test_write_config_is_yaml_of_to_dict(tmp_path: Path) -> None:
 def test_done_marker(tmp_path: Path) -> None:
     run = RunDir.for_config(tmp_path, "r", TinyCfg())
     assert not run.is_done()
-    run.write_metrics({"auc": 0.75})
+    metrics = {"auc": 0.75, "gauc": 0.7, "logloss": 0.6}
+    run.write_metrics(metrics)
     run.write_meters({"bytes_per_user": 1024})
     assert not run.is_done()
     run.mark_done({"auc": 0.75, "gauc": math.nan})
     assert run.is_done()
     done = read_json(run.done_path)
     assert done["auc"] == 0.75 and done["gauc"] is None and "finished_at" in done
-    assert read_json(run.metrics_path) == {"auc": 0.75}
+    assert read_json(run.metrics_path) == metrics
 
 
 def test_error_record_and_cleared_by_success(tmp_path: Path) -> None:
@@ -157,7 +158,7 @@ def test_error_record_and_cleared_by_success(tmp_path: Path) -> None:
     assert record["type"] == "KeyError" and "no such method" in record["message"]
     assert "Traceback" in record["traceback"] and "test_error_record" in record["traceback"]
     assert not run.is_done()
-    run.write_metrics({"auc": 0.5})
+    run.write_metrics({"auc": 0.5, "gauc": 0.5, "logloss": 0.7})
     run.write_meters({})
     run.mark_done({})
     assert run.read_error() is None and run.is_done()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_dirs
 from malloc.bench.results import read_json
 from malloc.cli import main, parse_knobs, parse_ratio
 from malloc.evaluate import average_ranks, ctr_fidelity, pearson, retrieval_fidelity, spearman
@@ -100,7 +101,7 @@ def _base(root: Path, task: str = "ctr") -> list[str]:
 
 
 def _run_dir(root: Path, task: str) -> Path:
-    (run,) = [p for p in root.iterdir() if f"task: {task}" in (p / "config.yaml").read_text()]
+    (run,) = [p for p in run_dirs(root) if f"task: {task}" in (p / "config.yaml").read_text()]
     return run
 
 

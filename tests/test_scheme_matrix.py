@@ -258,7 +258,7 @@ def full_forward_logits(model, history: Events, appends: list[Events], cands: to
             is_history=torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)])[None],
             valid=torch.ones(1, n + c, dtype=torch.bool))
         with torch.no_grad():
-            logits.append(model.ctr_logits(model(tokens))[0, n:])
+            logits.append(model.ctr_logits(model(tokens), tokens.items)[0, n:])
     return torch.stack(logits)
 
 

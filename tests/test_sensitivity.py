@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_dirs
 from malloc.bench.results import read_json
 from malloc.cli import main
 from malloc.config import load_config
 from malloc.configio import ConfigError
 from malloc.data.batching import events
 from malloc.data.sequences import DataError
+from malloc.eval.anchors import item_mean_logits, popularity_ranks
 from malloc.eval.metrics import auc, ctr_metrics, retrieval_metrics, target_ranks
 from malloc.evaluate import replay
 from malloc.runner import load_trained, run
@@ -21,10 +23,8 @@ from malloc.sensitivity import (
     Truncation,
     ctr_user_scores,
     default_truncations,
-    item_mean_logits,
     metrics_with_counts,
     parse_dataset,
-    popularity_ranks,
     sensitivity,
     sensitivity_config,
     sensitivity_path,
@@ -113,7 +113,7 @@ def test_anchors_by_hand(tmp_path: Path) -> None:
     logits = item_mean_logits(view, "test", prior=0.0)
     item = int(test.item[0])
     mean = train.label[train.item == item].mean()
-    assert 1 / (1 + np.exp(-logits[0])) == pytest.approx(np.clip(mean, 1e-6, 1 - 1e-6))
+    assert 1 / (1 + np.exp(-logits[0])) == pytest.approx(np.clip(mean, 1e-6, 1 - 1e-6))  # prior 0: the plain mean
 
     rview = build_view(smoke(tmp_path, "task=retrieval"))
     seqs = rview.sequences
@@ -135,7 +135,7 @@ def test_cli_writes_table_plot_and_json_then_skips(tmp_path: Path, capsys, task:
             "--bootstrap", "20", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = run_dirs(tmp_path)
     path = sensitivity_path(run_dir, "test")
     for suffix in (".json", ".md", ".png"):
         assert path.with_suffix(suffix).is_file(), suffix
@@ -144,7 +144,8 @@ def test_cli_writes_table_plot_and_json_then_skips(tmp_path: Path, capsys, task:
     primary = "gauc" if task == "ctr" else "ndcg@10"
     labels = [p["label"] for p in result["points"]]
     assert labels == ["full", "1/2", "1/4", "1/8", "1/16", "1/32", "1/64", "last 8"]
-    assert [a["label"] for a in result["anchors"]] == (["item-mean"] if task == "ctr" else ["popular"])
+    assert [a["label"] for a in result["anchors"]] == (["item-mean", "item-mean+user-rate", "mf"] if task == "ctr"
+                                                       else ["popular", "mf"])
     full = result["points"][0]
     assert full["metrics"][primary] == pytest.approx(result["native_test_metrics"][primary])  # the run's own test
     assert all(p["se"][primary] > 0 for p in result["points"] + result["anchors"])
@@ -162,8 +163,8 @@ def test_cli_writes_table_plot_and_json_then_skips(tmp_path: Path, capsys, task:
     (["sensitivity", "synthetic:nope"], "only synthetic takes a preset, one of default, long-range"),
     (["sensitivity", "ml-100k:long-range"], "only synthetic takes a preset"),
     (["sensitivity", "ml-1m"], "source 'ml-1m' needs a path"),
-    (["sensitivity", "synthetic", "--bootstrap", "1"], "bootstrap resamples must be >= 2"),
-    (["sensitivity", "synthetic", "--set", "model.layers=0"], "model: layers must be >= 1"),
+    (["sensitivity", "synthetic", "--bootstrap", "1"], "bootstrap resamples must be in 2..10,000"),
+    (["sensitivity", "synthetic", "--set", "model.layers=0"], "model: layers must be in 1..256"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path: Path, capsys, args: list[str], words: str) -> None:
     assert main([*args, "--set", f"results_dir={tmp_path}", "--quiet"]) == 2

@@ -34,24 +34,26 @@ def tiny_model(backbone: str, num_items: int):
     return build_model(cfg, num_items).eval()
 
 
+@pytest.mark.parametrize("protocol", ["blind", "feedback"])
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
-def test_ctr_replay_equals_full_forward(backbone):
+def test_ctr_replay_equals_full_forward(backbone, protocol):
     seqs = tiny_data()
     view = CTRView(seqs, ctr_rows(Dataset(seqs), test_fraction=0.3, valid_fraction=0.2))
     test = view.split("test")
     model = tiny_model(backbone, seqs.num_items)
     logits, meters = replay_ctr(Server(model, prefill_chunk=3, candidate_chunk=2), seqs, test, MAX_LEN,
-                                user_batch=3)
+                                user_batch=3, protocol=protocol)
     # full forward: the window the replay wrote (max_len events before the first test row) plus all later
-    # events, with every test row as a candidate token
+    # events (blind: without their labels), with every test row as a candidate token
     index = CTRWindowRows(test)
     for user in np.unique(test.user):
         mine = test.history_len[test.user == user]
         start, stop = max(0, mine.min() - MAX_LEN), mine.max()
         window = Window(int(user), int(start), int(stop))
-        batch = ctr_training_batch(seqs, [window], index)
+        blind_from = np.array([mine.min() - start]) if protocol == "blind" else None
+        batch = ctr_training_batch(seqs, [window], index, blind_from)
         with torch.no_grad():
-            expected = model.ctr_logits(model(batch.tokens))[batch.target_mask]
+            expected = model.ctr_logits(model(batch.tokens), batch.tokens.items)[batch.target_mask]
         rows = index.for_window(window)
         order = np.lexsort((index.rows.history_len[rows], index.rows.user[rows]))
         # the replay's logits, in the index's row order
@@ -128,3 +130,60 @@ def test_kept_normaliser_switch(backbone):
     evicting = build_policy("recency", 0.5)
     changed = not torch.allclose(scores(evicting, True), scores(evicting, False))
     assert changed == (backbone == "hstu")
+
+
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_blind_replay_never_reads_the_window_labels(backbone):
+    """Flipping the labels of the scored window's events changes no blind logit (each row is scored from the labels
+    before the window) and changes feedback logits (they follow the window's labels); labels before the window
+    matter to both."""
+    import dataclasses
+
+    seqs = tiny_data(seed=5)
+    view = CTRView(seqs, ctr_rows(Dataset(seqs), test_fraction=0.3, valid_fraction=0.2))
+    test = view.split("test")
+    model = tiny_model(backbone, seqs.num_items)
+    in_window = np.zeros(seqs.num_events, dtype=bool)
+    in_window[seqs.offsets[test.user] + test.history_len] = True
+    before = np.zeros(seqs.num_events, dtype=bool)
+    before[seqs.offsets[test.user] + test.history_len - 1] = True
+    before &= ~in_window
+
+    def logits(protocol: str, flip: np.ndarray | None = None) -> np.ndarray:
+        labels = seqs.labels if flip is None else np.where(flip, 1 - seqs.labels, seqs.labels).astype(np.int8)
+        return replay_ctr(Server(model), dataclasses.replace(seqs, labels=labels), test, MAX_LEN, user_batch=4,
+                          protocol=protocol)[0]
+
+    np.testing.assert_array_equal(logits("blind", in_window), logits("blind"))
+    assert not np.allclose(logits("feedback", in_window), logits("feedback"))
+    assert not np.allclose(logits("blind", before), logits("blind"))
+
+
+@pytest.mark.parametrize("protocol", ["blind", "feedback"])
+@pytest.mark.parametrize(("backbone", "scheme"), [("hstu", "native"), ("sasrec", "native"), ("hstu", "longformer"),
+                                                  ("sasrec", "beacon"), ("hstu", "rwkv")])
+@pytest.mark.parametrize("task", ["ctr", "retrieval"])
+def test_forward_metrics_equal_the_serving_replay(task, backbone, scheme, protocol):
+    """Training validates with one batched full forward: the same numbers as the serving replay, for Native and
+    for trained-in schemes (each serves its own full forward)."""
+    import dataclasses
+
+    from malloc.config import RunConfig
+    from malloc.evaluate import forward_metrics, replay
+    from malloc.models.config import ModelConfig
+
+    if task == "retrieval" and protocol == "feedback":
+        pytest.skip("the protocols differ for CTR only")
+    seqs = tiny_data(seed=6, users=9)
+    view = (CTRView(seqs, ctr_rows(Dataset(seqs), test_fraction=0.3, valid_fraction=0.2)) if task == "ctr"
+            else RetrievalView(seqs))
+    torch.manual_seed(2)
+    model_cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=MAX_LEN,
+                            scheme=scheme, memory_ratio=0.5 if scheme != "native" else 1.0)
+    cfg = RunConfig(task=task, model=model_cfg)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocol=protocol, user_batch=4))
+    model = build_model(model_cfg, seqs.num_items).eval()
+    for split in ("valid", "test"):
+        fast, served = forward_metrics(cfg, model, view, split), replay(cfg, model, view, split).metrics
+        for key, value in fast.items():
+            assert value == pytest.approx(served[key], abs=1e-6), (split, key)

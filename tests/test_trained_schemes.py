@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_dirs
 from malloc.cli import main
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_policy
@@ -20,7 +21,7 @@ SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
 
 def run_meters(root: Path, name: str) -> dict:
-    (run,) = [p for p in root.iterdir() if p.name.rsplit("-", 1)[0] == name and (p / "done.json").exists()]
+    (run,) = [p for p in run_dirs(root) if p.name.rsplit("-", 1)[0] == name and (p / "done.json").exists()]
     return json.loads((run / "meters.json").read_text())
 
 

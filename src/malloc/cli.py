@@ -149,11 +149,22 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
 
 
 def _is_scheme_result(result: dict) -> bool:
-    """Whether a stored scheme result has what :func:`_print_scheme` reads (else it is recomputed)."""
-    return (isinstance(result.get("meters"), dict) and isinstance(result.get("metrics"), dict)
-            and isinstance(result.get("fidelity"), dict) and isinstance(result.get("native"), dict)
-            and isinstance(result["native"].get("metrics"), dict)
-            and isinstance(result.get("memory_ratio_target"), (int, float)))
+    """Whether a stored scheme result has what :func:`_print_scheme` reads, with numbers in range (else it is
+    recomputed)."""
+    from malloc.bench.results import metrics_problem
+
+    shaped = (isinstance(result.get("meters"), dict) and isinstance(result.get("metrics"), dict)
+              and isinstance(result.get("fidelity"), dict) and isinstance(result.get("native"), dict)
+              and isinstance(result["native"].get("metrics"), dict)
+              and isinstance(result.get("memory_ratio_target"), (int, float)))
+    if not shaped:
+        return False
+    ratio = result["meters"].get("memory_ratio")
+    problem = (metrics_problem(result["metrics"]) or metrics_problem(result["native"]["metrics"])
+               or (None if isinstance(ratio, (int, float)) and ratio > 0 else f"memory_ratio is {ratio!r}"))
+    if problem is not None:
+        log.warning("a stored scheme result is unusable (%s); recomputing it", problem)
+    return problem is None
 
 
 def _print_scheme(result: dict) -> None:
@@ -244,11 +255,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          only=args.only)
     print(f"suite {spec.name}: {len(runner.shard_items)} of {len(runner.items)} items -> {runner.out_dir}")
     outcome = runner.run()
-    print(f"suite {spec.name}: {outcome.ran} run, {outcome.skipped} already done, {len(outcome.failed)} failed "
-          f"({outcome.seconds / 60:.1f} min); report: malloc report {outcome.out_dir}")
+    print(f"suite {spec.name}: {outcome.ran} run, {outcome.skipped} already done, {len(outcome.failed)} failed, "
+          f"{len(outcome.unreachable)} not reachable ({outcome.seconds / 60:.1f} min); report: malloc report "
+          f"{outcome.out_dir}")
+    for item, error in outcome.unreachable.items():
+        print(f"  not reachable: {item}: {error}")
     for item, error in outcome.failed.items():
         print(f"  failed: {item}: {error}")
-    return 0
+    return 1 if outcome.failed else 0  # a failed item is kept in the results; the status says it happened
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -364,10 +378,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MallocError, FileNotFoundError) as exc:
         print(f"malloc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # an I/O fault without a path is not the user's input
+            raise
+        # a path of the user's that cannot be used: no permission, a folder where a file belongs, or the reverse
+        print(f"malloc {args.command}: error: {exc.filename}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"malloc {args.command}: error: not enough memory ({_one_line(exc)[:160]}); reduce the sizes the "
+              "config asks for (model.dim, model.max_len, data.synthetic.*, batch sizes, knobs)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # results and checkpoints are written atomically, so whatever finished is kept and the rest resumes
-        print(f"malloc {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        resumable = args.command in ("train", "eval", "bench", "sensitivity")
+        print(f"malloc {args.command}: interrupted" + ("; rerun the same command to resume" if resumable else ""),
+              file=sys.stderr)
         return 130
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed (NumPy's and Python's MemoryError, PyTorch's allocator errors): the sizes a user
+    asked for, not a bug."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or any(
+        marker in text for marker in ("can't allocate memory", "DefaultCPUAllocator", "out of memory"))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -15,6 +15,10 @@ from malloc.data.sources.synthetic import SyntheticConfig
 from malloc.device import check_device_name
 from malloc.models.config import ModelConfig
 
+MAX_LR = 1000.0  # Adam learning rates live far below; above, float32 optimiser states overflow
+CTR_MONITORS = ("auc", "gauc", "logloss")
+MINIMISED = ("logloss",)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -65,6 +69,12 @@ class TrainConfig:
         window: training window in events (0 = ``model.max_len``). A shorter window trains long-history models
             (serving writes up to ``model.max_len`` events) at the cost of ``window``-long attention; HSTU's
             normaliser stays ``model.max_len``, and relative distances beyond the window keep their initial bias.
+        prior_lr: learning rate of the CTR item prior (``model.item_prior``; no weight decay); 0 freezes it at its
+            initial log-odds.
+        blind_windows: CTR: the fraction of training windows whose events from a random cut on carry no label, as
+            the blind protocol serves a scored window (the cut is uniform over the window's last
+            ``blind_span``); 0 trains on labelled histories only.
+        blind_span: the share of a window, at its end, in which the cut of a blind window falls, in (0, 1].
     """
 
     epochs: int = 20
@@ -77,15 +87,26 @@ class TrainConfig:
     threads: int = 0
     max_train_users: int = 0
     window: int = 0
+    prior_lr: float = 1e-3
+    blind_windows: float = 0.0
+    blind_span: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"lr must be in (0, {MAX_LR:g}], got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.prior_lr >= 0:
+            raise ValueError(f"prior_lr must be >= 0, got {self.prior_lr}")
+        if not 0.0 <= self.blind_windows <= 1.0:
+            raise ValueError(f"blind_windows must be in [0, 1], got {self.blind_windows}")
+        if not 0.0 < self.blind_span <= 1.0:
+            raise ValueError(f"blind_span must be in (0, 1], got {self.blind_span}")
         for name in ("negatives", "threads", "max_train_users", "window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -105,6 +126,9 @@ class EvalConfig:
         monitor: validation metric for early stopping ("auto": gauc for CTR, ndcg@10 for retrieval).
         hstu_normaliser: after eviction, "original" keeps HSTU's N (evicted events contribute 0) and "kept"
             scales the stored events' contributions by events seen / events stored (METHODS.md R3).
+        protocol: CTR replay: "blind" appends a user's window of scored events without their labels (every row
+            scored from the labels before the window; GAUC unbiased), "feedback" with them (each label known before
+            the next row; GAUC biased by the window's own labels). See :mod:`malloc.serving.replay`.
     """
 
     append_events: int = 1
@@ -115,6 +139,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (10, 50, 200)
     monitor: str = "auto"
     hstu_normaliser: Literal["original", "kept"] = "original"
+    protocol: Literal["blind", "feedback"] = "blind"
 
     def __post_init__(self) -> None:
         for name in ("append_events", "user_batch", "prefill_chunk", "candidate_chunk"):
@@ -146,12 +171,28 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.task == "retrieval" and self.model.max_len < 2:
+            raise ValueError("retrieval needs model.max_len >= 2 (a training window holds an input and its target)")
+        if self.eval.monitor != "auto" and self.eval.monitor not in self.monitors():
+            raise ValueError(f"eval.monitor {self.eval.monitor!r} is not a {self.task} metric; one of "
+                             f"{', '.join(['auto', *self.monitors()])}")
+
+    def monitors(self) -> tuple[str, ...]:
+        """The validation metrics early stopping can follow for this task."""
+        if self.task == "ctr":
+            return CTR_MONITORS
+        return (*(f"{m}@{k}" for m in ("ndcg", "hr") for k in self.eval.ks), "mrr")
 
     @property
     def monitor(self) -> str:
         if self.eval.monitor != "auto":
             return self.eval.monitor
         return "gauc" if self.task == "ctr" else "ndcg@10"
+
+    @property
+    def monitor_sign(self) -> float:
+        """+1 where a larger monitored metric is better, -1 where smaller is (logloss)."""
+        return -1.0 if self.monitor in MINIMISED else 1.0
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

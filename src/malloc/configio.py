@@ -89,6 +89,15 @@ def _unknown_key_message(dotted: str, key: str, allowed: list[str]) -> str:
     return message + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
+def convert(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` and return it converted (the rules of :func:`from_dict`).
+
+    Raises:
+        ConfigError: naming ``where`` and what was expected.
+    """
+    return _convert(hint, value, where)
+
+
 def _convert(hint: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the type ``hint`` and return it converted (lists to tuples, dicts to
     dataclasses, ...)."""
@@ -237,21 +246,43 @@ def to_dict(obj: Any) -> Any:
 # Values a config may expand to, aliases counted each time they are used: far above any real config, far below what
 # hangs hashing (a "billion laughs" document of a few lines expands to billions of values).
 MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_BYTES = 16 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (almost always an editing mistake: YAML would
+    keep the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load(text)``, refusing a document that expands to more than :data:`MAX_CONFIG_VALUES` values.
+    """Safe-load YAML, refusing repeated keys, nesting too deep to parse, and a document that expands to more than
+    :data:`MAX_CONFIG_VALUES` values.
 
     YAML aliases share one object, so a short document can stand for an exponentially large config, which
     hashing and printing would expand; it is rejected here, before any use.
 
     Raises:
-        ConfigError: naming ``where``: not valid YAML, or too large once expanded.
+        ConfigError: naming ``where``: not valid YAML, a repeated key, too deep, or too large once expanded.
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain values only
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {where}{line}: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {where}: {' '.join(str(exc).split())}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"invalid YAML in {where}: nested too deeply") from exc
     pending, seen = [data], 0
     while pending:
         node = pending.pop()
@@ -270,14 +301,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (an empty file gives ``{}``).
 
     Raises:
-        ConfigError: if the file is missing or unreadable, is not valid YAML, or its top level is not a
-            mapping.
+        ConfigError: if the file is missing, not a regular file, larger than :data:`MAX_CONFIG_BYTES`,
+            unreadable, not UTF-8, not valid YAML (:func:`parse_yaml`), or its top level is not a mapping.
     """
     path = Path(path)
     try:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}" if not path.exists()
+                              else f"config file {path} is not a regular file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
@@ -331,6 +365,7 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "config_hash",
+    "convert",
     "from_dict",
     "load_yaml",
     "parse_yaml",

@@ -19,8 +19,9 @@ import torch
 from malloc.bench.results import atomic_file
 from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
-from malloc.data.tasks import CTRView, RetrievalView
-from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics
+from malloc.data.batching import ctr_batch, history_tokens
+from malloc.data.tasks import CTRView, RetrievalView, Window
+from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics, target_ranks
 from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
@@ -108,7 +109,7 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
         if isinstance(view, CTRView):
             rows = view.split(split)
             logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
-                                        keep_last=keep_last)
+                                        keep_last=keep_last, protocol=cfg.eval.protocol)
             metrics = ctr_metrics(rows.user, rows.label, logits)
             metrics["rows"] = len(rows)
             return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **_per_user(meters))
@@ -121,6 +122,87 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
                       **_per_user(meters))
     finally:
         model.train(was_training)
+
+
+# tokens x tokens per batch of the full-forward evaluation (bounds its attention temporaries)
+FORWARD_BUDGET = 1 << 22
+
+
+def forward_metrics(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str
+                    ) -> dict[str, float]:
+    """The metrics :func:`replay` reports for ``split`` with no cache policy, computed with the full forward.
+
+    Each user's replay (write the ``max_len`` events before the window, append the rest, score) is one window of the
+    plain forward over the same events (under the blind protocol, the window's own events without labels) with the
+    rows as candidate tokens; an uncompressed state, or a trained-in scheme's own state, serves exactly that forward
+    (tested), so the numbers are the same, at the cost of one batched forward instead of one append per step.
+    Training uses it for validation; reported test numbers always go through :func:`replay`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(view, CTRView):
+                return _forward_ctr(cfg, model, view, split)
+            return _forward_retrieval(cfg, model, view, split)
+    finally:
+        model.train(was_training)
+
+
+def _forward_batches(lengths: np.ndarray) -> list[np.ndarray]:
+    """Indices of windows sorted by length, cut so that each batch holds at most :data:`FORWARD_BUDGET` token
+    pairs (padded)."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    for stop in range(1, len(order) + 1):
+        if stop == len(order) or (stop + 1 - start) * int(lengths[order[stop]]) ** 2 > FORWARD_BUDGET:
+            batches.append(order[start:stop])
+            start = stop
+    return batches
+
+
+def _forward_ctr(cfg: RunConfig, model: SequentialRecommender, view: CTRView, split: str) -> dict[str, float]:
+    rows = view.split(split)
+    order = np.lexsort((rows.history_len, rows.user))
+    users, first = np.unique(rows.user[order], return_index=True)
+    bounds = np.append(first, len(order))
+    picked = np.split(order, bounds[1:-1])
+    window_start = np.array([max(0, int(rows.history_len[p[0]]) - cfg.model.max_len) for p in picked])
+    window_stop = np.array([int(rows.history_len[p[-1]]) for p in picked])
+    blind = cfg.eval.protocol == "blind"
+    logits = np.zeros(len(rows), dtype=np.float64)
+    device = model.device
+    for batch in _forward_batches(window_stop - window_start + np.array([len(p) for p in picked])):
+        windows_ = [Window(int(users[b]), int(window_start[b]), int(window_stop[b])) for b in batch]
+        chosen = [picked[b] for b in batch]
+        blind_from = np.array([int(rows.history_len[p[0]]) - w.start for p, w in zip(chosen, windows_, strict=True)])
+        tokens = ctr_batch(view.sequences, windows_, rows, chosen, blind_from if blind else None).to(device)
+        scores = model.ctr_logits(model(tokens.tokens), tokens.tokens.items)[tokens.target_mask]
+        logits[np.concatenate(chosen)] = scores.double().cpu().numpy()
+    return ctr_metrics(rows.user, rows.label, logits)
+
+
+def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: RetrievalView, split: str
+                       ) -> dict[str, float]:
+    seqs = view.sequences
+    stop = view.target_index(split)
+    start = np.maximum(0, stop - cfg.model.max_len)
+    ranks = np.zeros(seqs.num_users, dtype=np.int64)
+    device = model.device
+    for batch in _forward_batches(stop - start):
+        tokens = history_tokens(seqs, [Window(int(u), int(start[u]), int(stop[u])) for u in batch]).to(device)
+        hidden = model(tokens)
+        last = torch.as_tensor(stop[batch] - start[batch] - 1, device=device)
+        scores = model.item_logits(hidden[torch.arange(len(batch), device=device), last])
+        targets = torch.as_tensor(seqs.items[seqs.offsets[batch] + stop[batch]], device=device)
+        exclude = None
+        if cfg.eval.mask_history:
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            for b, u in enumerate(batch.tolist()):
+                base = int(seqs.offsets[u])
+                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[u])], device=device)] = True
+        ranks[batch] = target_ranks(scores, targets, exclude)
+    return retrieval_metrics(ranks, cfg.eval.ks)
 
 
 def evaluate(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
@@ -233,6 +315,7 @@ def retrieval_fidelity(ranks: np.ndarray, top: np.ndarray, native_ranks: np.ndar
         ``top{k}_overlap_mean`` (|top-k intersection| / k, mean over users), ``target_rank_spearman``, and the
         per-user NDCG@k delta scheme - Native, mean and std (``ndcg@{k}_delta_*``).
     """
+    k = min(k, np.shape(top)[1]) if np.ndim(top) == 2 else k  # a catalogue smaller than k ranks all its items
     overlap = np.array([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(top, native_top, strict=True)])
 
     mean, std = _mean_std(_ndcg_gain(ranks, k) - _ndcg_gain(native_ranks, k))

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 
 from malloc import __version__
-from malloc.bench.results import RunDir, check_writable, load_checkpoint
+from malloc.bench.results import RunDir, cached_json, check_writable, load_checkpoint
 from malloc.config import RunConfig
-from malloc.configio import ConfigError, from_dict, load_yaml, to_dict
+from malloc.configio import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from malloc.data.fingerprint import data_digest
 from malloc.data.sequences import DataError
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
 from malloc.device import device_name, resolve_device
 from malloc.errors import CheckpointError, ResultsError
+from malloc.eval.anchors import ANCHORS_VERSION, anchor_metrics
 from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
 from malloc.models import SequentialRecommender, build_model
 from malloc.train import train
@@ -109,7 +110,7 @@ def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: boo
     if run_dir.is_done():
         log.info("%s is done; skipping (use --force to rerun)", run_dir.root)
         metrics, meters = run_dir.read_result()
-        return {"run_id": run_dir.run_id, "metrics": metrics, "meters": meters}
+        return {"run_id": run_dir.run_id, "metrics": metrics, "meters": meters, "anchors": metrics.get("anchors", {})}
     run_dir.root.mkdir(parents=True, exist_ok=True)
     run_dir.claim(identity)
     run_dir.write_config(cfg)
@@ -123,6 +124,7 @@ def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: boo
         replayed.save(native_predictions_path(run_dir.root, "test"), native_identity(cfg, "test"))
         result = {"metrics": replayed.metrics,
                   "meters": {**replayed.meters, **model_meters(cfg, model, view, "test", replayed)}}
+        anchors = anchors_for(cfg, view)
     except Exception as exc:
         run_dir.record_error(exc)
         raise
@@ -134,10 +136,25 @@ def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: boo
         "train_events_per_second": trained.events_per_second,
         "environment": environment(cfg.device),
     }
-    run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history})
+    run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history,
+                           "anchors": anchors["test"], "valid_anchors": anchors["valid"]})
     run_dir.write_meters(meters)
     run_dir.mark_done({"run_id": run_dir.run_id})
-    return {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters}
+    return {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters, "anchors": anchors["test"]}
+
+
+def anchors_for(cfg: RunConfig, view: CTRView | RetrievalView) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"valid", "test": {anchor: metrics}}`` (:mod:`malloc.eval.anchors`) for the run's data, task and protocol,
+    computed once per results folder and reused by every run on the same data
+    (``<results_dir>/anchors/<source>-<task>-<hash>.json``)."""
+    identity = training_identity(cfg)
+    identity = {"task": cfg.task, "data": identity["data"], "data_digest": identity.get("data_digest"),
+                "protocol": cfg.eval.protocol if cfg.task == "ctr" else None, "seed": cfg.train.seed,
+                "ks": list(cfg.eval.ks), "mask_history": cfg.eval.mask_history, "version": ANCHORS_VERSION}
+    path = Path(cfg.results_dir) / "anchors" / f"{cfg.data.source}-{cfg.task}-{config_hash(identity)}.json"
+    return cached_json(path, identity, lambda: anchor_metrics(
+        view, ("valid", "test"), protocol=cfg.eval.protocol, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history,
+        seed=cfg.train.seed))
 
 
 def check_stored_config(run_dir: RunDir, cfg: RunConfig) -> None:

@@ -11,12 +11,9 @@ retrieval still covers every earlier event (a fleet filters consumed items from 
 (CTR) or before the request (retrieval). A fraction ``1/k`` keeps ``ceil(n / k)`` of its ``n`` events (at least
 one); a length ``m`` keeps ``min(n, m)``.
 
-Next to the curve, two trivial anchors that use no sequence model at all:
-
-* CTR, ``item-mean``: a row's score is the mean label of its item over the training rows, smoothed towards the
-  global training mean with :data:`ITEM_MEAN_PRIOR` pseudo-rows (unseen items score the global mean);
-* retrieval, ``popular``: items ranked by their number of training events (the events before each user's
-  validation target), with the same history mask and tie rule as the model.
+Next to the curve, the anchors that use no sequence model at all (:mod:`malloc.eval.anchors`), on the same rows
+and under the same CTR protocol: CTR ``item-mean``, ``item-mean+user-rate`` and ``mf`` (logistic matrix
+factorisation); retrieval ``popular`` and ``mf`` (softmax matrix factorisation over the catalogue).
 
 Standard errors come from a per-user bootstrap: :data:`BOOTSTRAP` resamples of the served users with
 replacement (seeded), the same resamples for every point, so that the delta of a point to ``full`` gets a
@@ -39,9 +36,9 @@ import numpy as np
 from malloc.bench.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
-from malloc.data.sequences import SPLIT_TRAIN
-from malloc.data.tasks import CTRView, RetrievalView
-from malloc.eval.metrics import _grouped_auc, sigmoid, target_ranks
+from malloc.data.tasks import CTRView
+from malloc.eval.anchors import ANCHORS_VERSION, ctr_anchor_logits, retrieval_anchor_ranks
+from malloc.eval.metrics import _grouped_auc, sigmoid
 
 log = logging.getLogger("malloc.sensitivity")
 
@@ -49,7 +46,7 @@ TASKS = ("ctr", "retrieval")
 FRACTIONS: tuple[int, ...] = (2, 4, 8, 16, 32, 64)  # keep 1/k of the written history
 MIN_LENGTH = 8  # fixed lengths 8, 16, 32, ... below model.max_len
 BOOTSTRAP = 200
-ITEM_MEAN_PRIOR = 1.0  # pseudo-rows at the global mean added to every item's mean label
+MAX_BOOTSTRAP = 10_000  # a (resamples x users) count matrix is held in memory
 RETRIEVAL_K = 10
 PRIMARY = {"ctr": "gauc", "retrieval": f"ndcg@{RETRIEVAL_K}"}
 SECONDARY = {"ctr": "auc", "retrieval": f"hr@{RETRIEVAL_K}"}
@@ -187,48 +184,6 @@ def _std(x: np.ndarray) -> float:
     return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
 
-# -- anchors ---------------------------------------------------------------------------------------------------------
-def item_mean_logits(view: CTRView, split: str, prior: float = ITEM_MEAN_PRIOR) -> np.ndarray:
-    """``(R,)`` logit of each ``split`` row's item mean label over the training rows (smoothed, see module)."""
-    train = view.rows.select(view.rows.split == SPLIT_TRAIN)
-    size = view.sequences.num_items + 1
-    positives = np.bincount(train.item, weights=train.label.astype(np.float64), minlength=size)
-    seen = np.bincount(train.item, minlength=size).astype(np.float64)
-    base = float(train.label.mean()) if len(train) else 0.5
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(seen + prior > 0, (positives + prior * base) / (seen + prior), base)
-    mean = np.clip(mean, 1e-6, 1 - 1e-6)
-    rows = view.split(split)
-    return np.log(mean[rows.item]) - np.log1p(-mean[rows.item])
-
-
-def popularity_ranks(view: RetrievalView, split: str, mask_history: bool = True, user_batch: int = 256
-                     ) -> np.ndarray:
-    """``(U,)`` 1-based rank of each user's target under training-event popularity (same mask and ties)."""
-    seqs = view.sequences
-    ends = view.train_ends()
-    index_in_user = np.arange(seqs.num_events) - np.repeat(seqs.offsets[:-1], seqs.lengths)
-    train_event = index_in_user < np.repeat(ends, seqs.lengths)
-    import torch
-
-    counts = np.bincount(seqs.items[train_event], minlength=seqs.num_items + 1).astype(np.float64)
-    counts[0] = -np.inf  # padding is never recommended
-    targets = view.target_index(split)
-    ranks = np.zeros(seqs.num_users, dtype=np.int64)
-    for first in range(0, seqs.num_users, user_batch):
-        users = np.arange(first, min(first + user_batch, seqs.num_users))
-        scores = torch.from_numpy(counts).expand(len(users), -1)
-        exclude = None
-        if mask_history:
-            exclude = np.zeros(scores.shape, dtype=bool)
-            for b, u in enumerate(users.tolist()):
-                base = int(seqs.offsets[u])
-                exclude[b, seqs.items[base:base + int(targets[u])]] = True
-        target_items = seqs.items[seqs.offsets[users] + targets[users]]
-        ranks[users] = target_ranks(scores, target_items, exclude)
-    return ranks
-
-
 # -- the curve -------------------------------------------------------------------------------------------------------
 def parse_dataset(name: str) -> tuple[str, str | None]:
     """``"ml-100k"`` -> ``("ml-100k", None)``; ``"synthetic:long-range"`` -> ``("synthetic", "long-range")``.
@@ -240,7 +195,9 @@ def parse_dataset(name: str) -> tuple[str, str | None]:
     from malloc.data.sources import SOURCES
     from malloc.data.sources.synthetic import PRESETS
 
-    source, _, preset = name.partition(":")
+    source, colon, preset = name.partition(":")
+    if colon and not preset:
+        raise DataError(f"data set {name!r} names no preset after the colon; presets: {', '.join(PRESETS)}")
     if source not in SOURCES:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(SOURCES)}, or synthetic:<preset> with a "
                         f"preset from {', '.join(PRESETS)}")
@@ -264,12 +221,23 @@ def sensitivity_config(dataset: str, task: str, *, path: str | None = None, conf
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     source, preset = parse_dataset(dataset)
+    given = {"task": "--task", "data.source": "the data set argument", "data.path": "--path",
+             "data.synthetic.preset": "the data set argument (synthetic:<preset>)"}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in given:
+            raise ConfigError(f"--set {key}=... conflicts with {given[key]} of malloc sensitivity: use that instead")
     extra = [f"task={task}", f"data.source={source}"]
     if path is not None:
         extra.append(f"data.path={path}")
     if preset is not None:
         extra.append(f"data.synthetic.preset={preset}")
-    cfg = load_config(config, [*overrides, *extra])
+    try:
+        cfg = load_config(config, [*overrides, *extra])
+    except ConfigError as exc:
+        if preset is None or "data.synthetic" not in str(exc):
+            raise
+        raise ConfigError(f"preset {preset!r} does not fit the config's data.synthetic settings ({exc})") from exc
     if config is None and not any(o.strip().startswith("name=") for o in overrides):
         cfg = replace(cfg, name=f"{dataset.replace(':', '-')}-{cfg.model.backbone}-{task}")
     return cfg
@@ -281,7 +249,7 @@ def sensitivity_path(run_root: str | Path, split: str = "test") -> Path:
 
 def _identity(cfg: RunConfig, split: str, points: Sequence[Truncation], resamples: int, seed: int) -> dict[str, Any]:
     return {"split": split, "points": [p.label for p in points], "bootstrap": resamples, "seed": seed,
-            "item_mean_prior": ITEM_MEAN_PRIOR, "eval": to_dict(cfg.eval), "max_len": cfg.model.max_len}
+            "anchors": ANCHORS_VERSION, "eval": to_dict(cfg.eval), "max_len": cfg.model.max_len}
 
 
 def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncation] | None = None,
@@ -304,8 +272,10 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if split not in ("valid", "test"):
         raise ConfigError(f"split must be 'valid' or 'test', got {split!r}")
-    if resamples < 2:
-        raise ConfigError(f"bootstrap resamples must be >= 2, got {resamples}")
+    if not 2 <= resamples <= MAX_BOOTSTRAP:
+        raise ConfigError(f"bootstrap resamples must be in 2..{MAX_BOOTSTRAP:,}, got {resamples}")
+    if seed < 0:
+        raise ConfigError(f"the bootstrap seed must be >= 0, got {seed}")
     points = list(points) if points is not None else default_truncations(cfg.model.max_len)
     identity = _identity(cfg, split, points, resamples, seed)
     view = build_view(cfg)  # a bad data set fails here, before the run writes anything
@@ -332,11 +302,12 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
 
     if isinstance(view, CTRView):
         rows = view.split(split)
-        anchors = [("item-mean", ctr_user_scores(rows.user, rows.label, item_mean_logits(view, split)))]
+        anchors = [(name, ctr_user_scores(rows.user, rows.label, logits)) for name, logits
+                   in ctr_anchor_logits(view, split, cfg.eval.protocol, cfg.train.seed).items()]
         written = _written_lengths(rows.user, rows.history_len, cfg.model.max_len)
     else:
-        ranks = popularity_ranks(view, split, cfg.eval.mask_history, cfg.eval.user_batch)
-        anchors = [("popular", UserScores("retrieval", ranks=ranks))]
+        anchors = [(name, UserScores("retrieval", ranks=ranks)) for name, ranks
+                   in retrieval_anchor_ranks(view, split, cfg.eval.mask_history, cfg.train.seed).items()]
         stop = view.target_index(split)
         written = np.minimum(np.maximum(0, stop - cfg.eval.append_events), cfg.model.max_len)
     num_users = per_point[0][1].num_users
@@ -459,7 +430,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
             ax.errorbar([p["kept_mean"] for p in pts], [p["metrics"][metric] for p in pts],
                         yerr=[p["se"][metric] for p in pts], fmt=style, capsize=3, label=name)
         full = next(p for p in result["points"] if p["kind"] == "full")
-        for anchor, colour in zip(result["anchors"], ("tab:red", "tab:purple"), strict=False):
+        for anchor, colour in zip(result["anchors"], ("tab:red", "tab:purple", "tab:brown"), strict=False):
             value, se = anchor["metrics"][metric], anchor["se"][metric]
             ax.axhline(value, color=colour, linestyle=":", label=f"anchor: {anchor['label']}")
             ax.axhspan(value - se, value + se, color=colour, alpha=0.12)

@@ -1,11 +1,12 @@
-"""Training with the plain full forward, early stopping on the serving-path validation metric, resumable.
+"""Training with the plain full forward, early stopping on the validation metric, resumable.
 
 Losses: binary cross-entropy on target tokens for CTR; for retrieval, cross-entropy of the next item over the
 full catalogue (``train.negatives = 0``) or a sampled softmax with ``k`` uniform negatives shared by the batch.
-After each epoch the model is evaluated on the validation split through the serving path (the same code that
-produces test numbers; skipped when ``train.epochs`` is 1, where there is nothing to choose); the best epoch is
-checkpointed, and ``last.pt`` (model, optimiser, random states, epoch)
-lets an interrupted run resume exactly where it stopped.
+After each epoch the model is evaluated on the validation split (:func:`malloc.evaluate.forward_metrics`: the
+numbers of the serving replay, computed with one batched full forward, which is equal for every trained model;
+skipped when ``train.epochs`` is 1, where there is nothing to choose); the best epoch by ``eval.monitor`` is
+checkpointed, and ``last.pt`` (model, optimiser, random states, epoch) lets an interrupted run resume exactly where
+it stopped.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from tqdm import tqdm
 
 from malloc.bench.results import atomic_torch_save, load_checkpoint
 from malloc.config import RunConfig
+from malloc.configio import ConfigError
 from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batch, retrieval_training_batch
 from malloc.data.sequences import DataError
 from malloc.data.tasks import CTRView, RetrievalView, Window, windows
 from malloc.device import resolve_device
 from malloc.errors import CheckpointError, TrainingError
-from malloc.evaluate import evaluate
+from malloc.eval.anchors import base_log_odds, item_log_odds
+from malloc.evaluate import forward_metrics
 from malloc.models import SequentialRecommender, build_model
 
 log = logging.getLogger("malloc.train")
@@ -66,12 +69,36 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def parameter_groups(model: SequentialRecommender, cfg: RunConfig) -> list[dict]:
+    """The optimiser's groups: every parameter at ``train.lr`` and ``train.weight_decay``, but the CTR item prior,
+    at ``train.prior_lr`` without weight decay (a decay would pull each item's base rate towards the global one)."""
+    prior = [] if model.item_bias is None else [model.item_bias.weight]
+    others = [p for p in model.parameters() if all(p is not q for q in prior)]
+    groups: list[dict] = [{"params": others}]
+    if prior:
+        groups.append({"params": prior, "lr": cfg.train.prior_lr, "weight_decay": 0.0})
+    return groups
+
+
+def blind_cuts(windows: list[Window], cfg: RunConfig, rng: np.random.Generator) -> np.ndarray | None:
+    """``(B,)`` where each CTR training window's events stop carrying labels (``train.blind_windows``): a share of
+    the windows get a cut uniform over their last ``train.blind_span``, the others none (their length)."""
+    if cfg.train.blind_windows == 0.0:
+        return None
+    lengths = np.array([w.stop - w.start for w in windows])
+    span = np.ceil(cfg.train.blind_span * lengths).astype(np.int64)
+    cuts = lengths - rng.integers(0, span + 1)
+    blind = rng.random(len(windows)) < cfg.train.blind_windows
+    return np.where(blind, cuts, lengths)
+
+
 def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
                generator: torch.Generator) -> torch.Tensor:
     hidden = model(batch.tokens)[batch.target_mask]  # (N, D)
     targets = batch.targets[batch.target_mask]
     if task == "ctr":
-        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden), targets)
+        items = batch.tokens.items[batch.target_mask]
+        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, items), targets)
     targets = targets.long()
     if negatives == 0:
         return F.cross_entropy(model.item_logits(hidden), targets)
@@ -136,8 +163,11 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     seqs = view.sequences
-    model = (build_model(cfg.model, seqs.num_items) if make_model is None else make_model()).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model = build_model(cfg.model, seqs.num_items) if make_model is None else make_model()
+    if isinstance(view, CTRView) and model.item_bias is not None:
+        model.set_item_prior(torch.as_tensor(item_log_odds(view), dtype=torch.float32), base_log_odds(view))
+    model = model.to(device)
+    optimiser = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     all_windows = training_windows(view, cfg)
     if not all_windows:
         raise DataError(f"data set {cfg.data.source}{f' ({cfg.data.path})' if cfg.data.path else ''}: the train "
@@ -148,6 +178,9 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     generator = torch.Generator().manual_seed(cfg.train.seed)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": -1, "stale": 0, "history": []}
+    if cfg.task == "retrieval" and cfg.train.negatives >= seqs.num_items:
+        raise ConfigError(f"train.negatives ({cfg.train.negatives}) must be below the catalogue size "
+                          f"({seqs.num_items} items); 0 trains a full softmax")
     if last_path.exists():
         state = _resume(last_path, model, optimiser, generator, device)
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
@@ -155,14 +188,15 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     while state["epoch"] < cfg.train.epochs and state["stale"] < cfg.train.patience:
         epoch = state["epoch"]
         model.train()
-        batches = length_bucketed_batches(lengths, cfg.train.batch_size, np.random.default_rng([cfg.train.seed, epoch]))
+        rng = np.random.default_rng([cfg.train.seed, epoch])
+        batches = length_bucketed_batches(lengths, cfg.train.batch_size, rng)
         tic, total_loss, events_seen = time.perf_counter(), 0.0, 0
         # disable=None: a bar on a terminal only, no carriage-return noise in logs
         for batch_index in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                                 disable=None if show_progress else True, leave=False):
             picked = [all_windows[i] for i in batch_index]
-            batch = (ctr_training_batch(seqs, picked, row_index) if row_index is not None
-                     else retrieval_training_batch(seqs, picked))
+            batch = (ctr_training_batch(seqs, picked, row_index, blind_cuts(picked, cfg, rng))
+                     if row_index is not None else retrieval_training_batch(seqs, picked))
             loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -171,7 +205,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
             events_seen += sum(w.stop - w.start for w in picked)
         seconds = time.perf_counter() - tic
         # one epoch in all: nothing to choose between, so no validation replay (a capped suite's budget)
-        metrics = evaluate(cfg, model, view, "valid")["metrics"] if cfg.train.epochs > 1 else {}
+        metrics = forward_metrics(cfg, model, view, "valid") if cfg.train.epochs > 1 else {}
         metric = metrics.get(cfg.monitor, 0.0)
         if not np.isfinite(total_loss):
             raise TrainingError(f"{run_dir}: the training loss is not finite at epoch {epoch + 1} (lower train.lr?)")
@@ -182,8 +216,8 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
         state["history"].append(record)
         log.info("epoch %d loss %.4f valid %s %s (%.1fs)", epoch + 1, record["loss"], cfg.monitor,
                  f"{metric:.4f}" if metrics else "not run (one epoch)", seconds)
-        if metric > state["best_metric"]:
-            state.update(best_metric=metric, best_epoch=epoch + 1, stale=0)
+        if cfg.monitor_sign * metric > state["best_metric"]:  # best_metric is signed: larger is better
+            state.update(best_metric=cfg.monitor_sign * metric, best_epoch=epoch + 1, stale=0)
             atomic_torch_save(model.state_dict(), best_path)
         else:
             state["stale"] += 1
@@ -196,7 +230,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     _load_weights(model, best_path, device)
     history = state["history"]
     result = TrainResult(
-        best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],
+        best_epoch=state["best_epoch"], best_metric=cfg.monitor_sign * state["best_metric"], epochs_run=state["epoch"],
         seconds_per_epoch=float(np.mean([h["seconds"] for h in history])) if history else 0.0,
         events_per_second=float(np.mean([h["events_per_second"] for h in history])) if history else 0.0,
         history=history,

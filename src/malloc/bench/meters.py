@@ -38,10 +38,10 @@ class LatencySpec:
     repeats: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("users", "candidates", "warmup", "repeats"):
-            if getattr(self, name) < (0 if name in ("users", "warmup") else 1):
-                raise ValueError(f"{name} must be >= {0 if name in ('users', 'warmup') else 1}, "
-                                 f"got {getattr(self, name)}")
+        for name, (low, high) in {"users": (0, 100_000), "candidates": (1, 1_000_000), "warmup": (0, 10_000),
+                                  "repeats": (1, 10_000)}.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in {low}..{high:,}, got {getattr(self, name)}")
 
 
 def _timed_users(view: CTRView | RetrievalView, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:

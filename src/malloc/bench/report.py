@@ -229,11 +229,33 @@ def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, 
     return [Bullets(lines)]
 
 
-def _accuracy(task: str, arms: list[Arm]) -> Table:
+def _anchors(arms: list[Arm]) -> dict[str, list[dict[str, float]]]:
+    """``{anchor: [metrics of each seed]}`` from the Native records of a group (:mod:`malloc.eval.anchors`)."""
+    found: dict[str, list[dict[str, float]]] = {}
+    for arm in arms:
+        if arm.family != "reference":
+            continue
+        for record in arm.done:
+            for name, metrics in (record.get("anchors") or {}).items():
+                if isinstance(metrics, dict):
+                    found.setdefault(name, []).append(metrics)
+    return found
+
+
+def _accuracy(task: str, arms: list[Arm], anchors: dict[str, list[dict[str, float]]]) -> Table:
     metrics, primary, (fid_key, fid_title) = METRICS[task], PRIMARY[task], FIDELITY[task]
     header = ["scheme", "family", "target ratio", "measured ratio", *(m.upper() for m in metrics),
               f"delta {primary.upper()} vs Native", "p (Wilcoxon, users)", f"{fid_title} vs Native", "seeds"]
     rows = []
+    native = next((arm.metric(primary)[0] for arm in arms if arm.family == "reference" and arm.done), math.nan)
+    for name, seeds in anchors.items():  # the floors: no sequence model, the same rows and protocol
+        cells = []
+        for key in metrics:
+            mean, std = mean_std([s.get(key) for s in seeds])
+            cells.append(_num(mean) + (f" ± {_num(std)}" if len(seeds) > 1 else ""))
+        mean, _ = mean_std([s.get(primary) for s in seeds])
+        rows.append([f"*{name}*", "anchor", "-", "-", *cells,
+                     f"{mean - native:+.4f}" if _finite(mean, native) else "-", "-", "-", str(len(seeds))])
     for arm in arms:
         if not arm.done:
             continue
@@ -285,8 +307,9 @@ def _pareto(arms: list[Arm], task: str, cost: str) -> tuple[list[tuple[Arm, floa
 
 
 def _plot(points: list[tuple[Arm, float, float]], front: list[int], xlabel: str, ylabel: str, title: str,
-          path: Path, memory: bool) -> None:
-    """A scatter of ``(cost, accuracy)`` per arm, coloured by family, the front joined; log-scaled cost axis."""
+          path: Path, memory: bool, anchors: dict[str, float] | None = None) -> None:
+    """A scatter of ``(cost, accuracy)`` per arm, coloured by family, the front joined; log-scaled cost axis;
+    each anchor (no sequence model, no stored state) a dashed horizontal line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -303,6 +326,11 @@ def _plot(points: list[tuple[Arm, float, float]], front: list[int], xlabel: str,
     for arm, c, a in points:
         if _finite(c, a):
             axes.annotate(arm.name, (c, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for index, (name, value) in enumerate((anchors or {}).items()):
+        if _finite(value):
+            axes.axhline(value, color="grey", linestyle=(0, (4, 2 + 2 * index)), linewidth=1, zorder=1)
+            axes.annotate(f"{name} (anchor)", (0.01, value), xycoords=("axes fraction", "data"), fontsize=6,
+                          color="dimgrey", xytext=(0, 2), textcoords="offset points")
     if front:
         fx, fy = [points[i][1] for i in front], [points[i][2] for i in front]
         axes.plot(fx, fy, color="tab:red", linewidth=1, zorder=2, label="Pareto front")
@@ -347,12 +375,15 @@ def suite_blocks(folder: Path, out: Path) -> tuple[list[Block], list[str]]:
     fronts = []
     for (dataset, backbone, task), by_arm in _groups(records).items():
         arms = list(by_arm.values())
+        anchors = _anchors(arms)
         title = f"{backbone.upper()}, {task}, {dataset}"
         blocks += [Heading(title, 3), Para(f"Accuracy on the test split through the serving path (primary "
                                            f"metric {PRIMARY[task].upper()}; the p-value tests the per-user "
                                            f"{'AUC' if task == 'ctr' else 'NDCG@10'} deltas to Native, averaged "
-                                           "over seeds)."),
-                   _accuracy(task, arms), Para("Resources (KiB/user: the whole stored state at the end of the "
+                                           "over seeds). Rows in italics are anchors: scores with no sequence "
+                                           "model and no stored state, on the same rows (`malloc.eval.anchors`); "
+                                           "a scheme below them has lost what the history adds."),
+                   _accuracy(task, arms, anchors), Para("Resources (KiB/user: the whole stored state at the end of the "
                                                "replay; request ms: batch 1, append 1 event + read)."),
                    _resources(arms)]
         failures = _failures(arms)
@@ -366,7 +397,9 @@ def suite_blocks(folder: Path, out: Path) -> tuple[list[Block], list[str]]:
                 continue
             stem = f"pareto-{name}-{dataset}-{backbone}-{task}-{'memory' if cost == 'memory_ratio' else 'macs'}"
             path = out / f"{stem}.png"
-            _plot(points, front, xlabel, PRIMARY[task].upper(), f"{name}: {title}", path, cost == "memory_ratio")
+            floors = {anchor: mean_std([s.get(PRIMARY[task]) for s in seeds])[0] for anchor, seeds in anchors.items()}
+            _plot(points, front, xlabel, PRIMARY[task].upper(), f"{name}: {title}", path, cost == "memory_ratio",
+                  floors)
             names = [points[i][0].name for i in front]
             blocks += [Image(path, f"{title}: {PRIMARY[task].upper()} against {xlabel}")]
             group_fronts.append((xlabel, ", ".join(names) or "none"))
@@ -394,6 +427,8 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
     out_dir = Path(out) if out is not None else Path(folders[0]) / "report"
     check_writable(out_dir)
     if markdown is not None:
+        if Path(markdown).is_dir():
+            raise ResultsError(f"{markdown}: is a folder; --markdown takes a file (e.g. docs/RESULTS.md)")
         check_writable(Path(markdown).parent)
     blocks: list[Block] = [Heading("MALLOC benchmark report", 1),
                            Para("Every number is read from the results files of the suites below (written by "

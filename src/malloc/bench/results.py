@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -181,6 +181,38 @@ def read_json_object(path: str | Path) -> dict[str, Any] | None:
     return value
 
 
+def cached_json(path: str | Path, identity: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+    """The value stored at ``path`` for ``identity``, or ``compute()`` stored there (atomically) and returned.
+
+    A missing, corrupt or stale file (another identity) is recomputed; ``identity`` and the value must be JSON.
+    """
+    expected = json.loads(json.dumps(to_jsonable(identity), sort_keys=True))
+    stored = read_json_object(path)
+    if stored is not None and stored.get("identity") == expected and "value" in stored:
+        return stored["value"]
+    value = compute()
+    atomic_write_json(path, {"identity": expected, "value": value})
+    return json.loads(json.dumps(to_jsonable(value)))
+
+
+CTR_METRICS = ("auc", "gauc", "logloss")
+
+
+def metrics_problem(metrics: Mapping[str, Any]) -> str | None:
+    """What makes a stored metrics object unusable, or None: it must hold one task's metrics (CTR: auc, gauc,
+    logloss; retrieval: mrr and every hr@K, ndcg@K), every one a number in its range ([0, 1], logloss >= 0)."""
+    if "auc" in metrics or "gauc" in metrics:
+        keys: tuple[str, ...] = CTR_METRICS
+    else:
+        keys = ("mrr", *(k for k in metrics if k.startswith(("hr@", "ndcg@"))))
+    for key in keys:
+        value = metrics.get(key)
+        limit = math.inf if key == "logloss" else 1.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= limit:
+            return f"{key} is {value!r}, expected a number in [0, {limit:g}]"
+    return None
+
+
 def check_writable(folder: str | Path) -> None:
     """Fail early, before any compute, where results cannot be written under ``folder`` (created if missing).
 
@@ -268,8 +300,12 @@ class RunDir:
         """
         if not self.done_path.is_file():
             return False
-        return all(read_json_object(path) is not None for path in (self.done_path, self.metrics_path,
-                                                                    self.meters_path))
+        done, metrics, meters = (read_json_object(path) for path in (self.done_path, self.metrics_path,
+                                                                     self.meters_path))
+        problem = metrics_problem(metrics) if metrics is not None else None
+        if problem is not None:
+            log.warning("%s: %s; recomputing it", self.metrics_path, problem)
+        return done is not None and metrics is not None and meters is not None and problem is None
 
     def read_result(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(metrics, meters)`` of a done run (:meth:`is_done` checked they are JSON objects)."""
@@ -334,6 +370,11 @@ class RunDir:
         import fcntl
 
         path = self.lock_path
+        if self.root.exists() and not self.root.is_dir():
+            raise ResultsError(f"{self.root}: not a run folder (a file is in its place); delete it or choose "
+                               "another results_dir")
+        if path.exists() and not path.is_file():
+            raise ResultsError(f"{path}: not a lock file; delete it")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -352,9 +393,9 @@ class RunDir:
         Refuses a directory whose name is not ``<name>-<8 hex>``, so a mistyped root cannot wipe other data.
         """
         if not _RUN_DIR.match(self.root.name):
-            raise ValueError(f"refusing to clear {self.root}: not a run directory named <name>-<8 hex hash>")
+            raise ResultsError(f"refusing to clear {self.root}: not a run directory named <name>-<8 hex hash>")
         if self.root.is_symlink() or self.root.is_file():
-            raise ValueError(f"refusing to clear {self.root}: not a directory")
+            raise ResultsError(f"refusing to clear {self.root}: not a directory; delete it by hand")
         if not self.root.exists():
             return
         for child in self.root.iterdir():
@@ -383,8 +424,10 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
+    "cached_json",
     "check_writable",
     "load_checkpoint",
+    "metrics_problem",
     "read_json",
     "read_json_object",
     "to_jsonable",

@@ -28,6 +28,8 @@ from typing import Any
 from malloc.bench.meters import LatencySpec
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, from_dict, load_yaml
+from malloc.data.fingerprint import input_files
+from malloc.data.sequences import DataError
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
@@ -129,6 +131,8 @@ class SuiteSpec:
                 raise ValueError(f"{axis}: {ratio!r} is not a number or a fraction such as 1/4") from exc
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{axis}: {ratio!r} must be in (0, 1) (Native is the ratio 1 of every setting)")
+            if value in values:
+                raise ValueError(f"{axis}: {ratio!r} repeats the ratio {value:g}")
             values.append(value)
         return tuple(values)
 
@@ -154,18 +158,45 @@ def find_suite(name: str, root: Path | None = None) -> Path:
     if candidate.is_file():
         return candidate
     known = ", ".join(known_suites(root)) or f"none (no {root}/*.yaml: run from the repository root)"
+    if path.is_file():
+        raise ConfigError(f"suite file {name!r} is not a .yaml file; known suites: {known}")
     raise ConfigError(f"unknown suite {name!r}; known suites: {known}")
 
 
 def load_suite(name: str, root: Path | None = None) -> SuiteSpec:
-    """Load and check a suite: its keys (by name), its ratios, and every setting's run config."""
+    """Load and check a suite: its keys (by name), its ratios, every setting's run config and every variant's
+    scheme and knobs, before any work."""
     path = find_suite(name, root)
     try:
         spec = from_dict(SuiteSpec, load_yaml(path))
-        settings(spec)  # every run config is built and checked before any work
+        settings(spec)
+        check_variants(spec)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
     return spec
+
+
+def check_variants(spec: SuiteSpec) -> None:
+    """Build every variant's scheme once (a training-free policy at the suite's first ratio, a trained-in scheme on
+    the first setting's model), so a bad name or knob fails at load, naming the variant.
+
+    Raises:
+        ConfigError: ``variants.<label>: <the scheme's error>``.
+    """
+    from malloc.memory.registry import build_policy
+
+    found = settings(spec)
+    model = found[0].cfg.model if found else None
+    for label, variant in spec.variants.items():
+        try:
+            if variant.scheme in ARCHITECTURES:
+                if model is not None:
+                    build_architecture(replace(model, scheme=variant.scheme, memory_ratio=spec.ratio_values()[0],
+                                               knobs=dict(variant.knobs)))
+            else:
+                build_policy(variant.scheme, spec.ratio_values()[0], **variant.knobs)
+        except SchemeError as exc:
+            raise ConfigError(f"variants.{label}: {exc}") from exc
 
 
 # -- expansion ------------------------------------------------------------------------------------------------
@@ -250,6 +281,11 @@ def settings(spec: SuiteSpec, results_dir: str | Path = "results", data_paths: M
             data_cfg = _merge(data_cfg, {"data": {"path": data_paths[dataset]}})
         if dspec.needs_path and not data_cfg.get("data", {}).get("path"):
             continue
+        try:  # a wrong source or path fails now, not in every item
+            data = from_dict(RunConfig, _merge(spec.base, data_cfg)).data
+            input_files(data.source, data.path)
+        except DataError as exc:
+            raise ConfigError(f"datasets.{dataset}: {exc}") from exc
         for backbone, bconf in spec.backbones.items():
             for task, tconf in spec.tasks.items():
                 for seed in spec.seeds:

@@ -45,7 +45,7 @@ from malloc.bench.meters import request_latency_served
 from malloc.bench.results import atomic_write_json, check_writable, read_json, read_json_object
 from malloc.bench.suite import Item, Setting, SuiteSpec, plan, select_items
 from malloc.config import RunConfig
-from malloc.configio import to_dict
+from malloc.configio import ConfigError, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
 from malloc.errors import ResultsError
 from malloc.evaluate import (
@@ -114,13 +114,16 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class SuiteOutcome:
-    """What one ``run_suite`` call did. ``failed``: item id -> one-line error."""
+    """What one ``run_suite`` call did. ``failed``: item id -> one-line error; ``unreachable``: the same for items
+    whose scheme cannot reach their ratio or apply to the model (a SchemeError: a documented outcome, not a
+    fault)."""
 
     out_dir: Path
     planned: int = 0
     ran: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -186,6 +189,9 @@ class SuiteRunner:
         self.show_progress = show_progress
         self.command = command if command is not None else " ".join(["malloc", *sys.argv[1:]])
         self.items = plan(spec, results_dir, data_paths)
+        if not self.items:
+            raise ConfigError(f"suite {spec.name} plans no items: every data set needs a path (give --data "
+                              f"{next(iter(spec.datasets))}=PATH)")
         self.shard_items = select_items([item for k, item in enumerate(self.items) if k % count == index], only,
                                         among=self.items)
         self.skipped_datasets = sorted(set(spec.datasets) - {i.setting.dataset for i in self.items})
@@ -219,6 +225,7 @@ class SuiteRunner:
         """Run every item not yet done; returns what happened. ``on_item`` is called before each item runs."""
         outcome = SuiteOutcome(self.out_dir, planned=len(self.shard_items))
         check_writable(self.out_dir)
+        check_writable(self.out_dir / "runs")
         self.write_manifest()
         if self.skipped_datasets:
             log.info("%s: data sets without a path, left out: %s (give --data NAME=PATH)", self.spec.name,
@@ -242,11 +249,14 @@ class SuiteRunner:
             durations.setdefault(item.kind, []).append(seconds)
             outcome.ran += 1
             if record["status"] != "done":
-                outcome.failed[item.id] = f"{record['error']['type']}: {record['error']['message']}"
+                error = f"{record['error']['type']}: {record['error']['message']}"
+                (outcome.unreachable if record["error"]["type"] == "SchemeError" else outcome.failed)[item.id] = error
             eta = _eta([i for i, todo in zip(self.shard_items[index:], pending[index:], strict=True) if todo],
                        durations)
-            log.info("[%d/%d] %s %s in %.1f s; elapsed %s, ETA %s", index, total, item.id,
-                     "done" if record["status"] == "done" else f"FAILED ({outcome.failed[item.id]})", seconds,
+            status = "done" if record["status"] == "done" else (
+                f"FAILED ({outcome.failed[item.id]})" if item.id in outcome.failed
+                else f"not reachable ({outcome.unreachable[item.id]})")
+            log.info("[%d/%d] %s %s in %.1f s; elapsed %s, ETA %s", index, total, item.id, status, seconds,
                      _clock(time.perf_counter() - started), _clock(eta))
         outcome.seconds = time.perf_counter() - started
         return outcome
@@ -315,7 +325,7 @@ class SuiteRunner:
                      for n in sorted({int(np.median(lengths)), int(lengths.max())})]
         meters["recompute_latency"] = recompute
         return {"run_id": result["run_id"], "metrics": result["metrics"], "native_metrics": result["metrics"],
-                "meters": meters, "fidelity": {}, "knobs_in_force": {}}
+                "meters": meters, "fidelity": {}, "knobs_in_force": {}, "anchors": result.get("anchors", {})}
 
     def _policy(self, item: Item) -> dict[str, Any]:
         cfg = item.setting.cfg
@@ -385,6 +395,8 @@ def _clock(seconds: float) -> str:
 
 _MANIFEST_KEYS = {"suite": dict, "command": str, "started_at": str, "git": dict, "environment": dict, "items": list}
 _TASK_METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
+_PLANNED_KEYS = ("item", "label", "family", "dataset", "backbone", "task")
+FAMILIES = ("reference", "training-free", "trained-in")
 
 
 def read_suite(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -407,6 +419,14 @@ def read_suite(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
              if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
     if wrong:
         raise ResultsError(f"{manifest_path}: not a suite manifest (missing or malformed: {', '.join(wrong)})")
+    for index, planned in enumerate(manifest["items"]):
+        missing = [key for key in _PLANNED_KEYS if not isinstance(planned, dict) or not isinstance(planned.get(key),
+                                                                                                  str)]
+        if missing:
+            raise ResultsError(f"{manifest_path}: items[{index}] is not a planned item (missing or malformed: "
+                               f"{', '.join(missing)})")
+    if not manifest["items"]:
+        raise ResultsError(f"{manifest_path}: the suite plans no items")
     records = []
     for planned in manifest["items"]:
         path = out_dir / "items" / f"{planned['item']}.json"
@@ -433,6 +453,14 @@ def record_problem(record: Any, planned: Mapping[str, Any]) -> str | None:
         return f"expected a JSON object, found {type(record).__name__}"
     if record.get("item") != planned["item"]:
         return f"the record is of item {record.get('item')!r}"
+    for key in _PLANNED_KEYS:
+        if not isinstance(record.get(key), str):
+            return f"{key} is {record.get(key)!r}, expected a string"
+    if record["family"] not in FAMILIES:
+        return f"family is {record['family']!r}, expected one of {', '.join(FAMILIES)}"
+    targets = record.get("memory_ratio_targets")
+    if not isinstance(targets, list) or not targets or not all(_number(r) and 0 < r <= 1 for r in targets):
+        return f"memory_ratio_targets is {targets!r}, expected a list of numbers in (0, 1]"
     if record.get("status") != "done":
         error = record.get("error")
         if not isinstance(error, dict) or not {"type", "message"} <= set(error):
@@ -454,6 +482,13 @@ def record_problem(record: Any, planned: Mapping[str, Any]) -> str | None:
     for name in ("macs_per_request", "request_ms_p50", "request_ms_p99", "batched_request_ms_p50"):
         if name in meters and meters[name] is not None and not (_number(meters[name]) and meters[name] >= 0):
             return f"meters.{name} is {meters[name]!r}, expected a number >= 0"
+    per_user = record.get("per_user")
+    if per_user is not None:
+        users, delta = (per_user.get(k) if isinstance(per_user, dict) else None for k in ("users", "delta"))
+        if (not isinstance(users, list) or not isinstance(delta, list) or len(users) != len(delta)
+                or not all(isinstance(u, int) for u in users)
+                or not all(d is None or isinstance(d, (int, float)) for d in delta)):
+            return "per_user is not two lists (users, delta) of the same length"
     return None
 
 

@@ -88,11 +88,26 @@ class CTRWindowRows:
         return np.arange(lo, hi)
 
 
-def ctr_training_batch(seqs: Sequences, batch: list[Window], index: CTRWindowRows) -> TrainingBatch:
-    """History windows followed by their target rows as candidate tokens."""
+def ctr_training_batch(seqs: Sequences, batch: list[Window], index: CTRWindowRows,
+                       blind_from: np.ndarray | None = None) -> TrainingBatch:
+    """History windows followed by their target rows (history length in ``(start, stop]``) as candidate tokens.
+
+    ``blind_from`` ``(B,)``: window ``b``'s events from index ``blind_from[b]`` on carry the "unknown" action (their
+    labels hidden, as the blind CTR protocol appends a scored window); None (or the window's length) hides none.
+    """
+    return ctr_batch(seqs, batch, index.rows, [index.for_window(w) for w in batch], blind_from)
+
+
+def ctr_batch(seqs: Sequences, batch: list[Window], rows: CTRRows, picked: list[np.ndarray],
+              blind_from: np.ndarray | None = None) -> TrainingBatch:
+    """History windows followed by candidate tokens: window ``b`` scores ``rows`` ``picked[b]`` (each at position
+    ``history_len - start``, so it sees exactly the window's events before it); ``blind_from`` as in
+    :func:`ctr_training_batch`. Candidates appear in ``picked`` order, so ``target_mask`` selects them in the order
+    of ``np.concatenate(picked)``."""
     history = history_tokens(seqs, batch)
-    picked = [index.for_window(w) for w in batch]
-    rows = index.rows
+    if blind_from is not None:
+        hidden = torch.arange(history.items.shape[1])[None, :] >= torch.as_tensor(blind_from)[:, None]
+        history.actions = history.actions.masked_fill(hidden, ACTION_UNKNOWN)
     items = pad([rows.item[p] for p in picked])
     positions = pad([rows.history_len[p] - w.start for p, w in zip(picked, batch, strict=True)])
     times = pad([rows.timestamp[p] for p in picked])

@@ -41,7 +41,10 @@ def input_files(source: str, path: str | None) -> list[tuple[str, Path]]:
     if source.startswith("ml-"):
         from malloc.data.sources import movielens
 
-        return [("ratings", movielens.ratings_file(source, where))]
+        ratings = movielens.ratings_file(source, where)
+        if not ratings.is_file():
+            raise DataError(f"{ratings}: file not found" if not ratings.exists() else f"{ratings}: not a regular file")
+        return [("ratings", ratings)]
     assert where is not None  # check_source: every other source needs a path
     if source == "amazon-electronics":
         from malloc.data.sources import reczoo

@@ -11,10 +11,12 @@ one knob dict per inner scheme, so every spec is plain data (a CLI flag, a YAML 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from malloc.configio import ConfigError, convert
 from malloc.memory.architecture import TRAINED_IN, ArchitectureScheme
 from malloc.memory.policy import CachePolicy, SchemeError
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
@@ -45,11 +47,31 @@ def wrapper_names() -> list[str]:
     return list(WRAPPERS)
 
 
-def _knobs(name: str, cls: type, knobs: dict[str, Any], exclude: tuple[str, ...] = ()) -> None:
+# knob types a knob value is checked and converted against (as config fields are); others are the scheme's to check
+_PLAIN = (int, float, bool, str, int | None, float | None, str | None)
+
+
+def _knobs(name: str, cls: type, knobs: dict[str, Any], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``knobs`` checked against the scheme class ``cls``: every name a knob of it, and every value of a plain
+    type (int, float, ...) converted by the config rules (a float knob is finite; ``1`` is a valid float).
+
+    Raises:
+        SchemeError: an unknown knob (the scheme's knobs listed) or a value of the wrong type, naming the knob.
+    """
     allowed = {f.name for f in dataclasses.fields(cls)} - {"memory_ratio", *exclude}
     unknown = sorted(set(knobs) - allowed)
     if unknown:
-        raise SchemeError(f"{name}: unknown knob(s) {', '.join(unknown)}; knobs: {', '.join(sorted(allowed))}")
+        takes = f"knobs: {', '.join(sorted(allowed))}" if allowed else f"{name} takes no knobs"
+        raise SchemeError(f"{name}: unknown knob(s) {', '.join(unknown)}; {takes}")
+    hints = typing.get_type_hints(cls)
+    converted = dict(knobs)
+    for key, value in knobs.items():
+        if hints.get(key) in _PLAIN:
+            try:
+                converted[key] = convert(hints[key], value, f"{name}: knob {key}")
+            except ConfigError as exc:
+                raise SchemeError(str(exc)) from exc
+    return converted
 
 
 def _build_scheme(name: str, memory_ratio: float, knobs: dict[str, Any]) -> CachePolicy:
@@ -60,7 +82,7 @@ def _build_scheme(name: str, memory_ratio: float, knobs: dict[str, Any]) -> Cach
         known = ", ".join([*POLICIES, *WRAPPERS])
         raise SchemeError(f"unknown scheme {name!r}; known schemes: {known}")
     cls = POLICIES[name]
-    _knobs(name, cls, knobs)
+    knobs = _knobs(name, cls, knobs)
     try:
         return cls(memory_ratio=memory_ratio, **knobs)
     except SchemeError:
@@ -81,14 +103,14 @@ def _inner(wrapper: str, field: str, name: Any, knobs: Any) -> tuple[str, dict[s
 
 
 def _build_pyramid(memory_ratio: float, inner: Any = None, inner_knobs: Any = None, **knobs: Any) -> Pyramid:
-    _knobs("pyramid", Pyramid, knobs, exclude=("inner",))
+    knobs = _knobs("pyramid", Pyramid, knobs, exclude=("inner",))
     name, inner_knobs = _inner("pyramid", "inner", inner, {} if inner_knobs is None else inner_knobs)
     return Pyramid(memory_ratio=memory_ratio, inner=_build_scheme(name, memory_ratio, inner_knobs), **knobs)
 
 
 def _build_compose(memory_ratio: float, evict: Any = None, quant: Any = None, evict_knobs: Any = None,
                    quant_knobs: Any = None, **knobs: Any) -> Compose:
-    _knobs("compose", Compose, knobs, exclude=("evict", "quant"))
+    knobs = _knobs("compose", Compose, knobs, exclude=("evict", "quant"))
     evict_name, evict_knobs = _inner("compose", "evict", evict, {} if evict_knobs is None else evict_knobs)
     quant_name, quant_knobs = _inner("compose", "quant", quant, {} if quant_knobs is None else quant_knobs)
     # the quantizer at its own knobs: built at ratio 1, so unset bits mean its largest (Compose's budget rule)
@@ -136,11 +158,11 @@ def build_architecture(cfg: ModelConfig) -> ArchitectureScheme | None:
                 f"{name}`" if name in POLICIES or name in WRAPPERS else f"unknown trained-in scheme {name!r}")
         raise SchemeError(f"{hint}; trained-in schemes: native, {', '.join(ARCHITECTURES)}")
     cls = ARCHITECTURES[name]
-    _knobs(name, cls, cfg.knobs)
+    knobs = _knobs(name, cls, cfg.knobs)
     if cfg.backbone not in cls.backbones:
         raise SchemeError(f"{name}: does not apply to backbone {cfg.backbone!r} ({cls.__doc__.splitlines()[0]})")
     try:
-        scheme = cls(memory_ratio=cfg.memory_ratio, **cfg.knobs)
+        scheme = cls(memory_ratio=cfg.memory_ratio, **knobs)
         scheme.knob_values(cfg)  # resolves and checks the knobs against the model's sizes
     except SchemeError:
         raise

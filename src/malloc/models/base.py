@@ -24,7 +24,7 @@ from torch import nn
 from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layers
 from malloc.memory.stats import AttentionObserver, ObservedRows
 from malloc.models.config import ModelConfig
-from malloc.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
+from malloc.tokens import ACTION_UNKNOWN, NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 
 # merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
 Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
@@ -68,6 +68,10 @@ class Events:
     def take(self, rows: torch.Tensor) -> Events:
         """The events of users ``rows`` ``(b,)`` only."""
         return Events(self.items[rows], self.actions[rows], self.timestamps[rows], self.lengths[rows])
+
+    def without_labels(self) -> Events:
+        """The same events carrying the "unknown" action (the label not yet observed)."""
+        return Events(self.items, torch.full_like(self.actions, ACTION_UNKNOWN), self.timestamps, self.lengths)
 
 
 class AttentionLayer(nn.Module):
@@ -143,10 +147,16 @@ class SequentialRecommender(nn.Module):
                                     for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.dim)
         self.ctr_head = nn.Linear(cfg.dim, 1)
+        # CTR extras (ModelConfig.item_prior, .candidate): they act on candidates only, so the state is unchanged
+        self.item_bias = nn.Embedding(num_items + 1, 1) if cfg.item_prior else None
+        self.candidate_query = nn.Parameter(torch.randn(cfg.dim) * 0.02) if cfg.candidate == "query" else None
+        self.readout = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.candidate == "query" else None
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.action_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+            if self.item_bias is not None:
+                self.item_bias.weight.zero_()
 
     # -- hooks for the backbones -------------------------------------------------------------------------------
     def build_layer(self) -> AttentionLayer:
@@ -154,7 +164,28 @@ class SequentialRecommender(nn.Module):
 
     def embed(self, tokens: TokenBatch) -> torch.Tensor:
         """Input embeddings ``(B, T, D)``."""
-        return self.item_embedding(tokens.items) + self.action_embedding(tokens.actions)
+        return self.item_inputs(tokens) + self.action_embedding(tokens.actions)
+
+    def item_inputs(self, tokens: TokenBatch) -> torch.Tensor:
+        """``(B, T, D)`` what each token shows of its item: the item embedding, except for candidates under
+        ``candidate = "query"`` (the shared query embedding)."""
+        items = self.item_embedding(tokens.items)
+        if self.candidate_query is None:
+            return items
+        candidate = (tokens.valid & ~tokens.is_history)[:, :, None]
+        return torch.where(candidate, self.candidate_query.to(items.dtype), items)
+
+    def set_item_prior(self, item_log_odds: torch.Tensor, base_log_odds: float) -> None:
+        """Initialise the CTR prior: ``item_bias[i] = item_log_odds[i] - base`` and the head's bias ``base``.
+
+        Args:
+            item_log_odds: ``(num_items + 1,)`` each item's smoothed training log-odds (entry 0: padding).
+        """
+        if self.item_bias is None:
+            raise ValueError("set_item_prior needs model.item_prior")
+        with torch.no_grad():
+            self.item_bias.weight.copy_((item_log_odds - base_log_odds).reshape(-1, 1))
+            self.ctr_head.bias.fill_(base_log_odds)
 
     # -- training forward --------------------------------------------------------------------------------------
     def encode(self, tokens: TokenBatch, caches: list[KVBlock] | None = None,
@@ -190,9 +221,15 @@ class SequentialRecommender(nn.Module):
         """The plain full forward used for training: ``(B, T)`` tokens -> ``(B, T, D)`` outputs."""
         return self.encode(tokens)[0]
 
-    def ctr_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(..., D)`` candidate outputs -> ``(...)`` click logits."""
-        return self.ctr_head(hidden).squeeze(-1)
+    def ctr_logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` candidate outputs and ``(...)`` their item ids -> ``(...)`` click logits: the head, plus
+        ``<W h, e_item>`` under ``candidate = "query"`` and the item's prior under ``item_prior``."""
+        logits = self.ctr_head(hidden).squeeze(-1)
+        if self.readout is not None:
+            logits = logits + (self.readout(hidden) * self.item_embedding(items)).sum(-1)
+        if self.item_bias is not None:
+            logits = logits + self.item_bias(items).squeeze(-1)
+        return logits
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., D)`` user representations -> ``(..., num_items + 1)`` logits; column 0 (padding) is -inf."""
@@ -340,7 +377,7 @@ class SequentialRecommender(nn.Module):
                 valid=valid,
             )
             hidden, _ = self.encode(tokens, caches)
-            logits.append(self.ctr_logits(hidden))
+            logits.append(self.ctr_logits(hidden, part))
         return torch.cat(logits, dim=1)
 
     @torch.no_grad()

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Upper bounds of the size fields: far above any model this benchmark trains, far below what exhausts memory
+SIZE_LIMITS = {"dim": 1 << 16, "layers": 256, "heads": 1024, "head_dim": 1 << 16, "max_len": 1 << 24,
+               "pos_buckets": 1 << 16, "time_buckets": 1 << 16, "ffn_mult": 64}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,6 +32,13 @@ class ModelConfig:
         memory_ratio: the scheme's target stored bytes / Native stored bytes, in (0, 1]; the scheme turns it
             into its own knob by the rule its docstring states.
         knobs: the scheme's knobs set explicitly (they override what ``memory_ratio`` implies).
+        item_prior: CTR: add a per-item bias to the click logit, initialised from each item's smoothed training
+            log-odds (the global log-odds in the head's bias) and trained at ``train.prior_lr`` without weight decay,
+            so the layers need not learn each item's base rate through attention.
+        candidate: CTR: what the layers see of a candidate. "item": its item embedding (and the "unknown" action);
+            "query": a learned query embedding, the same for every candidate, so the layers compute a user vector at
+            the candidate's position and time, and the item acts through the readout only (``<W h, e_item>`` plus the
+            prior). Either way a candidate never enters the state.
     """
 
     backbone: Literal["hstu", "sasrec"] = "hstu"
@@ -44,11 +55,16 @@ class ModelConfig:
     scheme: str = "native"
     memory_ratio: float = 1.0
     knobs: dict[str, Any] = field(default_factory=dict)
+    item_prior: bool = False
+    candidate: Literal["item", "query"] = "item"
 
     def __post_init__(self) -> None:
         for name in ("dim", "layers", "heads", "head_dim", "max_len", "pos_buckets", "time_buckets", "ffn_mult"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= SIZE_LIMITS[name]:
+                raise ValueError(f"{name} must be in 1..{SIZE_LIMITS[name]:,}, got {getattr(self, name)}")
+        if self.heads * self.head_dim > SIZE_LIMITS["dim"]:
+            raise ValueError(f"heads x head_dim must be at most {SIZE_LIMITS['dim']:,}, got "
+                             f"{self.heads * self.head_dim:,}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.memory_ratio <= 1.0:

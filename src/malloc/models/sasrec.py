@@ -106,6 +106,6 @@ class SASRec(SequentialRecommender):
 
     def embed(self, tokens: TokenBatch) -> torch.Tensor:
         positions = tokens.positions.clamp(0, self.cfg.max_len - 1)
-        return (self.item_embedding(tokens.items) * math.sqrt(self.cfg.dim)
+        return (self.item_inputs(tokens) * math.sqrt(self.cfg.dim)
                 + self.position_embedding(positions) + self.action_embedding(tokens.actions))
 

@@ -188,7 +188,7 @@ def training_step(model: SequentialRecommender, optimiser: torch.optim.Optimizer
     """
     model.train()
     hidden = model(batch.tokens)  # (B, T, D)
-    loss = F.binary_cross_entropy_with_logits(model.ctr_logits(hidden)[batch.tokens.valid],
+    loss = F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, batch.tokens.items)[batch.tokens.valid],
                                               batch.labels[batch.tokens.valid])
     optimiser.zero_grad(set_to_none=True)
     loss.backward()

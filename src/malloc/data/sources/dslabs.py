@@ -127,7 +127,11 @@ def _unserialise(data: bytes, file: Path, what: str) -> Any:
 def _fetch_object(rdb: Path, rdx: Path, name: str) -> Any:
     """The R object ``name`` of a lazy-load database, converted by ``rdata`` (a data.frame becomes pandas)."""
     try:
-        index_bytes = gzip.decompress(rdx.read_bytes())
+        raw = rdx.read_bytes()
+    except OSError as err:
+        raise DataError(f"{rdx}: cannot read the file ({err.strerror or err})") from err
+    try:
+        index_bytes = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{rdx}: not a gzip file ({err}); expected the dslabs lazy-load index") from err
     index = _unserialise(index_bytes, rdx, "the lazy-load index")

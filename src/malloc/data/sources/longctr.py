@@ -133,6 +133,8 @@ def _read_user_info(pq: ModuleType, file: Path) -> tuple[np.ndarray, np.ndarray,
     has_index = "user_index" in _column_names(pq, file)
     table = _open_table(pq, file, ["user_index", "full_item_seq"] if has_index else ["full_item_seq"])
     seqs = table.column("full_item_seq").combine_chunks()
+    if not hasattr(seqs, "value_lengths"):  # a list column has per-record lengths; a scalar column has none
+        raise DataError(f"{file}: column full_item_seq must be a list of item indices per user, found {seqs.type}")
     if seqs.null_count:
         first_null = int(np.flatnonzero(seqs.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{file}, record {first_null + 1}: full_item_seq is null")

@@ -336,5 +336,5 @@ def _integral_column(values: np.ndarray, column: int, file: Path, first_line: in
     fractional = np.flatnonzero(col != np.floor(col))
     if len(fractional):
         row = int(fractional[0])
-        raise DataError(f"{file}, line {first_line + row}: {name} must be an integer, found {col[row]!r}")
+        raise DataError(f"{file}, line {first_line + row}: {name} must be an integer, found {float(col[row])!r}")
     return col.astype(np.int64)

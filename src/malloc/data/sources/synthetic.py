@@ -169,6 +169,9 @@ class SyntheticConfig:
         self._check("recall_min_gap", self.recall_min_gap >= 1, ">= 1")
         self._check("label_noise", 0 <= self.label_noise < 0.5, "in [0, 0.5)")
         self._check("mean_gap_seconds", self.mean_gap_seconds > 0, "> 0")
+        # timestamps are int64 seconds: a user's span (events x mean gap) must stay far inside them
+        self._check("mean_gap_seconds", self.mean_gap_seconds * self.max_len <= 1e15,
+                    f"at most {1e15 / self.max_len:.3g} (max_len x mean gap must fit int64 timestamps)")
         self._check("break_prob", 0 <= self.break_prob <= 1, "in [0, 1]")
         self._check("seed", self.seed >= 0, ">= 0")
         self._check("topic_stickiness", 0 <= self.topic_stickiness < 1, "in [0, 1)")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc.memory.architecture import ArchitectureScheme
+from malloc.memory.policy import SchemeError
 from malloc.memory.state import LayerState, StoredLayer, collate_layers
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -136,7 +137,7 @@ class MLA(ArchitectureScheme):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.latent_dim is not None and self.latent_dim < 1:
-            raise ValueError(f"mla: knob latent_dim must be >= 1, got {self.latent_dim}")
+            raise SchemeError(f"mla: knob latent_dim must be >= 1, got {self.latent_dim}")
 
     def latent(self, cfg: ModelConfig) -> int:
         if self.latent_dim is not None:
@@ -148,7 +149,11 @@ class MLA(ArchitectureScheme):
         return layer(cfg, self.latent(cfg))
 
     def knob_values(self, cfg: ModelConfig) -> dict[str, int]:
-        return {"latent_dim": self.latent(cfg)}
+        latent, native = self.latent(cfg), cfg.heads * 2 * cfg.head_dim
+        if latent > native:
+            raise SchemeError(f"mla: knob latent_dim must be at most H (d_k + d_v) = {native} (a wider latent stores "
+                              f"more than Native), got {latent}")
+        return {"latent_dim": latent}
 
     def token_macs(self, cfg: ModelConfig) -> float:
         """The K and V projections become ``D d_c`` (the latent), plus the absorbed query and output maps

@@ -33,7 +33,7 @@ are Native's; the hashing MACs are added, and shared QK removes the key projecti
 training-free policies compose with it (Reformer + KIVI or + an eviction policy is the only way it stores less);
 a compressed key is hashed as it is read back.
 
-Knobs (not ratio-dependent): ``n_hashes`` (default 2, >= 1) and ``buckets`` (default 8, even, >= 2).
+Knobs (not ratio-dependent): ``n_hashes`` (default 2, 1..64) and ``buckets`` (default 8, even, 2..1024).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
 from malloc.profiling import macs
 from malloc.tokens import KVBlock, TokenBatch, split_heads
+
+MAX_HASHES, MAX_BUCKETS = 64, 1024  # the paper uses 1-8 rounds; far above, hashing alone exhausts memory
 
 
 class RandomRotationHash(nn.Module):
@@ -150,10 +152,12 @@ class Reformer(ArchitectureScheme):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_hashes, int) or self.n_hashes < 1:
-            raise SchemeError(f"{self.name}: knob n_hashes must be an integer >= 1, got {self.n_hashes!r}")
-        if not isinstance(self.buckets, int) or self.buckets < 2 or self.buckets % 2:
-            raise SchemeError(f"{self.name}: knob buckets must be an even integer >= 2, got {self.buckets!r}")
+        if not isinstance(self.n_hashes, int) or not 1 <= self.n_hashes <= MAX_HASHES:
+            raise SchemeError(f"{self.name}: knob n_hashes must be an integer in 1..{MAX_HASHES}, got "
+                              f"{self.n_hashes!r}")
+        if not isinstance(self.buckets, int) or not 2 <= self.buckets <= MAX_BUCKETS or self.buckets % 2:
+            raise SchemeError(f"{self.name}: knob buckets must be an even integer in 2..{MAX_BUCKETS}, got "
+                              f"{self.buckets!r}")
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         layer = HSTUReformerLayer if cfg.backbone == "hstu" else SASRecReformerLayer
