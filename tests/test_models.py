@@ -26,14 +26,15 @@ NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
 
 
-# CTR heads: (model.candidate, model.item_prior)
-HEADS = [("item", False), ("query", True)]
+# CTR heads: (model.candidate, model.ctr_readout, model.item_prior)
+HEADS = [("item", "head", False), ("item", "dot", True), ("query", "dot", True)]
 
 
-def tiny_model(backbone: str, layers: int = 2, candidate: str = "item", item_prior: bool = False):
+def tiny_model(backbone: str, layers: int = 2, candidate: str = "item", ctr_readout: str = "head",
+               item_prior: bool = False):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32,
-                      candidate=candidate, item_prior=item_prior)
+                      candidate=candidate, ctr_readout=ctr_readout, item_prior=item_prior)
     model = build_model(cfg, NUM_ITEMS).eval()
     with torch.no_grad():  # non-zero relative biases and priors, so the test covers them
         for name, p in model.named_parameters():
@@ -96,7 +97,7 @@ def split_events(events: Events, cuts: list[int]) -> list[Events]:
 def test_cached_equals_full_forward(backbone, head, lengths, cut_fractions, prefill_chunk, candidate_chunk,
                                     max_scores, seed):
     """``max_scores`` 1 and 300 compute a chunk in groups of users (one user, or a few); every CTR head."""
-    model = tiny_model(backbone, candidate=head[0], item_prior=head[1])
+    model = tiny_model(backbone, candidate=head[0], ctr_readout=head[1], item_prior=head[2])
     events, cands, cand_times = random_users(seed, lengths, num_candidates=7)
     expected_logits, expected_last = full_forward(model, events, cands, cand_times)
     n = max(lengths)

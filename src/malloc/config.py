@@ -75,6 +75,8 @@ class TrainConfig:
             the blind protocol serves a scored window (the cut is uniform over the window's last
             ``blind_span``); 0 trains on labelled histories only.
         blind_span: the share of a window, at its end, in which the cut of a blind window falls, in (0, 1].
+        temperature: retrieval: the softmax's logits are divided by it (with ``model.l2_norm``, cosines; GR uses
+            0.05); ranking does not depend on it.
     """
 
     epochs: int = 20
@@ -90,6 +92,7 @@ class TrainConfig:
     prior_lr: float = 1e-3
     blind_windows: float = 0.0
     blind_span: float = 0.25
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -105,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"prior_lr must be >= 0, got {self.prior_lr}")
         if not 0.0 <= self.blind_windows <= 1.0:
             raise ValueError(f"blind_windows must be in [0, 1], got {self.blind_windows}")
+        if not 0.0 < self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in (0, 100], got {self.temperature}")
         if not 0.0 < self.blind_span <= 1.0:
             raise ValueError(f"blind_span must be in (0, 1], got {self.blind_span}")
         for name in ("negatives", "threads", "max_train_users", "window"):

@@ -17,7 +17,7 @@ is empty) and are seen by nobody.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,9 @@ class TokenBatch:
     is_history: torch.Tensor
     valid: torch.Tensor
     beacon: torch.Tensor | None = None
+    # what every layer derives alike from these tokens alone (the full forward's mask and relative buckets),
+    # computed by the first layer that needs it; a new batch (slice, to) starts empty
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.is_history = self.is_history & self.valid
@@ -105,12 +108,15 @@ def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:
     Returns:
         ``(B, 1 or H, T, n + T)`` bool (head axis as the cache's metadata).
     """
+    if keys is None and "visible" in query.memo:
+        return query.memo["visible"]
     length = query.shape[1]
     q_pos = query.positions[:, None, :, None]  # (B, 1, T, 1)
     new_part = (query.is_history[:, None, None, :]
                 & (query.positions[:, None, None, :] < q_pos))  # (B, 1, T, T)
     new_part = new_part | torch.eye(length, dtype=torch.bool, device=query.items.device)
     if keys is None:
+        query.memo["visible"] = new_part
         return new_part
     cached_part = keys.valid[:, :, None, :] & (keys.positions[:, :, None, :] < q_pos)  # (B, 1|H, T, n)
     return torch.cat([cached_part, new_part.expand(-1, cached_part.shape[1], -1, -1)], dim=-1)

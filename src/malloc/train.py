@@ -93,20 +93,24 @@ def blind_cuts(windows: list[Window], cfg: RunConfig, rng: np.random.Generator) 
 
 
 def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+    if task == "ctr":
+        start = batch.candidates_from
+        mask = batch.target_mask[:, start:]
+        hidden = model.candidate_outputs(batch.tokens, start)[mask]  # (N, D)
+        items = batch.tokens.items[:, start:][mask]
+        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, items), batch.targets[:, start:][mask])
     hidden = model(batch.tokens)[batch.target_mask]  # (N, D)
     targets = batch.targets[batch.target_mask]
-    if task == "ctr":
-        items = batch.tokens.items[batch.target_mask]
-        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, items), targets)
     targets = targets.long()
     if negatives == 0:
-        return F.cross_entropy(model.item_logits(hidden), targets)
+        return F.cross_entropy(model.item_logits(hidden) / temperature, targets)
     sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator).to(hidden.device)
-    positive = (hidden * model.item_embedding(targets)).sum(-1, keepdim=True)
-    negative = hidden @ model.item_embedding(sampled).T
+    user = model.user_vector(hidden)
+    positive = (user * model.item_vectors(targets)).sum(-1, keepdim=True)
+    negative = user @ model.item_vectors(sampled).T
     negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
-    return F.cross_entropy(torch.cat([positive, negative], dim=1), torch.zeros_like(targets))
+    return F.cross_entropy(torch.cat([positive, negative], dim=1) / temperature, torch.zeros_like(targets))
 
 
 def _load_weights(model: SequentialRecommender, path: Path, device: torch.device) -> None:
@@ -197,7 +201,8 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
             picked = [all_windows[i] for i in batch_index]
             batch = (ctr_training_batch(seqs, picked, row_index, blind_cuts(picked, cfg, rng))
                      if row_index is not None else retrieval_training_batch(seqs, picked))
-            loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator)
+            loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator,
+                              cfg.train.temperature)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -48,14 +48,22 @@ class TrainingBatch:
         tokens: ``(B, T)`` history events then candidates.
         target_mask: ``(B, T)`` bool, tokens that carry a loss.
         targets: ``(B, T)`` CTR labels (float) or next-item ids (int64) at the masked tokens.
+        candidates_from: CTR: the index along ``T`` where the candidate tokens start (the history's padded
+            width); retrieval: ``T`` (no candidates).
     """
 
     tokens: TokenBatch
     target_mask: torch.Tensor
     targets: torch.Tensor
+    candidates_from: int = -1
+
+    def __post_init__(self) -> None:
+        if self.candidates_from < 0:
+            self.candidates_from = self.tokens.items.shape[1]
 
     def to(self, device: torch.device | str) -> TrainingBatch:
-        return TrainingBatch(self.tokens.to(device), self.target_mask.to(device), self.targets.to(device))
+        return TrainingBatch(self.tokens.to(device), self.target_mask.to(device), self.targets.to(device),
+                             self.candidates_from)
 
 
 def history_tokens(seqs: Sequences, batch: list[Window]) -> TokenBatch:
@@ -118,7 +126,7 @@ def ctr_batch(seqs: Sequences, batch: list[Window], rows: CTRRows, picked: list[
     tokens = concat_tokens(history, candidates)
     target_mask = torch.cat([torch.zeros_like(history.valid), valid], dim=1)
     targets = torch.cat([torch.zeros_like(history.items), labels], dim=1).float()
-    return TrainingBatch(tokens, target_mask, targets)
+    return TrainingBatch(tokens, target_mask, targets, history.items.shape[1])
 
 
 def retrieval_training_batch(seqs: Sequences, batch: list[Window]) -> TrainingBatch:

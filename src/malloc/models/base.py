@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layers
@@ -33,8 +34,11 @@ Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
 # groups (docs/BENCHMARKS.md, "Batched writes": on the 2-core CPU, groups within 1M-8M scores wrote 8 users of
 # 1,485 to 7,697 events as fast as one user at a time, one group 1.1x to 2.8x slower depending on the load)
 MAX_SCORES = 1 << 21
+# candidates per chunk of the training forward (:meth:`SequentialRecommender.candidate_outputs`)
+CANDIDATE_CHUNK = 64
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+L2_EPS = 1e-6
 
 
 @dataclass
@@ -150,7 +154,7 @@ class SequentialRecommender(nn.Module):
         # CTR extras (ModelConfig.item_prior, .candidate): they act on candidates only, so the state is unchanged
         self.item_bias = nn.Embedding(num_items + 1, 1) if cfg.item_prior else None
         self.candidate_query = nn.Parameter(torch.randn(cfg.dim) * 0.02) if cfg.candidate == "query" else None
-        self.readout = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.candidate == "query" else None
+        self.readout = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.ctr_readout == "dot" else None
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.action_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -221,9 +225,24 @@ class SequentialRecommender(nn.Module):
         """The plain full forward used for training: ``(B, T)`` tokens -> ``(B, T, D)`` outputs."""
         return self.encode(tokens)[0]
 
+    def candidate_outputs(self, tokens: TokenBatch, candidates_from: int, chunk: int = CANDIDATE_CHUNK
+                          ) -> torch.Tensor:
+        """``(B, T - candidates_from, D)`` outputs of the candidate tokens ``tokens[:, candidates_from:]`` (no candidate
+        sees another), computed as serving scores them: the history once, then candidates in chunks of ``chunk``
+        against each layer's history keys, instead of one forward over ``T x T`` pairs of which the
+        candidate-candidate block is masked but for its diagonal. Equal to ``forward(tokens)[:, candidates_from:]``
+        up to rounding (tested). A trained-in scheme (whose layers store something else than the keys they
+        compute) takes the one full forward."""
+        if self.scheme is not None or candidates_from >= tokens.items.shape[1]:
+            return self.encode(tokens)[0][:, candidates_from:]
+        _, blocks = self.encode(tokens.slice(0, candidates_from))
+        candidates = tokens.slice(candidates_from, tokens.items.shape[1])
+        return torch.cat([self.encode(candidates.slice(start, start + chunk), blocks)[0]
+                          for start in range(0, candidates.items.shape[1], chunk)], dim=1)
+
     def ctr_logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``(..., D)`` candidate outputs and ``(...)`` their item ids -> ``(...)`` click logits: the head, plus
-        ``<W h, e_item>`` under ``candidate = "query"`` and the item's prior under ``item_prior``."""
+        ``<W h, e_item>`` under ``ctr_readout = "dot"`` and the item's prior under ``item_prior``."""
         logits = self.ctr_head(hidden).squeeze(-1)
         if self.readout is not None:
             logits = logits + (self.readout(hidden) * self.item_embedding(items)).sum(-1)
@@ -232,10 +251,21 @@ class SequentialRecommender(nn.Module):
         return logits
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(..., D)`` user representations -> ``(..., num_items + 1)`` logits; column 0 (padding) is -inf."""
-        logits = hidden @ self.item_embedding.weight.T
+        """``(..., D)`` user representations -> ``(..., num_items + 1)`` logits; column 0 (padding) is -inf.
+
+        ``model.l2_norm``: both sides L2-normalised (cosine scores, as generative-recommenders' retrieval)."""
+        logits = self.user_vector(hidden) @ self.item_vectors().T
         logits[..., 0] = float("-inf")
         return logits
+
+    def user_vector(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` the retrieval query of a user representation (L2-normalised under ``model.l2_norm``)."""
+        return F.normalize(hidden, dim=-1, eps=L2_EPS) if self.cfg.l2_norm else hidden
+
+    def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., D)`` the retrieval keys of ``items`` (default: the whole table, ``(num_items + 1, D)``)."""
+        table = self.item_embedding.weight if items is None else self.item_embedding(items)
+        return F.normalize(table, dim=-1, eps=L2_EPS) if self.cfg.l2_norm else table
 
     # -- serving path ------------------------------------------------------------------------------------------
     @property

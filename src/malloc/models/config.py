@@ -35,10 +35,15 @@ class ModelConfig:
         item_prior: CTR: add a per-item bias to the click logit, initialised from each item's smoothed training
             log-odds (the global log-odds in the head's bias) and trained at ``train.prior_lr`` without weight decay,
             so the layers need not learn each item's base rate through attention.
-        candidate: CTR: what the layers see of a candidate. "item": its item embedding (and the "unknown" action);
-            "query": a learned query embedding, the same for every candidate, so the layers compute a user vector at
-            the candidate's position and time, and the item acts through the readout only (``<W h, e_item>`` plus the
-            prior). Either way a candidate never enters the state.
+        candidate: CTR: what the layers see of a candidate. "item": its item embedding (and the "unknown" action),
+            so attention can pick the history events that bear on this item; "query": a learned query embedding, the
+            same for every candidate, so the layers compute a user vector at the candidate's position and time and
+            the item acts through the readout only (needs ``ctr_readout = "dot"``). Either way a candidate never
+            enters the state.
+        ctr_readout: CTR: the click logit of a candidate's output ``h``: "head", a linear head ``w . h + b``; "dot",
+            that plus ``<W h, e_item>`` (a factorisation of the user vector with the item's embedding).
+        l2_norm: retrieval: score items by the cosine of the user representation and the item embedding (both
+            L2-normalised; train with ``train.temperature`` well below 1) instead of the raw dot product.
     """
 
     backbone: Literal["hstu", "sasrec"] = "hstu"
@@ -57,6 +62,8 @@ class ModelConfig:
     knobs: dict[str, Any] = field(default_factory=dict)
     item_prior: bool = False
     candidate: Literal["item", "query"] = "item"
+    ctr_readout: Literal["head", "dot"] = "head"
+    l2_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "layers", "heads", "head_dim", "max_len", "pos_buckets", "time_buckets", "ffn_mult"):
@@ -69,3 +76,5 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        if self.candidate == "query" and self.ctr_readout != "dot":
+            raise ValueError("candidate 'query' shows the layers no item: it needs ctr_readout 'dot'")
