@@ -333,8 +333,11 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     for name, scores in anchors:
         samples = bootstrap(scores, counts)
         metrics = metrics_with_counts(scores, ones)
+        full_metrics = metrics_with_counts(per_point[0][1], ones)
         out_anchors.append({"label": name, "kind": "anchor", "kept_mean": 0.0, "metrics": metrics,
-                            "se": {k: _std(v) for k, v in samples.items()}})
+                            "se": {k: _std(v) for k, v in samples.items()},
+                            "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
+                            "delta_se": {k: _std(samples[k] - full_samples[k]) for k in samples}})
     result = {
         "dataset": cfg.data.source if cfg.data.source != "synthetic" else f"synthetic:{cfg.data.synthetic.preset}",
         "task": cfg.task, "backbone": cfg.model.backbone, "run_id": run_dir.run_id, "split": split,
@@ -389,7 +392,8 @@ def calibration_config(preset: str, seed: int = 0, results_dir: str = "results",
 
 # -- outputs ---------------------------------------------------------------------------------------------------------
 def format_table(result: dict[str, Any]) -> str:
-    """A Markdown table: one row per point and anchor, metrics with their standard errors."""
+    """A Markdown table: one row per point and anchor, metrics with their standard errors; the delta to the full
+    history (an anchor's too) with its paired SE: the same users' resamples on both sides."""
     primary, secondary = result["primary"], result["secondary"]
     third = "logloss" if result["task"] == "ctr" else "mrr"
     lines = [f"{result['dataset']} {result['task']} ({result['backbone']}, {result['run_id']}, {result['split']} "
