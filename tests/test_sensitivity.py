@@ -195,12 +195,13 @@ def test_config_names_and_presets() -> None:
 
 
 # -- calibration of the synthetic presets ----------------------------------------------------------------------------
-# The runs of `calibration_config` (seed 0 here), measured on the 2-core CPU machine (docs/DATASETS.md; seeds 0-1
-# with `python benchmarks/calibrate_presets.py`, seeds 2-3 with the same config): long-range GAUC delta of 1/16 to
-# full -0.064, -0.117, -0.084, -0.112 (mean -0.094, std 0.025 over seeds; paired bootstrap SE 0.019-0.026 per
-# run), so a drop of 0.03 and of 2 SE sits well inside every seed. Short, seed 0: +0.013 +- 0.027; the small model
-# does not learn the burst rule well there (full GAUC 0.51), so "close" is a loose check: within 0.06.
+# The runs of `calibration_config` (seed 0 here) under the blind CTR protocol, measured on the 2-core CPU machine
+# (seeds 0-3, the same config): long-range GAUC delta of 1/16 to full -0.046, -0.155, -0.124, -0.142 (paired
+# bootstrap SE 0.023-0.031 per run: 2.0 to 5.1 SE); seed 0 is the weakest draw, so the check is a drop of 0.03 and
+# of 1.5 SE. Short: -0.014, -0.052, -0.009, +0.006 (SE 0.018-0.042; the small model barely learns the burst rule,
+# full GAUC 0.50-0.55), so "close" is a loose check: within 0.06.
 LONG_RANGE_MIN_DROP = 0.03
+LONG_RANGE_MIN_SE = 1.5
 SHORT_MAX_DELTA = 0.06
 
 
@@ -215,7 +216,7 @@ def _calibration(tmp_path: Path, preset: str) -> dict:
 def test_calibration_long_range_needs_the_whole_history(tmp_path: Path) -> None:
     cut = _calibration(tmp_path, "long-range")
     assert cut["delta"]["gauc"] < -LONG_RANGE_MIN_DROP
-    assert cut["delta"]["gauc"] < -2 * cut["delta_se"]["gauc"]
+    assert cut["delta"]["gauc"] < -LONG_RANGE_MIN_SE * cut["delta_se"]["gauc"]
 
 
 def test_calibration_short_needs_only_recent_events(tmp_path: Path) -> None:

@@ -63,7 +63,9 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation metric.
         seed: seeds model init, shuffling and dropout; a CPU run repeats exactly with the same thread count.
         negatives: retrieval loss: 0 = full softmax over the catalogue; k > 0 = sampled softmax with k uniform
-            negatives shared by the batch.
+            negatives (see ``negative_sampling``).
+        negative_sampling: "shared": one draw of k negatives for every target of a batch; "per_target": a draw of
+            its own for each target (as generative-recommenders samples).
         threads: torch intra-op threads (0 = leave torch's default).
         max_train_users: 0 = all; else train on the first k users only (smoke runs).
         window: training window in events (0 = ``model.max_len``). A shorter window trains long-history models
@@ -93,6 +95,7 @@ class TrainConfig:
     blind_windows: float = 0.0
     blind_span: float = 0.25
     temperature: float = 1.0
+    negative_sampling: Literal["shared", "per_target"] = "shared"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):

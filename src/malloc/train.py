@@ -93,7 +93,7 @@ def blind_cuts(windows: list[Window], cfg: RunConfig, rng: np.random.Generator) 
 
 
 def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
-               generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+               generator: torch.Generator, temperature: float = 1.0, per_target: bool = False) -> torch.Tensor:
     if task == "ctr":
         start = batch.candidates_from
         mask = batch.target_mask[:, start:]
@@ -105,11 +105,17 @@ def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, ne
     targets = targets.long()
     if negatives == 0:
         return F.cross_entropy(model.item_logits(hidden) / temperature, targets)
-    sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator).to(hidden.device)
     user = model.user_vector(hidden)
     positive = (user * model.item_vectors(targets)).sum(-1, keepdim=True)
-    negative = user @ model.item_vectors(sampled).T
-    negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+    if per_target:  # (N, k) negatives, each target its own draw (generative-recommenders' local sampling)
+        sampled = torch.randint(1, model.num_items + 1, (len(targets), negatives), generator=generator)
+        sampled = sampled.to(hidden.device)
+        negative = torch.einsum("nd,nkd->nk", user, model.item_vectors(sampled))
+        negative = negative.masked_fill(sampled == targets[:, None], float("-inf"))
+    else:  # (k,) negatives shared by every target of the batch
+        sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator).to(hidden.device)
+        negative = user @ model.item_vectors(sampled).T
+        negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
     return F.cross_entropy(torch.cat([positive, negative], dim=1) / temperature, torch.zeros_like(targets))
 
 
@@ -202,7 +208,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
             batch = (ctr_training_batch(seqs, picked, row_index, blind_cuts(picked, cfg, rng))
                      if row_index is not None else retrieval_training_batch(seqs, picked))
             loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator,
-                              cfg.train.temperature)
+                              cfg.train.temperature, cfg.train.negative_sampling == "per_target")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
