@@ -25,8 +25,9 @@ import time
 import torch
 
 from _common import int_list
-from malloc.models import ModelConfig, build_model
-from malloc.models.base import Events
+from malloc.core.tokens import Events
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 
 try:
     from malloc.models.base import MAX_SCORES
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig(backbone=args.backbone, dim=64, layers=2, heads=4, head_dim=16, dropout=0.0,
                       max_len=args.max_len)
     torch.manual_seed(args.seed)
-    model = build_model(cfg, 10_000).eval()
+    model = build_model_for(cfg, 10_000).eval()
     lengths = log_uniform_lengths(args.users, args.min_len, args.max_len, args.seed)
     full = synthetic_events(args.users, lengths[0], 10_000, args.seed)
     batch = Events(full.items, full.actions, full.timestamps, torch.tensor(lengths))

@@ -25,18 +25,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from malloc.bench.results import atomic_write_json
 from malloc.cli import parse_knobs, parse_ratio
 from malloc.config import RunConfig, load_config
 from malloc.configio import ConfigError
+from malloc.core.tokens import TokenBatch
 from malloc.errors import MallocError
 from malloc.evaluate import evaluate
 from malloc.heap import retain_freed_memory
-from malloc.memory.registry import build_architecture
+from malloc.memory.registry import build_architecture, build_model_for
 from malloc.memory.schemes.token_merge.beacon import Beacon
-from malloc.models import BACKBONES, SequentialRecommender, build_model
+from malloc.models import BACKBONES, SequentialRecommender
+from malloc.results import atomic_write_json
 from malloc.runner import build_view
-from malloc.tokens import TokenBatch
 from malloc.train import train
 
 MODELS = ("native", "beacon", "chunk_only")
@@ -58,7 +58,7 @@ def model_config(cfg: RunConfig, model: str, ratio: float, knobs: dict[str, Any]
 def build(cfg: RunConfig, model: str, num_items: int) -> SequentialRecommender:
     """A new model; ``chunk_only`` is built as ``beacon`` is, so it starts from the same weights."""
     if model != "chunk_only":
-        return build_model(cfg.model, num_items)
+        return build_model_for(cfg.model, num_items)
     scheme = ChunkOnly(memory_ratio=cfg.model.memory_ratio, **cfg.model.knobs)
     return BACKBONES[cfg.model.backbone](cfg.model, num_items, scheme=scheme)
 

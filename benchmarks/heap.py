@@ -47,13 +47,14 @@ def measure(args: argparse.Namespace) -> dict:
     applied = retain_freed_memory() if args.worker == "retained" else False
     import torch
 
-    from malloc.models import ModelConfig, build_model
+    from malloc.memory.registry import build_model_for
+    from malloc.models import ModelConfig
     from malloc.profiling.latency import synthetic_training_batch, training_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     num_items = 256
-    model = build_model(ModelConfig(backbone=args.backbone, dim=64, layers=2, heads=4, head_dim=16,
+    model = build_model_for(ModelConfig(backbone=args.backbone, dim=64, layers=2, heads=4, head_dim=16,
                                     max_len=args.window), num_items)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [synthetic_training_batch(args.batch, args.window, num_items, seed) for seed in range(args.steps + 1)]

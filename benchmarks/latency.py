@@ -20,7 +20,8 @@ import torch
 
 from _common import int_list, name_list, table_line
 from malloc.heap import retain_freed_memory
-from malloc.models import ModelConfig, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 from malloc.profiling import request_latency
 
 TARGET_LENGTH = 1024
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         # its table, neither of which changes the work done.
         cfg = ModelConfig(backbone=backbone)
         torch.manual_seed(args.seed)
-        model = build_model(cfg, args.num_items).to(args.device).eval()
+        model = build_model_for(cfg, args.num_items).to(args.device).eval()
         for length in args.lengths:
             point = request_latency(model, length, candidates=args.candidates,
                                     append_events=args.append_events, prefill_chunk=args.prefill_chunk,

@@ -30,9 +30,9 @@ from malloc.cli import parse_ratio
 from malloc.config import ModelConfig
 from malloc.heap import retain_freed_memory
 from malloc.memory.policy import SchemeError
-from malloc.memory.registry import build_architecture, build_policy, scheme_names
+from malloc.memory.registry import build_architecture, build_model_for, build_policy, scheme_names
 from malloc.memory.schemes import ARCHITECTURES
-from malloc.models import BACKBONES, build_model
+from malloc.models import BACKBONES
 from malloc.profiling.latency import synthetic_events
 from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.server import Server
@@ -85,7 +85,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                        head_dim=args.head_dim, max_len=max(args.lengths), state_dtype=args.state_dtype, dropout=0.0)
     histories = {n: synthetic_events(1, n, NUM_ITEMS, args.seed + n) for n in args.lengths}
     torch.manual_seed(args.seed)
-    native_model = build_model(base, NUM_ITEMS)
+    native_model = build_model_for(base, NUM_ITEMS)
     cache = PrefillCache(native_model)  # the policies share Native's uncompressed writes
     native = {n: layer_bytes(Server(native_model, prefill_chunk=args.prefill_chunk, prefill_cache=cache), events)
               for n, events in histories.items()}
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     cfg = replace(base, scheme=scheme, memory_ratio=ratio)
                     arch = build_architecture(cfg)
                     torch.manual_seed(args.seed)
-                    server = Server(build_model(cfg, NUM_ITEMS), prefill_chunk=args.prefill_chunk)
+                    server = Server(build_model_for(cfg, NUM_ITEMS), prefill_chunk=args.prefill_chunk)
                     knobs = arch.knob_values(cfg)
                 else:
                     policy = build_policy(scheme, ratio)

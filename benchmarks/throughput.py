@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from _common import name_list, table_line
-from malloc.models import ModelConfig, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 from malloc.profiling import synthetic_training_batch, time_call, training_step
 
 COLUMNS = [("backbone", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for backbone in args.backbones:
         cfg = ModelConfig(backbone=backbone, max_len=args.max_len)
         torch.manual_seed(args.seed)
-        model = build_model(cfg, args.num_items)
+        model = build_model_for(cfg, args.num_items)
         optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
         cycle = itertools.cycle(batches)
         seconds = time_call(lambda: training_step(model, optimiser, next(cycle)),  # noqa: B023

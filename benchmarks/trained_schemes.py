@@ -20,14 +20,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from malloc.bench.results import atomic_write_text, read_json
 from malloc.cli import parse_ratio
 from malloc.config import load_config
 from malloc.heap import retain_freed_memory
+from malloc.memory.registry import build_model_for
 from malloc.memory.schemes import ARCHITECTURES
-from malloc.models import build_model
+from malloc.models.macs import format_macs
 from malloc.profiling.latency import request_latency, synthetic_training_batch, time_call, training_step
-from malloc.profiling.macs import format_macs
+from malloc.results import atomic_write_text, read_json
 from malloc.runner import load_trained, run, run_dir_for
 
 METRICS = {"ctr": [("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "Logloss")],
@@ -64,7 +64,7 @@ def step_ms(cfg, num_items: int) -> float:
     timed here, one point after another, because epoch times taken while other work shares the machine are not
     comparable across runs."""
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_items)
+    model = build_model_for(cfg.model, num_items)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = synthetic_training_batch(32, cfg.model.max_len, num_items, seed=0)
     return float(np.median(time_call(lambda: training_step(model, optimiser, batch), warmup=1, min_repeats=5,

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from malloc.core.state import SCALAR_BYTES, tensor_nbytes
+from malloc.core.tokens import Events, TokenBatch
 from malloc.memory.policy import SchemeError
-from malloc.memory.registry import build_architecture
+from malloc.memory.registry import build_architecture, build_model_for
 from malloc.memory.schemes import ARCHITECTURES
-from malloc.memory.state import SCALAR_BYTES, tensor_nbytes
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.models.base import MAX_SCORES
+from malloc.models.macs import count_flops, request_macs
 from malloc.profiling.latency import synthetic_events
-from malloc.profiling.macs import count_flops, request_macs
-from malloc.tokens import TokenBatch
 
 NUM_ITEMS = 40
 RATIOS = (0.5, 0.25)
@@ -42,7 +42,7 @@ def tiny_config(scheme: str, backbone: str, ratio: float = 0.5, layers: int = 2,
 
 def tiny(scheme: str, backbone: str, ratio: float = 0.5, layers: int = 2, seed: int = 0, **knobs):
     torch.manual_seed(seed)
-    return build_model(tiny_config(scheme, backbone, ratio, layers, **knobs), NUM_ITEMS)
+    return build_model_for(tiny_config(scheme, backbone, ratio, layers, **knobs), NUM_ITEMS)
 
 
 def full_tokens(events: Events, cand_items: torch.Tensor, cand_positions: torch.Tensor,

@@ -27,12 +27,12 @@ import pytest
 import torch
 
 from conftest import run_dirs
-from malloc.bench.results import load_checkpoint, read_json
 from malloc.cli import main
 from malloc.config import load_config
 from malloc.data.sequences import build_sequences, first_occurrences
 from malloc.data.sources import load_dataset
 from malloc.errors import CheckpointError
+from malloc.results import load_checkpoint, read_json
 from malloc.runner import run, run_dir_for
 from smoke_suite import smoke_run
 

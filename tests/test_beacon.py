@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from malloc.core.tokens import Events, TokenBatch
 from malloc.memory.policy import SchemeError
+from malloc.memory.registry import build_model_for
 from malloc.memory.schemes.token_merge.beacon import (
     Beacon,
     beacon_offsets,
@@ -15,10 +17,9 @@ from malloc.memory.schemes.token_merge.beacon import (
     insert_beacons,
     stored_beacons,
 )
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
+from malloc.models.macs import count_flops, request_macs
 from malloc.profiling.latency import synthetic_events
-from malloc.profiling.macs import count_flops, request_macs
-from malloc.tokens import TokenBatch
 
 NUM_ITEMS = 40
 
@@ -27,7 +28,7 @@ def tiny(backbone: str, chunk: int, ratio: float = 0.5, seed: int = 0, **knobs):
     torch.manual_seed(seed)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64,
                       scheme="beacon", memory_ratio=ratio, knobs={"chunk": chunk, **knobs})
-    return build_model(cfg, NUM_ITEMS)
+    return build_model_for(cfg, NUM_ITEMS)
 
 
 def full_tokens(events: Events, cands: torch.Tensor) -> TokenBatch:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import run_dirs
-from malloc.bench.results import read_json
 from malloc.cli import main
 from malloc.config import load_config
+from malloc.results import read_json
 from malloc.runner import build_view, run, run_dir_for
 from malloc.train import train
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from malloc.memory.registry import build_policy
+from malloc.core.tokens import Events
+from malloc.memory.registry import build_model_for, build_policy
 from malloc.memory.schemes import POLICIES
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.serving.server import Server
 
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
@@ -44,7 +45,7 @@ def test_the_example_scheme_registers_and_keeps_the_smallest_key_norms(tmp_path,
     key_norm = example_module(tmp_path, monkeypatch).KeyNorm
     monkeypatch.setitem(POLICIES, key_norm.name, key_norm)  # the registry line, for this test only
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64), 50).eval()
+    model = build_model_for(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64), 50).eval()
     history = users([40, 64, 23], 50, seed=1)
     native = Server(model).write(history)
     policy = build_policy("knorm", 0.25)

@@ -27,15 +27,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from malloc.memory.registry import build_policy
+from malloc.core.state import UserState
+from malloc.core.tokens import Events, TokenBatch
+from malloc.memory.registry import build_model_for, build_policy
 from malloc.memory.schemes import POLICIES
 from malloc.memory.schemes.sequence.linformer import ProjectionState
-from malloc.memory.state import UserState
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.models.base import SequentialRecommender
 from malloc.profiling.latency import synthetic_events
 from malloc.serving.server import Server
-from malloc.tokens import TokenBatch
 from test_architecture_matrix import CASES as ARCHITECTURE_CASES
 from test_architecture_matrix import tiny, train_steps
 from test_scheme_matrix import SPECS, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
@@ -255,7 +255,7 @@ def float64_model(scheme: str, backbone: str) -> SequentialRecommender:
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=8, layers=1, heads=2, head_dim=4, dropout=0.0, max_len=64,
                       scheme=scheme, memory_ratio=1.0 if scheme == "native" else 0.25)
-    model = build_model(cfg, NUM_ITEMS)
+    model = build_model_for(cfg, NUM_ITEMS)
     train_steps(model)
     with torch.no_grad():
         for name, p in model.named_parameters():

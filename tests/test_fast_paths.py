@@ -8,7 +8,7 @@ import torch
 
 from malloc.config import load_config
 from malloc.data.batching import CTRWindowRows, ctr_training_batch
-from malloc.models import build_model
+from malloc.memory.registry import build_model_for
 from malloc.models.hstu import RelativeBias, hstu_attention, hstu_attention_fused
 from malloc.runner import build_view
 from malloc.train import batch_loss, training_windows
@@ -54,7 +54,7 @@ def test_chunked_candidates_equal_the_full_forward(backbone, candidate):
                               "model.ctr_readout=dot", "model.dropout=0"])
     view = build_view(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg.model, view.sequences.num_items)
+    model = build_model_for(cfg.model, view.sequences.num_items)
     batch = ctr_training_batch(view.sequences, training_windows(view, cfg)[:9], CTRWindowRows(view.split("train")))
     start, mask = batch.candidates_from, batch.target_mask[:, batch.candidates_from:]
     full = model(batch.tokens)[:, start:][mask]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from malloc.models import ModelConfig, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
+from malloc.models.macs import attention_macs, count_flops, format_macs, recompute_macs, request_macs, token_macs
 from malloc.profiling.latency import synthetic_events
-from malloc.profiling.macs import attention_macs, count_flops, format_macs, recompute_macs, request_macs, token_macs
 
 NUM_ITEMS = 50
 
@@ -16,7 +17,7 @@ def tiny(backbone: str, ffn_mult: int = 1):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32,
                       ffn_mult=ffn_mult)
-    return build_model(cfg, NUM_ITEMS).eval()
+    return build_model_for(cfg, NUM_ITEMS).eval()
 
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])

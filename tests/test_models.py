@@ -16,11 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from malloc.memory.state import SCALAR_BYTES
-from malloc.memory.stats import AttentionObserver
-from malloc.models import Events, ModelConfig, build_model
+from malloc.core.state import SCALAR_BYTES
+from malloc.core.stats import AttentionObserver
+from malloc.core.tokens import Events, TokenBatch
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 from malloc.models.base import MAX_SCORES
-from malloc.tokens import TokenBatch
 
 NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
@@ -35,7 +36,7 @@ def tiny_model(backbone: str, layers: int = 2, candidate: str = "item", ctr_read
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32,
                       candidate=candidate, ctr_readout=ctr_readout, item_prior=item_prior)
-    model = build_model(cfg, NUM_ITEMS).eval()
+    model = build_model_for(cfg, NUM_ITEMS).eval()
     with torch.no_grad():  # non-zero relative biases and priors, so the test covers them
         for name, p in model.named_parameters():
             if name.endswith(("position_bias", "time_bias", "item_bias.weight")):
@@ -173,7 +174,7 @@ def test_append_returns_new_states(backbone):
 def test_nbytes_equals_formula(backbone, dtype):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=3, heads=4, head_dim=4, dropout=0.0, state_dtype=dtype)
-    model = build_model(cfg, NUM_ITEMS).eval()
+    model = build_model_for(cfg, NUM_ITEMS).eval()
     events, _, _ = random_users(6, [17, 2], num_candidates=1)
     states = model.prefill(events)
     b = 4 if dtype == "float32" else 2

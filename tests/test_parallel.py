@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import run_dirs
-from malloc.bench.results import RunDir, read_json
 from malloc.bench.suite import load_suite, plan
 from malloc.bench.sweep import SuiteRunner
 from malloc.cli import main
 from malloc.config import load_config
 from malloc.configio import ConfigError
 from malloc.device import check_device_name, resolve_device
+from malloc.results import RunDir, read_json
 from malloc.runner import run_dir_for
 
 ROOT = Path(__file__).resolve().parents[1]

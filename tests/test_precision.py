@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from malloc.core.state import LayerState
+from malloc.core.tokens import Events
 from malloc.memory.policy import CachePolicy, LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import (
     QuantizedLayer,
@@ -20,12 +22,12 @@ from malloc.memory.quant import (
     quantize_symmetric,
     unpack_bits,
 )
+from malloc.memory.registry import build_model_for
 from malloc.memory.schemes import POLICIES
 from malloc.memory.schemes.precision.int8 import Int8
 from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
-from malloc.memory.state import LayerState
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.serving.server import Server
 
 HEADS, DIM = 4, 16  # the default model's H and d (fp32)
@@ -232,7 +234,7 @@ def test_per_head_positions_are_stored_and_counted():
 def tiny_model(backbone: str):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=128)
-    return build_model(cfg, 40).eval()
+    return build_model_for(cfg, 40).eval()
 
 
 def random_events(gen: torch.Generator, batch: int, t: int, start_time: int) -> Events:
@@ -293,7 +295,7 @@ def test_precision_schemes_quantize_the_mla_latent(policy, tolerance, backbone):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=128,
                       scheme="mla", memory_ratio=0.5)
-    model = build_model(cfg, 40).eval()
+    model = build_model_for(cfg, 40).eval()
     plain_states, plain_scores = serve(model, CachePolicy())
     states, scores = serve(model, policy)
     for state, plain in zip(states, plain_states, strict=True):

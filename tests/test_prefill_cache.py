@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from malloc.memory.registry import build_policy
-from malloc.models import Events, ModelConfig, build_model
+from malloc.core.tokens import Events
+from malloc.memory.registry import build_model_for, build_policy
+from malloc.models import ModelConfig
 from malloc.serving.prefill_cache import PrefillCache, events_digest, prefill_nbytes
 from malloc.serving.server import Server
 
@@ -18,7 +19,7 @@ from malloc.serving.server import Server
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
     cfg = ModelConfig(backbone="hstu", dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64)
-    return build_model(cfg, 30).eval()
+    return build_model_for(cfg, 30).eval()
 
 
 def users(lengths: list[int], seed: int) -> Events:

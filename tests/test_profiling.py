@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from malloc.models import ModelConfig, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 from malloc.profiling import (
     measure_peak_in_subprocess,
     peak_rss_mb,
@@ -25,7 +26,7 @@ TINY_TIMING = {"warmup": 1, "min_repeats": 2, "min_seconds": 0.0, "max_repeats":
 def tiny_model(backbone: str):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=1, heads=4, head_dim=4, dropout=0.0, max_len=32)
-    return build_model(cfg, 50)
+    return build_model_for(cfg, 50)
 
 
 def test_synthetic_events_shapes_and_order():

@@ -15,16 +15,17 @@ from typing import ClassVar
 import pytest
 import torch
 
+from malloc.core.tokens import Events, KVBlock, TokenBatch
 from malloc.memory.policy import CachePolicy, EvictionPolicy, SchemeError, native_token_bytes
+from malloc.memory.registry import build_model_for
 from malloc.memory.schemes import POLICIES
 from malloc.memory.schemes.token_prune.h2o import H2O
 from malloc.memory.schemes.token_prune.random_policy import Random
 from malloc.memory.schemes.token_prune.snapkv import SnapKV
 from malloc.memory.schemes.token_prune.streaming_llm import StreamingLLM
 from malloc.memory.schemes.token_prune.tova import TOVA
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.serving.server import Server
-from malloc.tokens import KVBlock, TokenBatch
 
 NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
@@ -35,7 +36,7 @@ PRUNING = [Random, StreamingLLM, H2O, SnapKV, TOVA]
 def tiny_model(backbone: str):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=HEADS, head_dim=HEAD_DIM, dropout=0.0, max_len=64)
-    model = build_model(cfg, NUM_ITEMS).eval()
+    model = build_model_for(cfg, NUM_ITEMS).eval()
     with torch.no_grad():  # non-zero relative biases, so the weights depend on them
         for name, p in model.named_parameters():
             if name.endswith(("position_bias", "time_bias")):

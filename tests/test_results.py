@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 
-from malloc.bench.results import (
+from malloc.configio import config_hash
+from malloc.results import (
     RunDir,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     read_json,
 )
-from malloc.configio import config_hash
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import run_dirs
-from malloc.bench.results import read_json
 from malloc.cli import main, parse_knobs, parse_ratio
 from malloc.evaluate import average_ranks, ctr_fidelity, pearson, retrieval_fidelity, spearman
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import scheme_names, wrapper_names
 from malloc.memory.schemes import ARCHITECTURES
+from malloc.results import read_json
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 

@@ -26,17 +26,17 @@ import dataclasses
 import pytest
 import torch
 
+from malloc.core.state import LayerState, UserState
+from malloc.core.stats import AttentionObserver
+from malloc.core.tokens import Events, TokenBatch
 from malloc.memory.policy import CachePolicy, EvictionPolicy, LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import QuantizationPolicy, QuantizedLayer
-from malloc.memory.registry import build_policy, scheme_names
+from malloc.memory.registry import build_model_for, build_policy, scheme_names
 from malloc.memory.schemes import POLICIES
-from malloc.memory.state import LayerState, UserState
-from malloc.memory.stats import AttentionObserver
 from malloc.memory.wrappers import Compose, Pyramid
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.server import Server
-from malloc.tokens import TokenBatch
 
 NUM_ITEMS = 40
 HISTORY = [64, 93, 120]
@@ -82,7 +82,7 @@ def tiny_model(backbone: str):
     if backbone not in _MODELS:
         torch.manual_seed(0)
         cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32)
-        model = build_model(cfg, NUM_ITEMS).eval()
+        model = build_model_for(cfg, NUM_ITEMS).eval()
         with torch.no_grad():  # non-zero relative biases, so attention depends on distances
             for name, p in model.named_parameters():
                 if name.endswith(("position_bias", "time_bias")):

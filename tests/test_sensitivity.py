@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import run_dirs
-from malloc.bench.results import read_json
 from malloc.cli import main
 from malloc.config import load_config
 from malloc.configio import ConfigError
@@ -18,6 +17,7 @@ from malloc.data.sequences import DataError
 from malloc.eval.anchors import item_mean_logits, popularity_ranks
 from malloc.eval.metrics import auc, ctr_metrics, retrieval_metrics, target_ranks
 from malloc.evaluate import replay
+from malloc.results import read_json
 from malloc.runner import load_trained, run
 from malloc.sensitivity import (
     Truncation,

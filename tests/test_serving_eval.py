@@ -11,7 +11,8 @@ from malloc.data.batching import CTRWindowRows, ctr_training_batch, history_toke
 from malloc.data.sequences import CTRRows, Dataset, build_sequences
 from malloc.data.tasks import CTRView, RetrievalView, Window, ctr_rows, windows
 from malloc.eval.metrics import target_ranks
-from malloc.models import ModelConfig, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import ModelConfig
 from malloc.serving.replay import replay_ctr, replay_retrieval
 from malloc.serving.server import Server
 
@@ -31,7 +32,7 @@ def tiny_data(seed: int = 0, users: int = 7, items: int = 30):
 def tiny_model(backbone: str, num_items: int):
     torch.manual_seed(1)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=MAX_LEN)
-    return build_model(cfg, num_items).eval()
+    return build_model_for(cfg, num_items).eval()
 
 
 @pytest.mark.parametrize("protocol", ["blind", "feedback"])
@@ -182,7 +183,7 @@ def test_forward_metrics_equal_the_serving_replay(task, backbone, scheme, protoc
                             scheme=scheme, memory_ratio=0.5 if scheme != "native" else 1.0)
     cfg = RunConfig(task=task, model=model_cfg)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocol=protocol, user_batch=4))
-    model = build_model(model_cfg, seqs.num_items).eval()
+    model = build_model_for(model_cfg, seqs.num_items).eval()
     for split in ("valid", "test"):
         fast, served = forward_metrics(cfg, model, view, split), replay(cfg, model, view, split).metrics
         for key, value in fast.items():

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from malloc.memory.registry import WRAPPERS, build_policy
+from malloc.core.state import SCALAR_BYTES, UserState
+from malloc.core.tokens import Events
+from malloc.memory.registry import WRAPPERS, build_model_for, build_policy
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
-from malloc.memory.state import SCALAR_BYTES, UserState
-from malloc.models import Events, build_model
 from malloc.models.base import SequentialRecommender
 from malloc.serving.server import Server
 from test_architecture_matrix import CASES as ARCHITECTURE_CASES
@@ -95,7 +95,7 @@ def test_trained_in_states_own_their_memory(scheme, backbone):
 
 
 PLAIN_KV = [name for name in ARCHITECTURES
-            if build_model(tiny_config(name, ARCHITECTURES[name].backbones[0]), NUM_ITEMS).layers[0].plain_kv]
+            if build_model_for(tiny_config(name, ARCHITECTURES[name].backbones[0]), NUM_ITEMS).layers[0].plain_kv]
 PRECISION = [name for name, cls in POLICIES.items() if cls.granularity == "precision"]
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from malloc.bench.results import read_json
 from malloc.bench.suite import SuiteSpec, VariantSpec, _trained_groups, load_suite, plan, settings
 from malloc.cli import main
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, from_dict
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
+from malloc.results import read_json
 from smoke_suite import FAIL_AT, INTERRUPT_AT, smoke_run
 
 SUITES = Path(__file__).resolve().parents[1] / "configs" / "suites"

@@ -11,9 +11,9 @@ import torch
 from conftest import run_dirs
 from malloc.cli import main
 from malloc.memory.policy import SchemeError
-from malloc.memory.registry import build_policy
+from malloc.memory.registry import build_model_for, build_policy
 from malloc.memory.schemes import ARCHITECTURES
-from malloc.models import ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.profiling.latency import synthetic_events
 from malloc.serving.server import Server
 
@@ -62,7 +62,7 @@ def test_cache_policies_compose_with_head_schemes(scheme, policy, knobs, backbon
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64,
                       scheme=scheme, memory_ratio=0.5)
-    model = build_model(cfg, 40)
+    model = build_model_for(cfg, 40)
     events = synthetic_events(2, 140, 40, seed=0)
     plain = Server(model).write(events.slice(0, 120))
     server = Server(model, build_policy(policy, 0.25, **knobs))
@@ -79,10 +79,10 @@ def test_cache_policies_compose_with_head_schemes(scheme, policy, knobs, backbon
 
 def test_policies_refuse_schemes_with_a_state_of_their_own():
     own = [name for name, cls in ARCHITECTURES.items()
-           if not build_model(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5),
+           if not build_model_for(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5),
                               10).layers[0].plain_kv]
     for name in own:
-        model = build_model(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5), 10)
+        model = build_model_for(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5), 10)
         with pytest.raises(SchemeError, match="state of its own"):
             Server(model, build_policy("h2o", 0.25))
 
@@ -93,7 +93,7 @@ def test_the_server_keeps_each_schemes_own_state_rule(scheme):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32, scheme=scheme,
                       memory_ratio=1.0 if scheme == "native" else 0.25)
-    model = build_model(cfg, 40).eval()
+    model = build_model_for(cfg, 40).eval()
     events = synthetic_events(2, 90, 40, seed=0)
     server = Server(model)
     served, direct = server.write(events.slice(0, 60)), model.prefill(events.slice(0, 60))
@@ -111,7 +111,7 @@ def test_n_kept_switch_rescales_stored_events_of_head_schemes(scheme):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64, scheme=scheme,
                       memory_ratio=0.5)
-    model = build_model(cfg, 40)
+    model = build_model_for(cfg, 40)
     events = synthetic_events(2, 80, 40, seed=0)
     items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
     scores = []

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 
+from malloc.core.state import LayerState
+from malloc.core.tokens import Events
 from malloc.memory.policy import LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import QuantizedLayer
-from malloc.memory.registry import WRAPPER, build_policy, describe, scheme_names, wrapper_names
+from malloc.memory.registry import WRAPPER, build_model_for, build_policy, describe, scheme_names, wrapper_names
 from malloc.memory.schemes import ARCHITECTURES
-from malloc.memory.state import LayerState
 from malloc.memory.wrappers import Compose, Pyramid, dense_layer, pyramid_ratios
-from malloc.models import Events, ModelConfig, build_model
+from malloc.models import ModelConfig
 from malloc.serving.server import Server
 
 
@@ -72,7 +73,7 @@ def test_pyramid_passes_the_inner_knobs_and_observation_needs():
 
 def test_pyramid_layers_store_fewer_events_with_depth_on_a_model():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dim=16, layers=3, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
+    model = build_model_for(ModelConfig(dim=16, layers=3, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
     g = torch.Generator().manual_seed(0)
     n = 90
     events = Events(torch.randint(1, 31, (2, n), generator=g), torch.randint(0, 3, (2, n), generator=g),
@@ -116,7 +117,7 @@ def test_compose_fits_the_byte_budget_with_a_residual_quantizer(bits):
 def test_compose_stores_per_head_selections_and_keeps_the_budget_on_append():
     policy = build_policy("compose", 0.2, evict="snapkv", quant="int8")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
+    model = build_model_for(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
     g = torch.Generator().manual_seed(1)
     n = 80
     events = Events(torch.randint(1, 31, (1, n), generator=g), torch.randint(0, 3, (1, n), generator=g),
@@ -138,7 +139,7 @@ def test_compose_serves_a_cold_user_next_to_users_with_events():
     what a write of the same events stores."""
     policy = build_policy("compose", 0.25, evict="snapkv", quant="kivi")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
+    model = build_model_for(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32), 30).eval()
     g = torch.Generator().manual_seed(1)
     n = 80
     events = Events(torch.randint(1, 31, (3, n), generator=g), torch.randint(0, 3, (3, n), generator=g),

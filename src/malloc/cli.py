@@ -120,10 +120,10 @@ def _scheme_identity(result: dict) -> dict:
 
 def cmd_eval_scheme(args: argparse.Namespace) -> int:
     """``malloc eval --scheme NAME --memory-ratio R [--knob k=v ...]``: a scheme against Native, to JSON."""
-    from malloc.bench.results import atomic_write_json, check_writable, read_json_object
     from malloc.configio import to_dict
     from malloc.evaluate import evaluate_scheme, scheme_result_path
     from malloc.memory.registry import build_policy
+    from malloc.results import atomic_write_json, check_writable, read_json_object
     from malloc.runner import load_trained, run_dir_for
 
     ratio = parse_ratio(args.memory_ratio) if args.memory_ratio is not None else 1.0
@@ -151,7 +151,7 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
 def _is_scheme_result(result: dict) -> bool:
     """Whether a stored scheme result has what :func:`_print_scheme` reads, with numbers in range (else it is
     recomputed)."""
-    from malloc.bench.results import metrics_problem
+    from malloc.results import metrics_problem
 
     shaped = (isinstance(result.get("meters"), dict) and isinstance(result.get("metrics"), dict)
               and isinstance(result.get("fidelity"), dict) and isinstance(result.get("native"), dict)
@@ -200,9 +200,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from malloc.bench.results import atomic_write_json, check_writable
     from malloc.evaluate import evaluate
     from malloc.memory.policy import SchemeError
+    from malloc.results import atomic_write_json, check_writable
     from malloc.runner import load_trained
 
     if args.scheme is not None:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from malloc.bench.results import atomic_file
 from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.batching import ctr_batch, history_tokens
@@ -25,7 +24,8 @@ from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics, ta
 from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
-from malloc.profiling.macs import recompute_macs, request_macs
+from malloc.models.macs import recompute_macs, request_macs
+from malloc.results import atomic_file
 from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
 from malloc.serving.server import Server

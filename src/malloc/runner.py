@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from malloc import __version__
-from malloc.bench.results import RunDir, cached_json, check_writable, load_checkpoint
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from malloc.data.fingerprint import data_digest
@@ -31,7 +30,9 @@ from malloc.device import device_name, resolve_device
 from malloc.errors import CheckpointError, ResultsError
 from malloc.eval.anchors import ANCHORS_VERSION, anchor_metrics
 from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
-from malloc.models import SequentialRecommender, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import SequentialRecommender
+from malloc.results import RunDir, cached_json, check_writable, load_checkpoint
 from malloc.train import train
 
 log = logging.getLogger("malloc.run")
@@ -239,10 +240,10 @@ def load_model(cfg: RunConfig, num_items: int, checkpoint: Path) -> SequentialRe
     """A ``cfg.model`` with the weights saved at ``checkpoint``, on ``cfg.device``, in eval mode.
 
     Raises:
-        CheckpointError: the file is refused or unreadable (:func:`~malloc.bench.results.load_checkpoint`), or its
+        CheckpointError: the file is refused or unreadable (:func:`~malloc.results.load_checkpoint`), or its
             weights do not fit the configured model.
     """
-    model = build_model(cfg.model, num_items)
+    model = build_model_for(cfg.model, num_items)
     weights = load_checkpoint(checkpoint)
     try:
         model.load_state_dict(weights)

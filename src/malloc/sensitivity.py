@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from malloc.bench.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
 from malloc.data.tasks import CTRView
 from malloc.eval.anchors import ANCHORS_VERSION, ctr_anchor_logits, retrieval_anchor_ranks
 from malloc.eval.metrics import _grouped_auc, sigmoid
+from malloc.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 
 log = logging.getLogger("malloc.sensitivity")
 

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from malloc.bench.results import atomic_torch_save, load_checkpoint
 from malloc.config import RunConfig
 from malloc.configio import ConfigError
 from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batch, retrieval_training_batch
@@ -32,7 +31,9 @@ from malloc.device import resolve_device
 from malloc.errors import CheckpointError, TrainingError
 from malloc.eval.anchors import base_log_odds, item_log_odds
 from malloc.evaluate import forward_metrics
-from malloc.models import SequentialRecommender, build_model
+from malloc.memory.registry import build_model_for
+from malloc.models import SequentialRecommender
+from malloc.results import atomic_torch_save, load_checkpoint
 
 log = logging.getLogger("malloc.train")
 
@@ -164,7 +165,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     """Train ``cfg.model`` on ``view``; checkpoints go to ``run_dir`` (``best.pt``, ``last.pt``).
 
     Args:
-        make_model: builds the model to train instead of ``build_model(cfg.model)`` (an ablation a benchmark
+        make_model: builds the model to train instead of ``build_model_for(cfg.model)`` (an ablation a benchmark
             defines, e.g. benchmarks/beacon_learning.py); called where ``build_model`` would be, after seeding.
     Returns the model loaded with its best epoch's weights.
     """
@@ -173,7 +174,7 @@ def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_pro
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     seqs = view.sequences
-    model = build_model(cfg.model, seqs.num_items) if make_model is None else make_model()
+    model = build_model_for(cfg.model, seqs.num_items) if make_model is None else make_model()
     if isinstance(view, CTRView) and model.item_bias is not None:
         model.set_item_prior(torch.as_tensor(item_log_odds(view), dtype=torch.float32), base_log_odds(view))
     model = model.to(device)

@@ -8,7 +8,7 @@ layer, are left out of the formulas but counted in every measurement). *Per requ
 appending ``t`` events and scoring ``c`` candidates: projections ``(t + c) d^2`` per layer (up to a backbone
 constant: HSTU 5, SASRec 4 + 2 ffn_mult) plus attention, 2 per (query, key, channel). The formulas come from
 METHODS.md section 6 and the scheme cards; the measured bytes and the analytic MACs of each run are in its
-results (``malloc.profiling.macs``). A scheme registered without an entry here fails ``tests/test_report.py``.
+results (``malloc.models.macs``). A scheme registered without an entry here fails ``tests/test_report.py``.
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from typing import Any
 
 from malloc.bench.complexity import complexity_rows
 from malloc.bench.pareto import pareto_front
-from malloc.bench.results import atomic_file, atomic_write_text, check_writable
 from malloc.bench.stats import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.bench.sweep import read_suite
 from malloc.errors import ResultsError
+from malloc.results import atomic_file, atomic_write_text, check_writable
 
 METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
 PRIMARY = {"ctr": "gauc", "retrieval": "ndcg@10"}

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from malloc.bench.meters import request_latency_served
-from malloc.bench.results import atomic_write_json, check_writable, read_json, read_json_object
 from malloc.bench.suite import Item, Setting, SuiteSpec, plan, select_items
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
@@ -61,6 +60,7 @@ from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture, build_policy
 from malloc.models import SequentialRecommender
 from malloc.profiling.latency import request_latency
+from malloc.results import atomic_write_json, check_writable, read_json, read_json_object
 from malloc.runner import build_view, load_model, run, run_dir_for
 from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.server import Server
@@ -172,7 +172,7 @@ class SuiteRunner:
         shard: ``(i, n)``: run only the items whose plan index is ``i`` modulo ``n``. ``n`` processes with
             ``i = 0..n-1`` sharing the results folder run the whole suite between them (on one machine's cores and
             GPU, or on the nodes of a cluster with a shared file system); a training run several of them need is
-            trained once under its lock (:meth:`~malloc.bench.results.RunDir.lock`) while the others wait.
+            trained once under its lock (:meth:`~malloc.results.RunDir.lock`) while the others wait.
         only: item-id globs (:func:`~malloc.bench.suite.select_items`): run only the matching items of the shard,
             in the order of the patterns (``["*-r0.25", "*"]``: every ratio-1/4 item first, then the rest).
     """

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from malloc.core.tokens import ACTION_UNKNOWN, Events, TokenBatch, label_to_action
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.data.tasks import Window
-from malloc.models.base import Events
-from malloc.tokens import ACTION_UNKNOWN, TokenBatch, label_to_action
 
 
 def pad(arrays: list[np.ndarray], fill: int = 0) -> torch.Tensor:

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from malloc.core.tokens import TokenBatch
 from malloc.memory.policy import SchemeError
+from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
-from malloc.profiling import macs
-from malloc.tokens import TokenBatch
 
 TRAINED_IN = "trained-in"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -23,9 +23,9 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState, StoredLayer
+from malloc.core.stats import LayerStats
 from malloc.errors import MallocError
-from malloc.memory.state import LayerState, StoredLayer
-from malloc.memory.stats import LayerStats
 
 
 class SchemeError(MallocError, ValueError):

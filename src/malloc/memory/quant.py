@@ -34,9 +34,9 @@ from typing import ClassVar, Literal
 
 import torch
 
+from malloc.core.state import LayerState, LayerView, StoredLayer, tensor_nbytes
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import CachePolicy, LayerContext, SchemeError, native_token_bytes
-from malloc.memory.state import LayerState, LayerView, StoredLayer, tensor_nbytes
-from malloc.memory.stats import LayerStats
 
 SCALE_DTYPE = torch.float16
 SCALE_BYTES = 2

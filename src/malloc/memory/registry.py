@@ -21,6 +21,7 @@ from malloc.memory.architecture import TRAINED_IN, ArchitectureScheme
 from malloc.memory.policy import CachePolicy, SchemeError
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
 from malloc.memory.wrappers import Compose, Pyramid
+from malloc.models import SequentialRecommender, build_model
 from malloc.models.config import ModelConfig
 
 TRAINING_FREE = "training-free"
@@ -185,3 +186,12 @@ def describe() -> list[SchemeInfo]:
                         summary=cls.summary)
              for name, (cls, _, defaults) in WRAPPERS.items()]
     return rows
+
+
+def build_model_for(cfg: ModelConfig, num_items: int) -> SequentialRecommender:
+    """The model ``cfg`` describes, its trained-in scheme (``cfg.scheme``, knobs checked) built first.
+
+    Raises:
+        SchemeError: as :func:`build_architecture`.
+    """
+    return build_model(cfg, num_items, build_architecture(cfg))

@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState, StoredLayer
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import CachePolicy, EvictionPolicy, LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import QuantizationPolicy
-from malloc.memory.state import LayerState, StoredLayer
-from malloc.memory.stats import LayerStats
 
 
 def pyramid_ratios(memory_ratio: float, num_layers: int, beta: float = 20.0) -> list[float]:

@@ -15,17 +15,17 @@ With no compression, prefill + append + score equals :meth:`forward` over the sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc.memory.state import LayerState, StoredLayer, UserState, collate_layers
-from malloc.memory.stats import AttentionObserver, ObservedRows
+from malloc.core.state import LayerState, StoredLayer, UserState, collate_layers
+from malloc.core.stats import AttentionObserver, ObservedRows
+from malloc.core.tokens import NUM_ACTIONS, Events, KVBlock, TokenBatch, concat_keys
 from malloc.models.config import ModelConfig
-from malloc.tokens import ACTION_UNKNOWN, NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 
 # merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
 Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
@@ -39,43 +39,6 @@ CANDIDATE_CHUNK = 64
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 L2_EPS = 1e-6
-
-
-@dataclass
-class Events:
-    """New events for a batch of users, padded.
-
-    Attributes:
-        items: ``(B, t)`` int64, 0 for padding.
-        actions: ``(B, t)`` int64 action ids.
-        timestamps: ``(B, t)`` int64.
-        lengths: ``(B,)`` int64 number of real events per user (events are left-aligned).
-    """
-
-    items: torch.Tensor
-    actions: torch.Tensor
-    timestamps: torch.Tensor
-    lengths: torch.Tensor
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return torch.arange(self.items.shape[1], device=self.items.device)[None, :] < self.lengths[:, None]
-
-    def to(self, device: torch.device) -> Events:
-        return Events(self.items.to(device), self.actions.to(device), self.timestamps.to(device),
-                      self.lengths.to(device))
-
-    def slice(self, start: int, stop: int) -> Events:
-        return Events(self.items[:, start:stop], self.actions[:, start:stop], self.timestamps[:, start:stop],
-                      (self.lengths - start).clamp(0, stop - start))
-
-    def take(self, rows: torch.Tensor) -> Events:
-        """The events of users ``rows`` ``(b,)`` only."""
-        return Events(self.items[rows], self.actions[rows], self.timestamps[rows], self.lengths[rows])
-
-    def without_labels(self) -> Events:
-        """The same events carrying the "unknown" action (the label not yet observed)."""
-        return Events(self.items, torch.full_like(self.actions, ACTION_UNKNOWN), self.timestamps, self.lengths)
 
 
 class AttentionLayer(nn.Module):

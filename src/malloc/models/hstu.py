@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 from malloc.models.base import AttentionLayer, SequentialRecommender
 from malloc.models.config import ModelConfig
-from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 
 # the bias of a masked (query, key) pair in the fused kernel: SiLU(-1e4 + s) is exactly 0 for any attainable score s
 MASKED = -1.0e4

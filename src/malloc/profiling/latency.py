@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from malloc.models.base import Events, SequentialRecommender
-from malloc.tokens import NUM_ACTIONS, TokenBatch
+from malloc.core.tokens import NUM_ACTIONS, Events, TokenBatch
+from malloc.models.base import SequentialRecommender
 
 
 def synthetic_events(batch: int, length: int, num_items: int, seed: int) -> Events:

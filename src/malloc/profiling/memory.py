@@ -98,13 +98,14 @@ def training_workload(backbone: str, steps: int = 5, batch_size: int = 32, max_l
     """
     import torch
 
-    from malloc.models import ModelConfig, build_model
+    from malloc.memory.registry import build_model_for
+    from malloc.models import ModelConfig
     from malloc.profiling.latency import synthetic_training_batch, training_step
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(backbone=backbone, max_len=max_len), num_items)  # type: ignore[arg-type]
+    model = build_model_for(ModelConfig(backbone=backbone, max_len=max_len), num_items)  # type: ignore[arg-type]
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(steps):
         training_step(model, optimiser, synthetic_training_batch(batch_size, max_len, num_items, seed + step))
@@ -124,13 +125,14 @@ def serving_workload(backbone: str, users: int = 256, history: int = 512, candid
     """
     import torch
 
-    from malloc.models import ModelConfig, build_model
+    from malloc.memory.registry import build_model_for
+    from malloc.models import ModelConfig
     from malloc.profiling.latency import synthetic_events
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(backbone=backbone), num_items).eval()  # type: ignore[arg-type]
+    model = build_model_for(ModelConfig(backbone=backbone), num_items).eval()  # type: ignore[arg-type]
     states = []
     with torch.no_grad():
         for start in range(0, users, user_batch):

@@ -22,9 +22,10 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 
-from malloc.memory.state import UserState
-from malloc.memory.stats import AttentionObserver
-from malloc.models.base import Events, SequentialRecommender
+from malloc.core.state import UserState
+from malloc.core.stats import AttentionObserver
+from malloc.core.tokens import Events
+from malloc.models.base import SequentialRecommender
 
 Prefill = tuple[list[UserState], AttentionObserver | None]
 

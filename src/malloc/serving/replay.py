@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from malloc.core.state import UserState
 from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
-from malloc.memory.state import UserState
 from malloc.profiling.latency import synchronize
 from malloc.serving.server import Server
 

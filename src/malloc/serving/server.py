@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from malloc.core.state import LayerState, StoredLayer, UserState
+from malloc.core.stats import AttentionObserver
+from malloc.core.tokens import Events
 from malloc.memory.policy import CachePolicy, LayerContext, SchemeError
-from malloc.memory.state import LayerState, StoredLayer, UserState
-from malloc.memory.stats import AttentionObserver
-from malloc.models.base import Events, SequentialRecommender
+from malloc.models.base import SequentialRecommender
 from malloc.serving.prefill_cache import Prefill, PrefillCache
 
 

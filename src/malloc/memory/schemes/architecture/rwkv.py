@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.state import LayerView, StoredLayer, tensor_nbytes
+from malloc.core.tokens import TokenBatch
 from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
-from malloc.memory.state import LayerView, StoredLayer, tensor_nbytes
+from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
-from malloc.profiling import macs
-from malloc.tokens import TokenBatch
 
 # the empty state's max exponent (RWKV-LM's -1e30): finite, so that e^(empty - x) = 0 without inf - inf
 EMPTY_EXPONENT = -1e30

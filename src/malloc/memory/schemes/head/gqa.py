@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.architecture import ArchitectureScheme, check_divides
+from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
-from malloc.profiling import macs
 
 
 def largest_divisor_at_most(whole: int, limit: float) -> int:

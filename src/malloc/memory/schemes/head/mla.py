@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.state import LayerState, StoredLayer, collate_layers
+from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
 from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.policy import SchemeError
-from malloc.memory.state import LayerState, StoredLayer, collate_layers
+from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer, hstu_attention, stored_scale
 from malloc.models.sasrec import SASRecLayer, softmax_attention
-from malloc.profiling import macs
-from malloc.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
 
 
 class LatentState:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from malloc.core.state import LayerState
 from malloc.memory.policy import LayerContext, SchemeError
 from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
-from malloc.memory.state import LayerState
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,14 @@
 
 Each layer learns ``E, F`` of shape ``(k, P)`` (``P = max_len`` columns, shared by the heads; one pair per layer)
 that project keys and values onto ``k`` virtual rows. Column ``c`` belongs to the event at absolute position
-``c`` counted from the start of the history (positions never change on append, ``malloc.tokens``); events at
+``c`` counted from the start of the history (positions never change on append, ``malloc.core.tokens``); events at
 positions ``>= P`` use column ``P - 1``, the same clamping SASRec applies to its position table. So the projections
 are sums over events and appending event ``j`` adds the rank-1 terms ``E[:, pos_j] k_j^T`` and ``F[:, pos_j] v_j^T``:
 the state stays exact however long the history (no truncation to the last ``P`` events).
 
 Serving rule (the same in the training forward; exact under caching). A query at position ``p`` reads the
 projections of the history events before ``p`` (for an appended event or a candidate: every stored event)
-plus its own key and value (the mask rule of ``malloc.tokens``: every token sees itself):
+plus its own key and value (the mask rule of ``malloc.core.tokens``: every token sees itself):
 
 - ``K~_p = sum_{j: pos_j < p} E[:, pos_j] k_j^T`` ``(k, d_k)``; ``V~_p = sum_{j: pos_j < p} F[:, pos_j] v_j^T``
   ``(k, d_v)``; per head;
@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.state import LayerView, StoredLayer, tensor_nbytes
+from malloc.core.tokens import TokenBatch, split_heads
 from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
 from malloc.memory.policy import SchemeError
-from malloc.memory.state import LayerView, StoredLayer, tensor_nbytes
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
-from malloc.tokens import TokenBatch, split_heads
 
 
 @dataclass(frozen=True)

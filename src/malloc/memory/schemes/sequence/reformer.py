@@ -3,7 +3,7 @@
 Trained with the scheme. Shared QK: each head's key is its L2-normalised query, ``k_j = q_j / ||q_j||`` (the
 paper; queries stay unnormalised), so the layer has no key projection. Hashing by random rotations: with fixed
 rotations ``R (d_k, b/2)`` per layer, head and round, ``h(x) = argmax([x R; -x R])`` in ``b`` buckets; a query
-attends to the keys it may see under the mask rule of ``malloc.tokens`` that share its bucket in at least one of
+attends to the keys it may see under the mask rule of ``malloc.core.tokens`` that share its bucket in at least one of
 the ``n_hashes`` rounds, plus itself. HSTU: ``a_ij = SiLU(alpha q_i . k_j + rab_ij) / N`` on that set and 0
 elsewhere (out-of-bucket events contribute nothing); SASRec: softmax over that set.
 
@@ -45,14 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.tokens import KVBlock, TokenBatch, split_heads
 from malloc.memory.architecture import ArchitectureScheme
 from malloc.memory.policy import SchemeError
+from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
-from malloc.profiling import macs
-from malloc.tokens import KVBlock, TokenBatch, split_heads
 
 MAX_HASHES, MAX_BUCKETS = 64, 1024  # the paper uses 1-8 rounds; far above, hashing alone exhausts memory
 

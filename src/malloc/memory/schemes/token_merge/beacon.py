@@ -53,14 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.state import LayerState, StoredLayer
+from malloc.core.tokens import ACTION_UNKNOWN, KVBlock, TokenBatch, split_heads
 from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
 from malloc.memory.policy import SchemeError
-from malloc.memory.state import LayerState, StoredLayer
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
-from malloc.tokens import ACTION_UNKNOWN, KVBlock, TokenBatch, split_heads
 
 PLACEMENTS = ("end", "spread")
 

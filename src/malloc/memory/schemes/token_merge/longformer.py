@@ -2,7 +2,7 @@
 
 Trained with the scheme. Serving rule (exact under caching, and the same mask in training): the ``g`` globals are
 the user's first ``g`` events (positions ``0 .. g-1``), visible to every later token; a query at position ``p``
-sees the keys at positions ``[p - w, p)`` and ``< g``, plus itself (the mask rule of ``malloc.tokens``), in every
+sees the keys at positions ``[p - w, p)`` and ``< g``, plus itself (the mask rule of ``malloc.core.tokens``), in every
 layer. Candidates, placed at ``p = n``, read the same set. Since no later query can see an event that has left the
 window, the stored state after each append is exactly the globals plus the last ``w`` events, and prefill +
 appends + score equal the full forward.
@@ -32,14 +32,14 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState, StoredLayer
+from malloc.core.tokens import KVBlock, TokenBatch, visibility
 from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
 from malloc.memory.policy import SchemeError
-from malloc.memory.state import LayerState, StoredLayer
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer
-from malloc.tokens import KVBlock, TokenBatch, visibility
 
 
 def window_mask(tokens: TokenBatch, cache: KVBlock | None, window: int, num_globals: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def window_mask(tokens: TokenBatch, cache: KVBlock | None, window: int, num_glob
         cache: the cached block (``n`` keys, metadata ``(B, 1 or H, n)``), or None.
     Returns:
         ``(B, 1 or H, T, n + T)`` bool: key position at least ``p - window`` or below ``num_globals``, for a query
-        at position ``p``; :func:`malloc.tokens.visibility` adds the causal part (``< p``, or the query itself).
+        at position ``p``; :func:`malloc.core.tokens.visibility` adds the causal part (``< p``, or the query itself).
     """
     key_pos = tokens.positions[:, None]  # (B, 1, T)
     if cache is not None:

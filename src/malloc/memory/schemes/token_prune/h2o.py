@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState, StoredLayer
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError, at_stored, contribution
-from malloc.memory.state import LayerState, StoredLayer
-from malloc.memory.stats import LayerStats
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError
-from malloc.memory.state import LayerState
-from malloc.memory.stats import LayerStats
 
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64 increment
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64 finaliser multipliers

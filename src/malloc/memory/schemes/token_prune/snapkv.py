@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from malloc.core.state import LayerState
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError, contribution
-from malloc.memory.state import LayerState
-from malloc.memory.stats import LayerStats
 
 
 @dataclass(frozen=True)

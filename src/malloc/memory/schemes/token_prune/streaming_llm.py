@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
+from malloc.core.state import LayerState
+from malloc.core.stats import LayerStats
 from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError
-from malloc.memory.state import LayerState
-from malloc.memory.stats import LayerStats
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from malloc.tokens import KVBlock, TokenBatch
+from malloc.core.tokens import KVBlock, TokenBatch
 
 
 @dataclass(frozen=True)

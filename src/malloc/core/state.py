@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from malloc.tokens import KVBlock
+from malloc.core.tokens import KVBlock
 
 # Bytes of the scalar bookkeeping kept per user: next position (int64) and last timestamp (int64).
 SCALAR_BYTES = 16

@@ -156,3 +156,40 @@ def group_mean(weights: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == heads:
         return weights
     return weights.view(batch, groups, heads // groups, length, keys).mean(dim=2)
+
+
+@dataclass
+class Events:
+    """New events for a batch of users, padded.
+
+    Attributes:
+        items: ``(B, t)`` int64, 0 for padding.
+        actions: ``(B, t)`` int64 action ids.
+        timestamps: ``(B, t)`` int64.
+        lengths: ``(B,)`` int64 number of real events per user (events are left-aligned).
+    """
+
+    items: torch.Tensor
+    actions: torch.Tensor
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return torch.arange(self.items.shape[1], device=self.items.device)[None, :] < self.lengths[:, None]
+
+    def to(self, device: torch.device) -> Events:
+        return Events(self.items.to(device), self.actions.to(device), self.timestamps.to(device),
+                      self.lengths.to(device))
+
+    def slice(self, start: int, stop: int) -> Events:
+        return Events(self.items[:, start:stop], self.actions[:, start:stop], self.timestamps[:, start:stop],
+                      (self.lengths - start).clamp(0, stop - start))
+
+    def take(self, rows: torch.Tensor) -> Events:
+        """The events of users ``rows`` ``(b,)`` only."""
+        return Events(self.items[rows], self.actions[rows], self.timestamps[rows], self.lengths[rows])
+
+    def without_labels(self) -> Events:
+        """The same events carrying the "unknown" action (the label not yet observed)."""
+        return Events(self.items, torch.full_like(self.actions, ACTION_UNKNOWN), self.timestamps, self.lengths)
