@@ -28,12 +28,8 @@ from _common import int_list
 from malloc.core.tokens import Events
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
-
-try:
-    from malloc.models.base import MAX_SCORES
-except ImportError:  # a source from before grouped writes (PYTHONPATH=<old checkout>/src), timed as it was
-    MAX_SCORES = None
 from malloc.profiling.latency import synchronize, synthetic_events
+from malloc.serving.engine import MAX_SCORES, Engine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,10 +59,11 @@ def log_uniform_lengths(users: int, low: int, high: int, seed: int) -> list[int]
                   reverse=True)
 
 
-def timed_write(model, events: Events, chunk: int, max_scores: int | None) -> float:
+def timed_write(model, events: Events, chunk: int, max_scores: int) -> float:
+    engine = Engine(model, prefill_chunk=chunk, max_scores=max_scores)
     synchronize()
     tic = time.perf_counter()
-    model.prefill(events, chunk_size=chunk, **({} if MAX_SCORES is None else {"max_scores": max_scores}))
+    engine.prefill(events)
     synchronize()
     return time.perf_counter() - tic
 
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = [] if MAX_SCORES is None else args.max_scores or [MAX_SCORES]
+    budgets = args.max_scores or [MAX_SCORES]
     cfg = ModelConfig(backbone=args.backbone, dim=64, layers=2, heads=4, head_dim=16, dropout=0.0,
                       max_len=args.max_len)
     torch.manual_seed(args.seed)

@@ -4,7 +4,7 @@ A scheme's ratio knob is set once for a model (``max_len``), but what it stores 
 history is: RWKV's state is a constant, Linformer stores ``k`` projected rows whatever the length, Longformer a
 window plus globals, Beacon one beacon per ``alpha`` events plus the open chunk, and the training-free policies
 their own budget rule. This script writes one user's history of each length through the serving path
-(:class:`~malloc.serving.server.Server`: prefill, then the policy's compression) and measures the stored
+(:class:`~malloc.serving.engine.Engine`: prefill, then the policy's compression) and measures the stored
 layers' bytes (``nbytes()`` of real tensors, the bookkeeping of positions and timestamps included, the last hidden
 state left out: what the suites' ``memory_ratio`` divides) against Native's for the same events. For a trained-in
 scheme it also checks the bytes against its analytic formula (``state_bytes``).
@@ -34,8 +34,8 @@ from malloc.memory.registry import build_architecture, build_model_for, build_po
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import BACKBONES
 from malloc.profiling.latency import synthetic_events
+from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache
-from malloc.serving.server import Server
 
 NUM_ITEMS = 1000
 
@@ -71,10 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def layer_bytes(server: Server, events) -> tuple[int, float]:
+def layer_bytes(engine: Engine, events) -> tuple[int, float]:
     """Bytes of the stored layers of one user after writing ``events`` ``(1, n)``, and the stored tokens per
     layer (mean over layers)."""
-    (state,) = server.write(events)
+    (state,) = engine.write(events)
     return (sum(layer.nbytes() for layer in state.layers),
             sum(layer.num_tokens for layer in state.layers) / len(state.layers))
 
@@ -87,7 +87,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     native_model = build_model_for(base, NUM_ITEMS)
     cache = PrefillCache(native_model)  # the policies share Native's uncompressed writes
-    native = {n: layer_bytes(Server(native_model, prefill_chunk=args.prefill_chunk, prefill_cache=cache), events)
+    native = {n: layer_bytes(Engine(native_model, prefill_chunk=args.prefill_chunk, prefill_cache=cache), events)
               for n, events in histories.items()}
     rows = []
     for scheme in args.schemes:
@@ -99,14 +99,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     cfg = replace(base, scheme=scheme, memory_ratio=ratio)
                     arch = build_architecture(cfg)
                     torch.manual_seed(args.seed)
-                    server = Server(build_model_for(cfg, NUM_ITEMS), prefill_chunk=args.prefill_chunk)
+                    engine = Engine(build_model_for(cfg, NUM_ITEMS), prefill_chunk=args.prefill_chunk)
                     knobs = arch.knob_values(cfg)
                 else:
                     policy = build_policy(scheme, ratio)
-                    server = Server(native_model, policy, prefill_chunk=args.prefill_chunk, prefill_cache=cache)
+                    engine = Engine(native_model, policy, prefill_chunk=args.prefill_chunk, prefill_cache=cache)
                     knobs = {"policy": repr(policy)}
                 for n, events in histories.items():
-                    nbytes, tokens = layer_bytes(server, events)
+                    nbytes, tokens = layer_bytes(engine, events)
                     row = {**point, "knobs": knobs, "history_len": n, "layer_bytes": nbytes,
                            "native_layer_bytes": native[n][0], "memory_ratio": nbytes / native[n][0],
                            "stored_tokens": tokens}

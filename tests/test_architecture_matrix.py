@@ -14,9 +14,9 @@ from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture, build_model_for
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import ModelConfig
-from malloc.models.base import MAX_SCORES
 from malloc.models.macs import count_flops, request_macs
 from malloc.profiling.latency import synthetic_events
+from malloc.serving.engine import MAX_SCORES, Engine
 
 NUM_ITEMS = 40
 RATIOS = (0.5, 0.25)
@@ -92,14 +92,14 @@ def test_own_prefill_append_score_equals_own_full_forward(scheme, backbone, rati
     cand_times = torch.full((batch, 5), 2_000_000_000)
     with torch.no_grad():
         full = model(full_tokens(events, cand_items, cand_positions, cand_times))
-    states = model.prefill(events.slice(0, 17), chunk_size=7)
+    states = Engine(model, prefill_chunk=7).prefill(events.slice(0, 17))
     for start, stop in ((17, 18), (18, 30), (30, 50)):  # the middle append one user at a time (max_scores=1)
-        states = model.append(states, events.slice(start, stop), chunk_size=5,
-                              max_scores=1 if start == 18 else MAX_SCORES)
+        engine = Engine(model, prefill_chunk=5, max_scores=1 if start == 18 else MAX_SCORES)
+        states = engine.append(states, events.slice(start, stop))
     last = torch.stack([s.last_hidden for s in states])
     assert torch.allclose(last, full[torch.arange(batch), events.lengths - 1], atol=1e-5)
     before = [s.nbytes() for s in states]
-    logits = model.score(states, cand_items, cand_times, chunk_size=2)
+    logits = Engine(model, candidate_chunk=2).score(states, cand_items, cand_times)
     assert torch.allclose(logits, model.ctr_logits(full[:, length:], cand_items), atol=1e-5)
     assert [s.nbytes() for s in states] == before  # scoring leaves the state as it was
 
@@ -109,7 +109,7 @@ def test_own_prefill_append_score_equals_own_full_forward(scheme, backbone, rati
 def test_stored_bytes_match_the_formula(scheme, backbone, history_len):
     model = tiny(scheme, backbone, 0.25).eval()
     events = synthetic_events(1, history_len, NUM_ITEMS, seed=4)
-    state = model.prefill(events, chunk_size=16)[0]
+    state = Engine(model, prefill_chunk=16).prefill(events)[0]
     expected = model.scheme.state_bytes(model.cfg, history_len)
     assert state.nbytes() == expected + tensor_nbytes(state.last_hidden) + SCALAR_BYTES
 
@@ -119,13 +119,13 @@ def test_request_macs_match_the_flop_counter(scheme, backbone):
     model = tiny(scheme, backbone, 0.25).eval()
     stored, new, candidates = 60, 2, 6
     events = synthetic_events(1, stored + new, NUM_ITEMS, seed=5)
-    states = model.prefill(events.slice(0, stored), chunk_size=16)
+    states = Engine(model, prefill_chunk=16).prefill(events.slice(0, stored))
     items = torch.randint(1, NUM_ITEMS + 1, (1, candidates), generator=torch.Generator().manual_seed(0))
     times = torch.full((1, candidates), 2_000_000_000)
 
     def request():
-        appended = model.append(states, events.slice(stored, stored + new))
-        model.score(appended, items, times, chunk_size=3)
+        appended = Engine(model).append(states, events.slice(stored, stored + new))
+        Engine(model, candidate_chunk=3).score(appended, items, times)
 
     keys = model.scheme.stored_keys(model.cfg, stored)
     expected = 2 * request_macs(model.cfg, keys, new, candidates, candidate_chunk=3, scheme=model.scheme)

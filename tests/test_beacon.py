@@ -20,6 +20,7 @@ from malloc.memory.schemes.token_merge.beacon import (
 from malloc.models import ModelConfig
 from malloc.models.macs import count_flops, request_macs
 from malloc.profiling.latency import synthetic_events
+from malloc.serving.engine import Engine
 
 NUM_ITEMS = 40
 
@@ -105,12 +106,12 @@ def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, r
     cands = torch.randint(1, NUM_ITEMS + 1, (3, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(full_tokens(events, cands))
-    states = model.prefill(events.slice(0, 7), chunk_size=3)
+    states = Engine(model, prefill_chunk=3).prefill(events.slice(0, 7))
     for start, stop in ((7, 8), (8, 9), (9, 17), (17, 30)):
-        states = model.append(states, events.slice(start, stop), chunk_size=4)
+        states = Engine(model, prefill_chunk=4).append(states, events.slice(start, stop))
     last = torch.stack([s.last_hidden for s in states])
     assert torch.allclose(last, full[torch.arange(3), events.lengths - 1], atol=1e-5)
-    logits = model.score(states, cands, torch.full((3, 4), 2_000_000_000), chunk_size=3)
+    logits = Engine(model, candidate_chunk=3).score(states, cands, torch.full((3, 4), 2_000_000_000))
     assert torch.allclose(logits, model.ctr_logits(full[:, 30:], cands), atol=1e-5)
     for state, n in zip(states, events.lengths.tolist(), strict=True):
         assert state.nbytes() == (model.scheme.state_bytes(model.cfg, n) + state.last_hidden.numel() * 4 + 16)
@@ -125,12 +126,12 @@ def test_cached_serving_equals_the_full_forward_across_chunks(backbone, chunk, r
 def test_request_macs_with_closing_chunks_match_the_flop_counter(backbone, chunk, stored, new):
     model = tiny(backbone, chunk, 0.25).eval()
     events = synthetic_events(1, stored + new, NUM_ITEMS, seed=5)
-    states = model.prefill(events.slice(0, stored), chunk_size=16)
+    states = Engine(model, prefill_chunk=16).prefill(events.slice(0, stored))
     items = torch.randint(1, NUM_ITEMS + 1, (1, 6), generator=torch.Generator().manual_seed(0))
 
     def request():
-        appended = model.append(states, events.slice(stored, stored + new))
-        model.score(appended, items, torch.full((1, 6), 2_000_000_000), chunk_size=3)
+        appended = Engine(model).append(states, events.slice(stored, stored + new))
+        Engine(model, candidate_chunk=3).score(appended, items, torch.full((1, 6), 2_000_000_000))
 
     keys = model.scheme.stored_keys(model.cfg, stored)
     expected = 2 * request_macs(model.cfg, keys, new, 6, candidate_chunk=3, scheme=model.scheme, history_len=stored)

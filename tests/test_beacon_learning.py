@@ -11,6 +11,7 @@ import torch
 from malloc.config import load_config
 from malloc.models import HSTU, ModelConfig
 from malloc.profiling.latency import synthetic_events
+from malloc.serving.engine import Engine
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
@@ -22,7 +23,7 @@ def test_chunk_only_sees_and_stores_the_open_chunk_alone(benchmark_script):
                       memory_ratio=0.5, knobs={"chunk": 4})
     model = HSTU(cfg, 40, scheme=script.ChunkOnly(memory_ratio=0.5, chunk=4)).eval()
     events = synthetic_events(2, 11, 40, seed=1)
-    states = model.prefill(events)
+    states = Engine(model).prefill(events)
     for state in states:  # 11 events: chunks 0 and 1 closed and dropped, events 8..10 kept
         assert [layer.positions[0].tolist() for layer in state.layers] == [[8, 9, 10]] * 2
     # the last event sees only events 8..10: changing any earlier event leaves it unchanged
@@ -30,7 +31,7 @@ def test_chunk_only_sees_and_stores_the_open_chunk_alone(benchmark_script):
     changed.items[:, 8:], changed.actions[:, 8:], changed.timestamps[:, 8:] = (
         events.items[:, 8:], events.actions[:, 8:], events.timestamps[:, 8:])
     last = torch.stack([s.last_hidden for s in states])
-    assert torch.allclose(last, torch.stack([s.last_hidden for s in model.prefill(changed)]), atol=1e-6)
+    assert torch.allclose(last, torch.stack([s.last_hidden for s in Engine(model).prefill(changed)]), atol=1e-6)
 
 
 def test_curves_for_the_three_models_resume_and_bad_input(tmp_path, capsys, benchmark_script):

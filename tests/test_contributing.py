@@ -14,7 +14,7 @@ from malloc.core.tokens import Events
 from malloc.memory.registry import build_model_for, build_policy
 from malloc.memory.schemes import POLICIES
 from malloc.models import ModelConfig
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 
@@ -47,9 +47,9 @@ def test_the_example_scheme_registers_and_keeps_the_smallest_key_norms(tmp_path,
     torch.manual_seed(0)
     model = build_model_for(ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64), 50).eval()
     history = users([40, 64, 23], 50, seed=1)
-    native = Server(model).write(history)
+    native = Engine(model).write(history)
     policy = build_policy("knorm", 0.25)
-    stored = Server(model, policy).write(history)
+    stored = Engine(model, policy).write(history)
     for full, kept in zip(native, stored, strict=True):
         for layer_full, layer_kept in zip(full.layers, kept.layers, strict=True):
             assert layer_kept.nbytes() <= 0.25 * layer_full.nbytes()
@@ -58,6 +58,6 @@ def test_the_example_scheme_registers_and_keeps_the_smallest_key_norms(tmp_path,
             positions = layer_full.positions[0].tolist()
             best = sorted(zip(score, positions, strict=True), reverse=True)[:budget]
             assert set(layer_kept.positions[0].tolist()) == {position for _, position in best}
-    appended = Server(model, policy).append(stored, users([3, 2, 1], 50, seed=2))
+    appended = Engine(model, policy).append(stored, users([3, 2, 1], 50, seed=2))
     for before, after in zip(stored, appended, strict=True):  # the budget holds on append
         assert after.layers[0].num_tokens <= before.layers[0].num_tokens + 1

@@ -35,7 +35,7 @@ from malloc.memory.schemes.sequence.linformer import ProjectionState
 from malloc.models import ModelConfig
 from malloc.models.base import SequentialRecommender
 from malloc.profiling.latency import synthetic_events
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 from test_architecture_matrix import CASES as ARCHITECTURE_CASES
 from test_architecture_matrix import tiny, train_steps
 from test_scheme_matrix import SPECS, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
@@ -66,13 +66,13 @@ def trained(scheme: str, backbone: str) -> SequentialRecommender:
     return _TRAINED[scheme, backbone]
 
 
-def server_for(kind: str, name: str, backbone: str, prefill_chunk: int) -> Server:
+def engine_for(kind: str, name: str, backbone: str, prefill_chunk: int) -> Engine:
     """A Native tiny model served by the training-free scheme ``name`` at ratio 1, or a trained-in model served
     by its own state rule."""
     if kind == "trained":
-        return Server(trained(name, backbone), prefill_chunk=prefill_chunk, candidate_chunk=3)
+        return Engine(trained(name, backbone), prefill_chunk=prefill_chunk, candidate_chunk=3)
     _, registry_name, knobs = next(spec for spec in EXACT_SPECS if spec[0] == name)
-    return Server(tiny_model(backbone), build_policy(registry_name, 1.0, **knobs), prefill_chunk=prefill_chunk,
+    return Engine(tiny_model(backbone), build_policy(registry_name, 1.0, **knobs), prefill_chunk=prefill_chunk,
                   candidate_chunk=3)
 
 
@@ -135,19 +135,19 @@ def candidates(events: Events, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return items, times.expand(-1, CANDIDATES).contiguous()
 
 
-def assert_exact(server: Server, events: Events, parts: list[tuple[list[int], list[int]]],
+def assert_exact(engine: Engine, events: Events, parts: list[tuple[list[int], list[int]]],
                  atol: float = ATOL) -> list[UserState]:
     """Serve the parts (a write, then appends) and compare every user's last output and candidate logits with
     the full forward over the events the user was served."""
-    states = server.write(cut(events, *parts[0]))
+    states = engine.write(cut(events, *parts[0]))
     for part in parts[1:]:
-        states = server.append(states, cut(events, *part))
+        states = engine.append(states, cut(events, *part))
     cands, times = candidates(events, seed=7)
-    logits = server.score(states, cands, times)
+    logits = engine.score(states, cands, times)
     first, last = parts[0][0], parts[-1][1]
     for user, state in enumerate(states):
         assert state.next_position == last[user] - first[user]
-        hidden, expected = full_forward(server.model, events, user, first[user], last[user], cands[user],
+        hidden, expected = full_forward(engine.model, events, user, first[user], last[user], cands[user],
                                         int(times[user, 0]))
         torch.testing.assert_close(logits[user], expected, atol=atol, rtol=0)
         if hidden is None:
@@ -162,12 +162,12 @@ def assert_exact(server: Server, events: Events, parts: list[tuple[list[int], li
 def test_histories_longer_than_max_len(kind, name, backbone):
     """User 0: a whole history of 2.5 ``max_len`` written at once; user 1: the replay's write of the last
     ``max_len`` events of a longer history; both then appended past (another) ``max_len``."""
-    server = server_for(kind, name, backbone, prefill_chunk=24)
-    max_len = server.model.cfg.max_len
+    engine = engine_for(kind, name, backbone, prefill_chunk=24)
+    max_len = engine.model.cfg.max_len
     whole, longer = 5 * max_len // 2, 2 * max_len + 7
     events = stream(2, longer + 2 * max_len, seed=11)
     sizes = [[1, 1], [max_len // 2, 3], [0, max_len], [9, 1]]
-    states = assert_exact(server, events, parts_from([whole, longer], sizes, starts=[0, longer - max_len]))
+    states = assert_exact(engine, events, parts_from([whole, longer], sizes, starts=[0, longer - max_len]))
     assert [s.next_position for s in states] == [whole + max_len // 2 + 10, 2 * max_len + 5]
 
 
@@ -175,10 +175,10 @@ def test_histories_longer_than_max_len(kind, name, backbone):
 def test_cold_users(kind, name, backbone):
     """A 0-event write next to users with events, then appends (the cold user's first in the second append);
     and a write where every user is cold."""
-    server = server_for(kind, name, backbone, prefill_chunk=16)
+    engine = engine_for(kind, name, backbone, prefill_chunk=16)
     events = stream(3, 120, seed=12)
-    assert_exact(server, events, parts_from([40, 0, 17], [[2, 0, 5], [1, 30, 3], [0, 1, 2]]))
-    assert_exact(server, events, parts_from([0, 0, 0], [[0, 3, 0], [5, 20, 1]]))
+    assert_exact(engine, events, parts_from([40, 0, 17], [[2, 0, 5], [1, 30, 3], [0, 1, 2]]))
+    assert_exact(engine, events, parts_from([0, 0, 0], [[0, 3, 0], [5, 20, 1]]))
 
 
 def snapshot(states: list[UserState]) -> list[tuple]:
@@ -196,20 +196,20 @@ def assert_same(before: list[tuple], after: list[tuple]) -> None:
 def test_zero_event_appends_change_nothing(kind, name, backbone):
     """An append with no new event leaves the state (the same object) and the scores as they were: for one user
     of a batch, and for a whole batch (padded or of width 0)."""
-    server = server_for(kind, name, backbone, prefill_chunk=16)
+    engine = engine_for(kind, name, backbone, prefill_chunk=16)
     events = stream(3, 80, seed=13)
-    states = server.write(cut(events, [0, 0, 0], [30, 0, 45]))
+    states = engine.write(cut(events, [0, 0, 0], [30, 0, 45]))
     cands, times = candidates(events, seed=8)
-    scores, before = server.score(states, cands, times), snapshot(states)
+    scores, before = engine.score(states, cands, times), snapshot(states)
     padded = Events(torch.ones(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64),
                     torch.full((3, 4), 10**9), torch.zeros(3, dtype=torch.int64))  # 4 columns, no event
     for empty in (padded, cut(events, [30, 0, 45], [30, 0, 45])):  # and a width of 0
-        after = server.append(states, empty)
+        after = engine.append(states, empty)
         assert all(a is b for a, b in zip(after, states, strict=True))
         assert_same(before, snapshot(after))
-        assert torch.equal(server.score(after, cands, times), scores)
+        assert torch.equal(engine.score(after, cands, times), scores)
     # one user without new events among users with some
-    after = server.append(states, cut(events, [30, 0, 45], [32, 0, 50]))
+    after = engine.append(states, cut(events, [30, 0, 45], [32, 0, 50]))
     assert after[1] is states[1]
     assert_same(before[1:2], snapshot(after[1:2]))
 
@@ -223,7 +223,7 @@ def test_linformer_clamps_columns_past_max_len(backbone):
     max_len = model.cfg.max_len
     events = stream(1, 3 * max_len, seed=14)
     parts = parts_from([max_len + 5], [[1], [max_len], [max_len - 6]])
-    states = assert_exact(Server(model, prefill_chunk=40), events, parts)
+    states = assert_exact(Engine(model, prefill_chunk=40), events, parts)
     tokens = TokenBatch(items=events.items, actions=events.actions, positions=torch.arange(3 * max_len)[None],
                         timestamps=events.timestamps, is_history=torch.ones_like(events.items, dtype=torch.bool),
                         valid=torch.ones_like(events.items, dtype=torch.bool))
@@ -268,8 +268,8 @@ def float64_model(scheme: str, backbone: str) -> SequentialRecommender:
 def test_a_4096_event_user_in_float64(scheme, backbone):
     """One user of 4,096 events (64 ``max_len``), written in chunks of 1,024 and appended, in float64 (model,
     inputs and stored state): equal to the full forward to 1e-9, where float32 rounding would allow 1e-5."""
-    server = Server(float64_model(scheme, backbone), prefill_chunk=1024, candidate_chunk=3)
-    assert server.model.state_dtype == torch.float64
+    engine = Engine(float64_model(scheme, backbone), prefill_chunk=1024, candidate_chunk=3)
+    assert engine.state_dtype == torch.float64
     events = stream(1, 4096, seed=15)
-    states = assert_exact(server, events, parts_from([4000], [[1], [0], [95]]), atol=ATOL_FLOAT64)
+    states = assert_exact(engine, events, parts_from([4000], [[1], [0], [95]]), atol=ATOL_FLOAT64)
     assert states[0].last_hidden.dtype == torch.float64

@@ -9,6 +9,7 @@ from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
 from malloc.models.macs import attention_macs, count_flops, format_macs, recompute_macs, request_macs, token_macs
 from malloc.profiling.latency import synthetic_events
+from malloc.serving.engine import Engine
 
 NUM_ITEMS = 50
 
@@ -25,19 +26,20 @@ def tiny(backbone: str, ffn_mult: int = 1):
 def test_request_macs_match_the_flop_counter(backbone, stored, new, candidates, chunk):
     model = tiny(backbone, ffn_mult=2 if backbone == "sasrec" else 1)
     events = synthetic_events(1, stored + new, NUM_ITEMS, seed=0)
-    states = model.prefill(events.slice(0, stored))
+    states = Engine(model).prefill(events.slice(0, stored))
     items = torch.randint(1, NUM_ITEMS + 1, (1, candidates), generator=torch.Generator().manual_seed(0))
     times = torch.full((1, candidates), 2_000_000_000)
 
     def request():
-        appended = model.append(states, events.slice(stored, stored + new))
-        model.score(appended, items, times, chunk_size=chunk or candidates)
+        appended = Engine(model).append(states, events.slice(stored, stored + new))
+        Engine(model, candidate_chunk=chunk or candidates).score(appended, items, times)
 
     expected = 2 * request_macs(model.cfg, stored, new, candidates, candidate_chunk=chunk)
     assert count_flops(request) == pytest.approx(expected, rel=0.05)
 
     def recompute():
-        model.score(model.prefill(events, chunk_size=32), items, times, chunk_size=chunk or candidates)
+        engine = Engine(model, prefill_chunk=32, candidate_chunk=chunk or candidates)
+        engine.score(engine.prefill(events), items, times)
 
     expected = 2 * recompute_macs(model.cfg, stored, new, candidates, prefill_chunk=32, candidate_chunk=chunk)
     assert count_flops(recompute) == pytest.approx(expected, rel=0.05)
@@ -45,9 +47,9 @@ def test_request_macs_match_the_flop_counter(backbone, stored, new, candidates, 
 
 def test_retrieval_read_macs():
     model = tiny("hstu")
-    states = model.prefill(synthetic_events(1, 10, NUM_ITEMS, seed=1))
+    states = Engine(model).prefill(synthetic_events(1, 10, NUM_ITEMS, seed=1))
     macs = request_macs(model.cfg, 10, 0, 0, catalogue=NUM_ITEMS + 1)
-    assert count_flops(lambda: model.retrieval_logits(states)) == pytest.approx(2 * macs, rel=0.05)
+    assert count_flops(lambda: Engine(model).retrieve(states)) == pytest.approx(2 * macs, rel=0.05)
 
 
 def test_macs_formula_pieces():

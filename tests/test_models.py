@@ -21,7 +21,7 @@ from malloc.core.stats import AttentionObserver
 from malloc.core.tokens import Events, TokenBatch
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
-from malloc.models.base import MAX_SCORES
+from malloc.serving.engine import MAX_SCORES, Engine
 
 NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
@@ -103,10 +103,10 @@ def test_cached_equals_full_forward(backbone, head, lengths, cut_fractions, pref
     expected_logits, expected_last = full_forward(model, events, cands, cand_times)
     n = max(lengths)
     parts = split_events(events, [max(1, int(f * n)) for f in cut_fractions])
-    states = model.prefill(parts[0], chunk_size=prefill_chunk, max_scores=max_scores)
+    states = Engine(model, prefill_chunk=prefill_chunk, max_scores=max_scores).prefill(parts[0])
     for part in parts[1:]:
-        states = model.append(states, part, chunk_size=prefill_chunk, max_scores=max_scores)
-    logits = model.score(states, cands, cand_times, chunk_size=candidate_chunk)
+        states = Engine(model, prefill_chunk=prefill_chunk, max_scores=max_scores).append(states, part)
+    logits = Engine(model, candidate_chunk=candidate_chunk).score(states, cands, cand_times)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     last = torch.stack([s.last_hidden for s in states])
     torch.testing.assert_close(last, expected_last, atol=1e-5, rtol=0)
@@ -122,7 +122,7 @@ def test_grouped_writes_observe_the_same_attention(backbone):
     observed = []
     for max_scores in (MAX_SCORES, 1):
         observer = AttentionObserver(2, 4, events.lengths, window=3)
-        states = model.prefill(events, chunk_size=5, observer=observer, max_scores=max_scores)
+        states = Engine(model, prefill_chunk=5, max_scores=max_scores).prefill(events, observer)
         observed.append((states, observer))
     (one, one_obs), (grouped, grouped_obs) = observed
     for b in range(4):
@@ -137,10 +137,10 @@ def test_grouped_writes_observe_the_same_attention(backbone):
 def test_permuting_candidates_permutes_scores(backbone):
     model = tiny_model(backbone)
     events, cands, cand_times = random_users(3, [9, 4], num_candidates=11)
-    states = model.prefill(events)
-    scores = model.score(states, cands, cand_times, chunk_size=3)
+    states = Engine(model).prefill(events)
+    scores = Engine(model, candidate_chunk=3).score(states, cands, cand_times)
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(1))
-    permuted = model.score(states, cands[:, perm], cand_times[:, perm], chunk_size=4)
+    permuted = Engine(model, candidate_chunk=4).score(states, cands[:, perm], cand_times[:, perm])
     torch.testing.assert_close(permuted, scores[:, perm], atol=1e-6, rtol=0)
 
 
@@ -148,11 +148,11 @@ def test_permuting_candidates_permutes_scores(backbone):
 def test_scoring_leaves_state_unchanged(backbone):
     model = tiny_model(backbone)
     events, cands, cand_times = random_users(4, [12, 5], num_candidates=6)
-    states = model.prefill(events)
+    states = Engine(model).prefill(events)
     before = [[(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in s.layers]
               for s in states]
-    model.score(states, cands, cand_times)
-    model.retrieval_logits(states)
+    Engine(model).score(states, cands, cand_times)
+    Engine(model).retrieve(states)
     for state, saved in zip(states, before, strict=True):
         assert state.next_position in (12, 5)
         for layer, (k, v, p) in zip(state.layers, saved, strict=True):
@@ -163,8 +163,8 @@ def test_scoring_leaves_state_unchanged(backbone):
 def test_append_returns_new_states(backbone):
     model = tiny_model(backbone)
     events, _, _ = random_users(5, [6, 6], num_candidates=1)
-    states = model.prefill(events.slice(0, 3))
-    appended = model.append(states, events.slice(3, 6))
+    states = Engine(model).prefill(events.slice(0, 3))
+    appended = Engine(model).append(states, events.slice(3, 6))
     assert [s.num_tokens for s in states] == [3, 3]
     assert [s.num_tokens for s in appended] == [6, 6]
 
@@ -176,7 +176,7 @@ def test_nbytes_equals_formula(backbone, dtype):
     cfg = ModelConfig(backbone=backbone, dim=16, layers=3, heads=4, head_dim=4, dropout=0.0, state_dtype=dtype)
     model = build_model_for(cfg, NUM_ITEMS).eval()
     events, _, _ = random_users(6, [17, 2], num_candidates=1)
-    states = model.prefill(events)
+    states = Engine(model).prefill(events)
     b = 4 if dtype == "float32" else 2
     for state, n in zip(states, [17, 2], strict=True):
         kv = cfg.layers * n * cfg.heads * (2 * cfg.head_dim) * b
@@ -186,7 +186,7 @@ def test_nbytes_equals_formula(backbone, dtype):
 
 def test_empty_state_has_only_bookkeeping():
     model = tiny_model("hstu")
-    assert model.empty_state().nbytes() == SCALAR_BYTES
+    assert Engine(model).empty_state().nbytes() == SCALAR_BYTES
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -195,9 +195,9 @@ def test_cached_equals_full_forward_on_gpu(backbone):
     model = tiny_model(backbone).cuda()
     events, cands, cand_times = random_users(7, [20, 9, 3], num_candidates=9)
     expected_logits, expected_last = full_forward(model, events, cands, cand_times)
-    states = model.prefill(events.slice(0, 6).to("cuda"), chunk_size=4)
-    states = model.append(states, events.slice(6, 20).to("cuda"), chunk_size=5)
-    logits = model.score(states, cands.cuda(), cand_times.cuda(), chunk_size=4)
+    states = Engine(model, prefill_chunk=4).prefill(events.slice(0, 6).to("cuda"))
+    states = Engine(model, prefill_chunk=5).append(states, events.slice(6, 20).to("cuda"))
+    logits = Engine(model, candidate_chunk=4).score(states, cands.cuda(), cand_times.cuda())
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack([s.last_hidden for s in states]), expected_last, atol=1e-5, rtol=0)
 

@@ -27,8 +27,9 @@ from malloc.memory.schemes import POLICIES
 from malloc.memory.schemes.precision.int8 import Int8
 from malloc.memory.schemes.precision.intactkv import IntactKV
 from malloc.memory.schemes.precision.kivi import KIVI
+from malloc.memory.schemes.reference.native import Native
 from malloc.models import ModelConfig
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 HEADS, DIM = 4, 16  # the default model's H and d (fp32)
 F16_HALF_ULP = 2.0 ** -11  # relative rounding of float16 (normal range)
@@ -246,12 +247,12 @@ def random_events(gen: torch.Generator, batch: int, t: int, start_time: int) -> 
 
 def serve(model, policy: CachePolicy, appends: int = 20):
     gen = torch.Generator().manual_seed(1)
-    server = Server(model, policy)
-    states = server.write(random_events(gen, 3, 40, 0))
+    engine = Engine(model, policy)
+    states = engine.write(random_events(gen, 3, 40, 0))
     for i in range(appends):
-        states = server.append(states, random_events(gen, 3, 1 + i % 2, 10**5 + 1000 * i))
+        states = engine.append(states, random_events(gen, 3, 1 + i % 2, 10**5 + 1000 * i))
     candidates = torch.randint(1, 41, (3, 12), generator=gen)
-    return states, server.score(states, candidates, torch.full((3, 12), 10**6))
+    return states, engine.score(states, candidates, torch.full((3, 12), 10**6))
 
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
@@ -259,7 +260,7 @@ def test_serving_end_to_end(backbone):
     """Write 40 events, append 20 times (1-2 events), score: bytes follow the predicted ratio after every request,
     and 8-bit IntactKV scores stay close to Native (measured max |diff|: 2.1e-3 HSTU, 4.1e-4 SASRec)."""
     model = tiny_model(backbone)
-    native_states, native_scores = serve(model, CachePolicy())
+    native_states, native_scores = serve(model, Native())
     for policy in (IntactKV(bits=8), KIVI(bits=4, group=8, residual=8), Int8()):
         states, scores = serve(model, policy)
         assert torch.isfinite(scores).all()
@@ -296,7 +297,7 @@ def test_precision_schemes_quantize_the_mla_latent(policy, tolerance, backbone):
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=128,
                       scheme="mla", memory_ratio=0.5)
     model = build_model_for(cfg, 40).eval()
-    plain_states, plain_scores = serve(model, CachePolicy())
+    plain_states, plain_scores = serve(model, Native())
     states, scores = serve(model, policy)
     for state, plain in zip(states, plain_states, strict=True):
         for stored, latent in zip(state.layers, plain.layers, strict=True):

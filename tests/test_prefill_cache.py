@@ -12,8 +12,8 @@ import torch
 from malloc.core.tokens import Events
 from malloc.memory.registry import build_model_for, build_policy
 from malloc.models import ModelConfig
+from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache, events_digest, prefill_nbytes
-from malloc.serving.server import Server
 
 
 def tiny_model(seed: int = 0):
@@ -47,15 +47,15 @@ def test_keys_are_events_chunk_and_observation():
     model = tiny_model()
     cache = PrefillCache(model)
     history = users([40, 25], seed=1)
-    servers = [Server(model, build_policy(name, 0.5), prefill_chunk=16, prefill_cache=cache)
+    servers = [Engine(model, build_policy(name, 0.5), prefill_chunk=16, prefill_cache=cache)
                for name in ("recency", "random", "h2o", "tova")]
-    for server in servers:
-        server.write(history)
+    for engine in servers:
+        engine.write(history)
     # recency and random observe nothing, H2O and TOVA the attention with window 0: two prefills
     assert (cache.misses, cache.hits, len(cache)) == (2, 2, 2)
-    Server(model, build_policy("snapkv", 0.5, window=4), prefill_chunk=16, prefill_cache=cache).write(history)
-    Server(model, build_policy("recency", 0.5), prefill_chunk=8, prefill_cache=cache).write(history)
-    Server(model, build_policy("recency", 0.5), prefill_chunk=16, prefill_cache=cache).write(users([40, 24], 1))
+    Engine(model, build_policy("snapkv", 0.5, window=4), prefill_chunk=16, prefill_cache=cache).write(history)
+    Engine(model, build_policy("recency", 0.5), prefill_chunk=8, prefill_cache=cache).write(history)
+    Engine(model, build_policy("recency", 0.5), prefill_chunk=16, prefill_cache=cache).write(users([40, 24], 1))
     assert (cache.misses, cache.hits) == (5, 2)
 
 
@@ -63,26 +63,26 @@ def test_byte_budget_drops_the_least_recently_used():
     model = tiny_model()
     probe = PrefillCache(model)
     a, b, c = users([30], seed=2), users([30], seed=3), users([30], seed=4)
-    server = Server(model, prefill_chunk=16, prefill_cache=probe)
-    server.write(a)
+    engine = Engine(model, prefill_chunk=16, prefill_cache=probe)
+    engine.write(a)
     size = probe.nbytes
     assert size == prefill_nbytes(probe.get(a, 16, None, lambda: pytest.fail("a is cached"))) > 0
     cache = PrefillCache(model, max_bytes=2 * size)
-    server = Server(model, prefill_chunk=16, prefill_cache=cache)
+    engine = Engine(model, prefill_chunk=16, prefill_cache=cache)
     for events in (a, b, a, c):  # a is used again before c arrives: b is the one dropped
-        server.write(events)
+        engine.write(events)
     assert (cache.misses, cache.hits, len(cache), cache.nbytes) == (3, 1, 2, 2 * size)
-    server.write(a)
-    server.write(b)
+    engine.write(a)
+    engine.write(b)
     assert (cache.misses, cache.hits) == (4, 2)
     tiny = PrefillCache(model, max_bytes=size - 1)  # an entry larger than the budget is served but not kept
-    states = Server(model, prefill_chunk=16, prefill_cache=tiny).write(a)
+    states = Engine(model, prefill_chunk=16, prefill_cache=tiny).write(a)
     assert len(states) == 1 and len(tiny) == 0 and tiny.nbytes == 0
 
 
 def test_cache_belongs_to_one_model():
     cache = PrefillCache(tiny_model(0))
     with pytest.raises(ValueError, match="another model"):
-        Server(tiny_model(1), prefill_cache=cache)
+        Engine(tiny_model(1), prefill_cache=cache)
     with pytest.raises(ValueError, match="max_bytes"):
         PrefillCache(tiny_model(0), max_bytes=-1)

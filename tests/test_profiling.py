@@ -19,6 +19,7 @@ from malloc.profiling import (
     time_call,
     training_step,
 )
+from malloc.serving.engine import Engine
 
 TINY_TIMING = {"warmup": 1, "min_repeats": 2, "min_seconds": 0.0, "max_repeats": 3}
 
@@ -71,7 +72,7 @@ def test_request_latency_tiny(backbone):
     assert 2 <= point["repeats_cached"] <= 3 and 2 <= point["repeats_recompute"] <= 3
     assert not model.training
     # state_bytes is the stored history's exact size
-    stored = model.prefill(synthetic_events(1, 32, model.num_items, seed=0))
+    stored = Engine(model).prefill(synthetic_events(1, 32, model.num_items, seed=0))
     assert point["state_bytes"] == stored[0].nbytes()
 
 

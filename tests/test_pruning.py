@@ -19,13 +19,14 @@ from malloc.core.tokens import Events, KVBlock, TokenBatch
 from malloc.memory.policy import CachePolicy, EvictionPolicy, SchemeError, native_token_bytes
 from malloc.memory.registry import build_model_for
 from malloc.memory.schemes import POLICIES
+from malloc.memory.schemes.reference.native import Native
 from malloc.memory.schemes.token_prune.h2o import H2O
 from malloc.memory.schemes.token_prune.random_policy import Random
 from malloc.memory.schemes.token_prune.snapkv import SnapKV
 from malloc.memory.schemes.token_prune.streaming_llm import StreamingLLM
 from malloc.memory.schemes.token_prune.tova import TOVA
 from malloc.models import ModelConfig
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 NUM_ITEMS = 50
 BACKBONES = ["hstu", "sasrec"]
@@ -148,10 +149,10 @@ def test_h2o_write_and_append_equal_brute_force(backbone, seed, chunk):
     lengths = [int(x) for x in torch.randint(20, 41, (3,), generator=torch.Generator().manual_seed(seed))]
     assert len(set(lengths)) == 3
     history = random_users(seed, lengths)
-    server = Server(model, policy, prefill_chunk=chunk)
-    states = server.write(history)
+    engine = Engine(model, policy, prefill_chunk=chunk)
+    states = engine.write(history)
     new = random_users(seed + 100, [5, 1, 3], start_time=10**7)
-    appended = server.append(states, new)
+    appended = engine.append(states, new)
     for b, n in enumerate(lengths):
         expected = h2o_expected_write(model, user_events(history, b), ratio, backbone)
         for index, stored in enumerate(states[b].layers):
@@ -201,9 +202,9 @@ def test_h2o_counts_are_implied_by_positions():
             seen.append((stored.extend(new), stats, ctx, int(new.positions[0, 0])))
             return super().merge(stored, new, stats, ctx)
 
-    server = Server(tiny_model("sasrec"), Spy(memory_ratio=0.4))
-    states = server.write(random_users(3, [25, 30]))
-    server.append(states, random_users(4, [4, 2], start_time=10**7))
+    engine = Engine(tiny_model("sasrec"), Spy(memory_ratio=0.4))
+    states = engine.write(random_users(3, [25, 30]))
+    engine.append(states, random_users(4, [4, 2], start_time=10**7))
     assert len(seen) == 2 * 2 * 2
     for layer, stats, ctx, start in seen:
         positions = layer.positions.long().expand(HEADS, -1)
@@ -238,10 +239,10 @@ def test_snapkv_write_and_append_equal_brute_force(backbone, window, kernel, chu
     assert policy.observation_window == window
     lengths = [20, 33, 40, 17]
     history = random_users(window, lengths)
-    server = Server(model, policy, prefill_chunk=chunk)
-    states = server.write(history)
+    engine = Engine(model, policy, prefill_chunk=chunk)
+    states = engine.write(history)
     new = random_users(window + 100, [1, 6, 12, 3], start_time=10**7)
-    appended = server.append(states, new)
+    appended = engine.append(states, new)
     for b, n in enumerate(lengths):
         budget = expected_budget(ratio, n, per_head=True, scores=False)
         for index, (weights, values, _) in enumerate(layer_by_layer(model, user_events(history, b))):
@@ -270,7 +271,7 @@ def test_snapkv_write_and_append_equal_brute_force(backbone, window, kernel, chu
 
 def test_snapkv_budget_below_window_keeps_most_recent():
     policy = SnapKV(memory_ratio=0.2, window=8)
-    states = Server(tiny_model("hstu"), policy).write(random_users(0, [30]))
+    states = Engine(tiny_model("hstu"), policy).write(random_users(0, [30]))
     budget = expected_budget(0.2, 30, per_head=True, scores=False)
     assert budget < 8
     for stored in states[0].layers:
@@ -283,7 +284,7 @@ def test_tova_keeps_what_the_latest_event_attends_to(backbone):
     model = tiny_model(backbone)
     lengths = [24, 37]
     history = random_users(5, lengths)
-    states = Server(model, TOVA(memory_ratio=0.4)).write(history)
+    states = Engine(model, TOVA(memory_ratio=0.4)).write(history)
     for b, n in enumerate(lengths):
         budget = expected_budget(0.4, n, per_head=False, scores=False)
         for index, (weights, values, _) in enumerate(layer_by_layer(model, user_events(history, b))):
@@ -295,7 +296,7 @@ def test_tova_keeps_what_the_latest_event_attends_to(backbone):
 @pytest.mark.parametrize(("sink", "ratio"), [(4, 0.5), (0, 0.5), (4, 0.1), (40, 0.5)])
 def test_streaming_llm_keeps_sinks_and_recent(sink, ratio):
     n = 30
-    states = Server(tiny_model("hstu"), StreamingLLM(memory_ratio=ratio, sink=sink)).write(random_users(1, [n]))
+    states = Engine(tiny_model("hstu"), StreamingLLM(memory_ratio=ratio, sink=sink)).write(random_users(1, [n]))
     budget = expected_budget(ratio, n, per_head=False, scores=False)
     sinks = min(sink, budget - 1)
     expected = list(range(sinks)) + list(range(n - (budget - sinks), n))
@@ -307,13 +308,13 @@ def test_random_is_deterministic_and_independent_of_the_batch():
     model = tiny_model("sasrec")
     policy = Random(memory_ratio=0.4, seed=3)
     history = random_users(7, [20, 31, 26])
-    first = Server(model, policy).write(history)
-    again = Server(model, policy).write(history)
+    first = Engine(model, policy).write(history)
+    again = Engine(model, policy).write(history)
     order = [2, 0, 1]
     shuffled = Events(history.items[order], history.actions[order], history.timestamps[order],
                       history.lengths[order])
-    permuted = Server(model, policy, prefill_chunk=7).write(shuffled)
-    alone = Server(model, policy).write(user_events(history, 1))
+    permuted = Engine(model, policy, prefill_chunk=7).write(shuffled)
+    alone = Engine(model, policy).write(user_events(history, 1))
     for b, state in enumerate(first):
         for index, stored in enumerate(state.layers):
             assert torch.equal(stored.positions, again[b].layers[index].positions)
@@ -321,7 +322,7 @@ def test_random_is_deterministic_and_independent_of_the_batch():
     for index, stored in enumerate(first[1].layers):
         assert torch.equal(stored.positions, alone[0].layers[index].positions)
     # a different seed draws differently, layers draw differently, and the draw is not recency
-    other = Server(model, Random(memory_ratio=0.4, seed=4)).write(history)
+    other = Engine(model, Random(memory_ratio=0.4, seed=4)).write(history)
     assert any(not torch.equal(first[b].layers[0].positions, other[b].layers[0].positions) for b in range(3))
     assert any(not torch.equal(s.layers[0].positions, s.layers[1].positions) for s in first)
     assert any(s.layers[0].positions[0].tolist() != list(range(n - s.layers[0].num_tokens, n))
@@ -353,14 +354,14 @@ def test_ratio_one_equals_native(backbone, cls):
     times = torch.full((3, 5), 10**8)
     # bitwise against Native on the same kernels (SASRec's fused attention returns no weights, so schemes that
     # observe attention run the reference softmax), and to float precision against plain Native
-    reference = ObservedNative() if cls.needs_attention else CachePolicy()
+    reference = ObservedNative() if cls.needs_attention else Native()
     logits, retrieval, stored = [], [], []
-    for policy in (reference, cls(memory_ratio=1.0), CachePolicy()):
-        server = Server(model, policy, prefill_chunk=5)
-        states = server.append(server.write(history), new)
+    for policy in (reference, cls(memory_ratio=1.0), Native()):
+        engine = Engine(model, policy, prefill_chunk=5)
+        states = engine.append(engine.write(history), new)
         assert [s.num_tokens for s in states] == [11, 18, 7]
-        logits.append(server.score(states, cands, times))
-        retrieval.append(server.retrieve(states))
+        logits.append(engine.score(states, cands, times))
+        retrieval.append(engine.retrieve(states))
         stored.append([s.nbytes() for s in states])
     assert torch.equal(logits[0], logits[1])
     assert torch.equal(retrieval[0], retrieval[1])
@@ -374,15 +375,15 @@ def test_ratio_one_equals_native(backbone, cls):
 def test_budget_holds_through_appends(backbone, cls, ratio):
     model = tiny_model(backbone)
     policy = cls(memory_ratio=ratio)
-    server = Server(model, policy)
+    engine = Engine(model, policy)
     lengths = [12, 3, 25]
-    states = server.write(random_users(11, lengths))
+    states = engine.write(random_users(11, lengths))
     history = list(lengths)
     g = torch.Generator().manual_seed(12)
     for step in range(21):
         if step:
             more = [int(x) for x in torch.randint(0, 4, (3,), generator=g)]
-            states = server.append(states, random_users(100 + step, more, start_time=10**7 * step))
+            states = engine.append(states, random_users(100 + step, more, start_time=10**7 * step))
             history = [h + m for h, m in zip(history, more, strict=True)]
         for state, n in zip(states, history, strict=True):
             assert state.next_position == n
@@ -400,7 +401,7 @@ def test_budget_holds_through_appends(backbone, cls, ratio):
 
 @pytest.mark.parametrize("cls", [H2O, SnapKV])
 def test_per_head_selections_differ_between_heads(cls):
-    states = Server(tiny_model("hstu"), cls(memory_ratio=0.3)).write(random_users(0, [40, 36]))
+    states = Engine(tiny_model("hstu"), cls(memory_ratio=0.3)).write(random_users(0, [40, 36]))
     layers = [layer for state in states for layer in state.layers]
     assert all(layer.positions.shape[0] == HEADS for layer in layers)
     assert any(not torch.equal(layer.positions[0], layer.positions[h]) for layer in layers for h in range(HEADS))
@@ -428,13 +429,13 @@ def test_h2o_evict_without_carried_scores_uses_observed_means():
     model = tiny_model("hstu")
     history = random_users(9, [30])
     policy = H2O(memory_ratio=0.5)
-    written = Server(model, policy).write(history)
+    written = Engine(model, policy).write(history)
 
     @dataclasses.dataclass(frozen=True)
     class NoCarry(H2O):
         def compress(self, layer, stats, ctx):
             return self.evict(layer, stats, ctx)
 
-    plain = Server(model, NoCarry(memory_ratio=0.5)).write(history)
+    plain = Engine(model, NoCarry(memory_ratio=0.5)).write(history)
     for a, b in zip(written[0].layers, plain[0].layers, strict=True):
         assert torch.equal(a.positions, b.positions)

@@ -35,8 +35,8 @@ from malloc.memory.registry import build_model_for, build_policy, scheme_names
 from malloc.memory.schemes import POLICIES
 from malloc.memory.wrappers import Compose, Pyramid
 from malloc.models import ModelConfig
+from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache
-from malloc.serving.server import Server
 
 NUM_ITEMS = 40
 HISTORY = [64, 93, 120]
@@ -121,7 +121,7 @@ def user_events(seed: int = 0) -> tuple[Events, list[Events], torch.Tensor, torc
 
 
 def native_layer_bytes(model, n: int) -> int:
-    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, model.state_dtype)
+    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, Engine(model).state_dtype)
     return len(model.layers) * n * native_token_bytes(layer)
 
 
@@ -131,7 +131,7 @@ def layer_bytes(state: UserState) -> int:
 
 def kept_event_bytes(policy: CachePolicy, model) -> int:
     """One kept event's bytes in one layer: the rounding step of an eviction budget (0 for other schemes)."""
-    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, model.state_dtype)
+    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, Engine(model).state_dtype)
     inner = policy.inner if isinstance(policy, Pyramid) else policy.evict if isinstance(policy, Compose) else policy
     if isinstance(policy, Compose):
         return native_token_bytes(layer) + layer.heads * 12  # a full-precision event with per-head metadata
@@ -143,7 +143,7 @@ def budget_slack(policy: CachePolicy, model, state: UserState) -> float:
     (KIVI's residual, IntactKV's pivots) "on top" of the ratio their bits reach; every other scheme has none."""
     if not isinstance(policy, QuantizationPolicy):
         return 0.0
-    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, model.state_dtype)
+    layer = LayerState.empty(model.cfg.heads, model.cfg.head_dim, model.cfg.head_dim, Engine(model).state_dtype)
     return sum(policy.num_full(stored.num_tokens) for stored in state.layers) * native_token_bytes(layer)
 
 
@@ -167,12 +167,12 @@ def assert_same(before: list, after: list) -> None:
             assert all(torch.equal(x, y) for x, y in zip(b_layer, a_layer, strict=True))
 
 
-def serve(server: Server, history: Events, appends: list[Events], check=None) -> list[UserState]:
-    states = server.write(history)
+def serve(engine: Engine, history: Events, appends: list[Events], check=None) -> list[UserState]:
+    states = engine.write(history)
     if check is not None:
         check(states)
     for events in appends:
-        states = server.append(states, events)
+        states = engine.append(states, events)
         if check is not None:
             check(states)
     return states
@@ -195,7 +195,7 @@ def test_scheme_budget_ratio_and_read_only(case, name, knobs, backbone, ratio):
     policy = build(name, ratio, knobs)
     model = tiny_model(backbone)
     history, appends, cands, cand_times = user_events()
-    server = Server(model, policy, prefill_chunk=50, candidate_chunk=3)
+    engine = Engine(model, policy, prefill_chunk=50, candidate_chunk=3)
 
     def within_budget(states: list[UserState]) -> None:
         for b, state in enumerate(states):
@@ -205,7 +205,7 @@ def test_scheme_budget_ratio_and_read_only(case, name, knobs, backbone, ratio):
                 f"{case}: user {b} stores {layer_bytes(state)} B > {ratio} x {native} B after {state.next_position}")
 
     try:
-        states = serve(server, history, appends, within_budget)
+        states = serve(engine, history, appends, within_budget)
     except SchemeError as exc:
         assert policy.granularity == "precision", f"{case}: only precision schemes may find a ratio unreachable"
         assert name in str(exc)
@@ -224,8 +224,8 @@ def test_scheme_budget_ratio_and_read_only(case, name, knobs, backbone, ratio):
     elif isinstance(policy, Compose):
         # at write: the target, or what the quantizer reaches alone if that is less (nothing is evicted then).
         # After appends the ratio may fall further: a KIVI flush frees bytes, but evicted events cannot return.
-        written = Server(model, policy, prefill_chunk=50).write(history)
-        dense = Server(model, prefill_chunk=50).write(history)
+        written = Engine(model, policy, prefill_chunk=50).write(history)
+        dense = Engine(model, prefill_chunk=50).write(history)
         alone = [sum(policy.quant_bytes(layer, layer.num_tokens, LayerContext(index, len(model.layers), backbone,
                                                                               s.next_position))
                      for index, layer in enumerate(s.layers)) for s in dense]
@@ -234,8 +234,8 @@ def test_scheme_budget_ratio_and_read_only(case, name, knobs, backbone, ratio):
         assert_near_target(states)
 
     before = snapshot(states)
-    scores = server.score(states, cands, cand_times)
-    server.retrieve(states)
+    scores = engine.score(states, cands, cand_times)
+    engine.retrieve(states)
     assert torch.isfinite(scores).all()
     assert_same(before, snapshot(states))
 
@@ -266,10 +266,10 @@ def full_forward_logits(model, history: Events, appends: list[Events], cands: to
 def test_native_equals_uncached(backbone):
     model = tiny_model(backbone)
     history, appends, cands, cand_times = user_events(seed=1)
-    server = Server(model, build_policy("native", 1.0), prefill_chunk=50, candidate_chunk=3)
-    states = serve(server, history, appends)
+    engine = Engine(model, build_policy("native", 1.0), prefill_chunk=50, candidate_chunk=3)
+    states = serve(engine, history, appends)
     expected = full_forward_logits(model, history, appends, cands, cand_times)
-    torch.testing.assert_close(server.score(states, cands, cand_times), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine.score(states, cands, cand_times), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -278,15 +278,15 @@ def test_ratio_one_equals_native(case, name, knobs, backbone):
     policy = build(name, 1.0, knobs)
     model = tiny_model(backbone)
     history, appends, cands, cand_times = user_events(seed=2)
-    states = serve(Server(model, policy, prefill_chunk=50), history, appends)
+    states = serve(Engine(model, policy, prefill_chunk=50), history, appends)
     dense = all(isinstance(layer, LayerState) and layer.num_tokens == s.next_position
                 for s in states for layer in s.layers)
     if not dense:
         assert policy.granularity == "precision", f"{case} at ratio 1 dropped or compressed events"
         pytest.skip(f"{case}: precision schemes quantize at any ratio (ratio 1 is a budget, not the identity)")
-    native = Server(model, prefill_chunk=50)
+    native = Engine(model, prefill_chunk=50)
     native_states = serve(native, history, appends)
-    torch.testing.assert_close(Server(model, policy).score(states, cands, cand_times),
+    torch.testing.assert_close(Engine(model, policy).score(states, cands, cand_times),
                                native.score(native_states, cands, cand_times), atol=1e-5, rtol=0)
     assert sum(layer_bytes(s) for s in states) == sum(layer_bytes(s) for s in native_states)
 
@@ -311,8 +311,8 @@ def test_shared_prefill_is_exact(case, name, knobs, backbone):
     model = tiny_model(backbone)
     cache = _PREFILLS.setdefault(backbone, PrefillCache(model))  # shared by every case: writes of other policies
     history, appends, cands, cand_times = user_events(seed=3)
-    fresh = Server(model, policy, prefill_chunk=50, candidate_chunk=3)
-    shared = Server(model, policy, prefill_chunk=50, candidate_chunk=3, prefill_cache=cache)
+    fresh = Engine(model, policy, prefill_chunk=50, candidate_chunk=3)
+    shared = Engine(model, policy, prefill_chunk=50, candidate_chunk=3, prefill_cache=cache)
     try:
         expected = serve(fresh, history, appends)
     except SchemeError as exc:  # a precision scheme whose bit widths cannot reach the ratio on these shapes
@@ -325,7 +325,7 @@ def test_shared_prefill_is_exact(case, name, knobs, backbone):
     def recompute():
         observer = None if window is None else AttentionObserver(len(model.layers), model.layers[0].kv_heads,
                                                                  history.lengths, window)
-        return model.prefill(history, chunk_size=50, observer=observer), observer
+        return Engine(model, prefill_chunk=50).prefill(history, observer), observer
 
     hits = cache.hits
     cached_states, cached_observer = cache.get(history, 50, window, recompute)

@@ -29,7 +29,7 @@ from malloc.sensitivity import (
     sensitivity_config,
     sensitivity_path,
 )
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
@@ -86,14 +86,14 @@ def test_truncated_replay_equals_writing_the_recent_events(tmp_path: Path) -> No
     kept = 5
     truncated = replay(cfg, model, view, "test", keep_last=lambda n: np.minimum(n, kept))
     # by hand: write only the `kept` events before the request, append the request, rank the target
-    seqs, server = view.sequences, Server(model)
+    seqs, engine = view.sequences, Engine(model)
     stop = view.target_index("test")
     users = np.arange(seqs.num_users)
     split = stop - 1
     start = np.maximum(np.maximum(0, stop - cfg.model.max_len), split - kept)
-    states = server.append(server.write(events(seqs, users, start, split)), events(seqs, users, split, stop))
+    states = engine.append(engine.write(events(seqs, users, start, split)), events(seqs, users, split, stop))
     with torch.no_grad():
-        scores = server.retrieve(states)
+        scores = engine.retrieve(states)
     exclude = torch.zeros_like(scores, dtype=torch.bool)
     for u in users.tolist():
         exclude[u, torch.as_tensor(seqs.items[seqs.offsets[u]:seqs.offsets[u] + stop[u]])] = True

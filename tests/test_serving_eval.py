@@ -13,8 +13,8 @@ from malloc.data.tasks import CTRView, RetrievalView, Window, ctr_rows, windows
 from malloc.eval.metrics import target_ranks
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
+from malloc.serving.engine import Engine
 from malloc.serving.replay import replay_ctr, replay_retrieval
-from malloc.serving.server import Server
 
 MAX_LEN = 8
 
@@ -42,7 +42,7 @@ def test_ctr_replay_equals_full_forward(backbone, protocol):
     view = CTRView(seqs, ctr_rows(Dataset(seqs), test_fraction=0.3, valid_fraction=0.2))
     test = view.split("test")
     model = tiny_model(backbone, seqs.num_items)
-    logits, meters = replay_ctr(Server(model, prefill_chunk=3, candidate_chunk=2), seqs, test, MAX_LEN,
+    logits, meters = replay_ctr(Engine(model, prefill_chunk=3, candidate_chunk=2), seqs, test, MAX_LEN,
                                 user_batch=3, protocol=protocol)
     # full forward: the window the replay wrote (max_len events before the first test row) plus all later
     # events (blind: without their labels), with every test row as a candidate token
@@ -73,7 +73,7 @@ def test_retrieval_replay_equals_full_forward(backbone, append_events):
     view = RetrievalView(seqs)
     model = tiny_model(backbone, seqs.num_items)
     target = view.target_index("test")
-    ranks, _ = replay_retrieval(Server(model, prefill_chunk=4), seqs, target, MAX_LEN,
+    ranks, _ = replay_retrieval(Engine(model, prefill_chunk=4), seqs, target, MAX_LEN,
                                 append_events=append_events, user_batch=4, mask_history=False)
     for user in range(seqs.num_users):
         stop = int(target[user])
@@ -106,7 +106,7 @@ def test_explicit_rows_replay_in_history_order():
                    item=np.array([1, 2, 3, 4]), timestamp=np.array([10**7] * 4),
                    label=np.array([1, 0, 1, 0], dtype=np.int8), split=np.full(4, 2, dtype=np.int8))
     model = tiny_model("hstu", seqs.num_items)
-    logits, meters = replay_ctr(Server(model), seqs, rows, max_len=100)
+    logits, meters = replay_ctr(Engine(model), seqs, rows, max_len=100)
     assert np.all(np.isfinite(logits)) and logits[1] != logits[2]
     assert sorted(meters.state_tokens) == sorted([n0, 3])
 
@@ -123,9 +123,9 @@ def test_kept_normaliser_switch(backbone):
     items, times = torch.randint(1, 41, (3, 6)), torch.full((3, 6), 2 * 10**9)
 
     def scores(policy, renormalise):
-        server = Server(model, policy, renormalise=renormalise)
-        states = server.append(server.write(events.slice(0, 24)), events.slice(24, 30))
-        return server.score(states, items, times)
+        engine = Engine(model, policy, renormalise=renormalise)
+        states = engine.append(engine.write(events.slice(0, 24)), events.slice(24, 30))
+        return engine.score(states, items, times)
 
     torch.testing.assert_close(scores(None, True), scores(None, False), atol=0, rtol=0)
     evicting = build_policy("recency", 0.5)
@@ -152,7 +152,7 @@ def test_blind_replay_never_reads_the_window_labels(backbone):
 
     def logits(protocol: str, flip: np.ndarray | None = None) -> np.ndarray:
         labels = seqs.labels if flip is None else np.where(flip, 1 - seqs.labels, seqs.labels).astype(np.int8)
-        return replay_ctr(Server(model), dataclasses.replace(seqs, labels=labels), test, MAX_LEN, user_batch=4,
+        return replay_ctr(Engine(model), dataclasses.replace(seqs, labels=labels), test, MAX_LEN, user_batch=4,
                           protocol=protocol)[0]
 
     np.testing.assert_array_equal(logits("blind", in_window), logits("blind"))

@@ -26,7 +26,7 @@ from malloc.core.tokens import Events
 from malloc.memory.registry import WRAPPERS, build_model_for, build_policy
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
 from malloc.models.base import SequentialRecommender
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 from test_architecture_matrix import CASES as ARCHITECTURE_CASES
 from test_architecture_matrix import tiny, tiny_config
 from test_scheme_matrix import SPEC_IDS, SPECS, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
@@ -67,12 +67,12 @@ def events(lengths: list[int], seed: int, start: int) -> Events:
                   torch.randint(0, 3, (batch, width), generator=g), times, torch.tensor(lengths))
 
 
-def assert_owned(model: SequentialRecommender, server: Server, case: str) -> None:
+def assert_owned(model: SequentialRecommender, engine: Engine, case: str) -> None:
     """Write, check, append, check: every user's state keeps alive exactly its ``nbytes()``."""
-    states = server.write(events(WRITTEN, seed=0, start=1_500_000_000))
+    states = engine.write(events(WRITTEN, seed=0, start=1_500_000_000))
     for stage in ("write", "append"):
         if stage == "append":
-            states = server.append(states, events(APPENDED, seed=1, start=1_600_000_000))
+            states = engine.append(states, events(APPENDED, seed=1, start=1_600_000_000))
         for user, state in enumerate(states):
             alive = bytes_kept_alive(state) + SCALAR_BYTES
             assert alive == state.nbytes(), (
@@ -85,13 +85,13 @@ def assert_owned(model: SequentialRecommender, server: Server, case: str) -> Non
 def test_training_free_states_own_their_memory(case, name, knobs, backbone):
     model = tiny_model(backbone)
     policy = build_policy(name, 1.0 if name == "native" else RATIO, **knobs)
-    assert_owned(model, Server(model, policy, prefill_chunk=16), case)
+    assert_owned(model, Engine(model, policy, prefill_chunk=16), case)
 
 
 @pytest.mark.parametrize(("scheme", "backbone"), ARCHITECTURE_CASES)
 def test_trained_in_states_own_their_memory(scheme, backbone):
     model = tiny(scheme, backbone, RATIO).eval()
-    assert_owned(model, Server(model, prefill_chunk=16), scheme)
+    assert_owned(model, Engine(model, prefill_chunk=16), scheme)
 
 
 PLAIN_KV = [name for name in ARCHITECTURES
@@ -105,7 +105,7 @@ PRECISION = [name for name, cls in POLICIES.items() if cls.granularity == "preci
 def test_precision_on_trained_in_states_own_their_memory(scheme, policy, backbone):
     """A precision scheme on a trained-in model's per-event state (MLA: a latent as keys, values of width 0)."""
     model = tiny(scheme, backbone, RATIO).eval()
-    assert_owned(model, Server(model, build_policy(policy, 1.0), prefill_chunk=16), f"{scheme}+{policy}")
+    assert_owned(model, Engine(model, build_policy(policy, 1.0), prefill_chunk=16), f"{scheme}+{policy}")
 
 
 def test_every_scheme_and_wrapper_is_covered():

@@ -15,7 +15,7 @@ from malloc.memory.registry import build_model_for, build_policy
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import ModelConfig
 from malloc.profiling.latency import synthetic_events
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
@@ -64,16 +64,16 @@ def test_cache_policies_compose_with_head_schemes(scheme, policy, knobs, backbon
                       scheme=scheme, memory_ratio=0.5)
     model = build_model_for(cfg, 40)
     events = synthetic_events(2, 140, 40, seed=0)
-    plain = Server(model).write(events.slice(0, 120))
-    server = Server(model, build_policy(policy, 0.25, **knobs))
-    states = server.write(events.slice(0, 120))
+    plain = Engine(model).write(events.slice(0, 120))
+    engine = Engine(model, build_policy(policy, 0.25, **knobs))
+    states = engine.write(events.slice(0, 120))
     for start in range(120, 140, 5):
-        states = server.append(states, events.slice(start, start + 5))
-        plain = Server(model).append(plain, events.slice(start, start + 5))
+        states = engine.append(states, events.slice(start, start + 5))
+        plain = Engine(model).append(plain, events.slice(start, start + 5))
     stored = [sum(layer.nbytes() for layer in s.layers) for s in states]
     uncompressed = [sum(layer.nbytes() for layer in s.layers) for s in plain]
     assert all(s < 0.8 * u for s, u in zip(stored, uncompressed, strict=True))  # KIVI keeps a full residual
-    logits = server.score(states, torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.full((2, 3), 2_000_000_000))
+    logits = engine.score(states, torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.full((2, 3), 2_000_000_000))
     assert torch.isfinite(logits).all()
 
 
@@ -84,7 +84,7 @@ def test_policies_refuse_schemes_with_a_state_of_their_own():
     for name in own:
         model = build_model_for(ModelConfig(dim=16, layers=1, heads=4, head_dim=4, scheme=name, memory_ratio=0.5), 10)
         with pytest.raises(SchemeError, match="state of its own"):
-            Server(model, build_policy("h2o", 0.25))
+            Engine(model, build_policy("h2o", 0.25))
 
 
 @pytest.mark.parametrize("scheme", ["native", *ARCHITECTURES])
@@ -95,14 +95,14 @@ def test_the_server_keeps_each_schemes_own_state_rule(scheme):
                       memory_ratio=1.0 if scheme == "native" else 0.25)
     model = build_model_for(cfg, 40).eval()
     events = synthetic_events(2, 90, 40, seed=0)
-    server = Server(model)
-    served, direct = server.write(events.slice(0, 60)), model.prefill(events.slice(0, 60))
+    engine = Engine(model)
+    served, direct = engine.write(events.slice(0, 60)), Engine(model).prefill(events.slice(0, 60))
     for start in range(60, 90, 10):
-        served = server.append(served, events.slice(start, start + 10))
-        direct = model.append(direct, events.slice(start, start + 10))
+        served = engine.append(served, events.slice(start, start + 10))
+        direct = Engine(model).append(direct, events.slice(start, start + 10))
     assert [s.nbytes() for s in served] == [s.nbytes() for s in direct]
     items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
-    assert torch.allclose(server.score(served, items, times), model.score(direct, items, times))
+    assert torch.allclose(engine.score(served, items, times), Engine(model).score(direct, items, times))
 
 
 @pytest.mark.parametrize("scheme", ["gqa", "mla"])
@@ -116,6 +116,6 @@ def test_n_kept_switch_rescales_stored_events_of_head_schemes(scheme):
     items, times = torch.tensor([[3, 4], [5, 6]]), torch.full((2, 2), 2_000_000_000)
     scores = []
     for renormalise in (False, True):
-        server = Server(model, build_policy("h2o", 0.25), renormalise=renormalise)
-        scores.append(server.score(server.write(events), items, times))
+        engine = Engine(model, build_policy("h2o", 0.25), renormalise=renormalise)
+        scores.append(engine.score(engine.write(events), items, times))
     assert not torch.allclose(scores[0], scores[1])

@@ -17,7 +17,7 @@ from malloc.memory.registry import WRAPPER, build_model_for, build_policy, descr
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.memory.wrappers import Compose, Pyramid, dense_layer, pyramid_ratios
 from malloc.models import ModelConfig
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 
 def dense(n: int, heads: int = 4, dim: int = 16, seed: int = 0) -> LayerState:
@@ -79,7 +79,7 @@ def test_pyramid_layers_store_fewer_events_with_depth_on_a_model():
     events = Events(torch.randint(1, 31, (2, n), generator=g), torch.randint(0, 3, (2, n), generator=g),
                     torch.cumsum(torch.randint(1, 100, (2, n), generator=g), 1), torch.tensor([n, 70]))
     for inner in ("h2o", "tova"):
-        states = Server(model, build_policy("pyramid", 0.25, inner=inner)).write(events)
+        states = Engine(model, build_policy("pyramid", 0.25, inner=inner)).write(events)
         for state in states:
             tokens = [layer.num_tokens for layer in state.layers]
             assert tokens[0] > tokens[1] > tokens[2], (inner, tokens)
@@ -122,15 +122,15 @@ def test_compose_stores_per_head_selections_and_keeps_the_budget_on_append():
     n = 80
     events = Events(torch.randint(1, 31, (1, n), generator=g), torch.randint(0, 3, (1, n), generator=g),
                     torch.cumsum(torch.randint(1, 100, (1, n), generator=g), 1), torch.tensor([n]))
-    server = Server(model, policy)
-    states = server.write(events.slice(0, 60))
+    engine = Engine(model, policy)
+    states = engine.write(events.slice(0, 60))
     for start in range(60, n, 5):
-        states = server.append(states, events.slice(start, start + 5))
+        states = engine.append(states, events.slice(start, start + 5))
         for index, layer in enumerate(states[0].layers):
             assert isinstance(layer, QuantizedLayer) and layer.positions.shape[0] == 4  # (H, B) per head
             shape = dense_layer(layer)
             assert layer.nbytes() <= policy.target_bytes(shape, states[0].next_position), index
-    scores = server.score(states, torch.tensor([[1, 2, 3]]), torch.full((1, 3), 10**7))
+    scores = engine.score(states, torch.tensor([[1, 2, 3]]), torch.full((1, 3), 10**7))
     assert torch.isfinite(scores).all()
 
 
@@ -144,19 +144,19 @@ def test_compose_serves_a_cold_user_next_to_users_with_events():
     n = 80
     events = Events(torch.randint(1, 31, (3, n), generator=g), torch.randint(0, 3, (3, n), generator=g),
                     torch.cumsum(torch.randint(1, 100, (3, n), generator=g), 1), torch.tensor([n, 0, 50]))
-    server = Server(model, policy)
-    states = server.write(events)
+    engine = Engine(model, policy)
+    states = engine.write(events)
     assert [layer.num_tokens for layer in states[1].layers] == [0, 0]
     assert sum(layer.nbytes() for layer in states[1].layers) == 0
-    states = server.append(states, Events(events.items, events.actions, events.timestamps, torch.tensor([0, 70, 0])))
-    alone = server.write(Events(events.items[1:2], events.actions[1:2], events.timestamps[1:2], torch.tensor([70])))
+    states = engine.append(states, Events(events.items, events.actions, events.timestamps, torch.tensor([0, 70, 0])))
+    alone = engine.write(Events(events.items[1:2], events.actions[1:2], events.timestamps[1:2], torch.tensor([70])))
     assert states[1].nbytes() == alone[0].nbytes()
     for appended, written in zip(states[1].layers, alone[0].layers, strict=True):
         assert isinstance(appended, QuantizedLayer) and 0 < appended.num_tokens < 70
         pairs = zip(dataclasses.astuple(appended.read()), dataclasses.astuple(written.read()), strict=True)
         assert all(torch.equal(a, b) for a, b in pairs)
     items, times = torch.tensor([[1, 2, 3]] * 3), torch.full((3, 3), 10**7)
-    torch.testing.assert_close(server.score(states, items, times)[1:2], server.score(alone, items[:1], times[:1]))
+    torch.testing.assert_close(engine.score(states, items, times)[1:2], engine.score(alone, items[:1], times[:1]))
 
 
 def test_dense_layer_dequantizes_to_the_state_dtype():

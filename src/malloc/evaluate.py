@@ -26,9 +26,9 @@ from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
 from malloc.models.macs import recompute_macs, request_macs
 from malloc.results import atomic_file
+from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache
 from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
-from malloc.serving.server import Server
 
 # top-K of the retrieval fidelity (overlap of each user's top-K with Native's) and of per-user NDCG deltas
 FIDELITY_TOP_K = 10
@@ -97,23 +97,24 @@ def _per_user(meters: ReplayMeters) -> dict[str, np.ndarray]:
 def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
            policy: CachePolicy | None = None, keep_last: KeepLast | None = None,
            prefill_cache: PrefillCache | None = None) -> Replay:
-    """Replay split ``split`` through a :class:`Server` under ``policy`` (None: Native) and score it.
+    """Replay split ``split`` through an :class:`~malloc.serving.engine.Engine` under ``policy`` (None: Native) and
+    score it.
 
     ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.serving.replay`);
     ``prefill_cache`` shares uncompressed writes with other replays of ``model`` (the result is the same).
     """
     was_training = model.training
-    server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
+    engine = Engine(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
                     renormalise=cfg.eval.hstu_normaliser == "kept", prefill_cache=prefill_cache)
     try:
         if isinstance(view, CTRView):
             rows = view.split(split)
-            logits, meters = replay_ctr(server, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
+            logits, meters = replay_ctr(engine, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
                                         keep_last=keep_last, protocol=cfg.eval.protocol)
             metrics = ctr_metrics(rows.user, rows.label, logits)
             metrics["rows"] = len(rows)
             return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **_per_user(meters))
-        ranks, meters, top = replay_retrieval(server, view.sequences, view.target_index(split), cfg.model.max_len,
+        ranks, meters, top = replay_retrieval(engine, view.sequences, view.target_index(split), cfg.model.max_len,
                                               cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
                                               top_k=FIDELITY_TOP_K, keep_last=keep_last)
         metrics = retrieval_metrics(ranks, cfg.eval.ks)
@@ -207,7 +208,8 @@ def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: Retri
 
 def evaluate(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
              policy: CachePolicy | None = None) -> dict:
-    """Replay split ``split`` ("valid" or "test") through a :class:`Server` under ``policy`` and score it.
+    """Replay split ``split`` ("valid" or "test") through an :class:`~malloc.serving.engine.Engine` under ``policy``
+    and score it.
 
     Returns:
         ``{"metrics": {...}, "meters": {...}}``; CTR metrics are auc, gauc, logloss; retrieval metrics are

@@ -18,7 +18,7 @@ import torch
 from malloc.data.batching import events
 from malloc.data.tasks import CTRView, RetrievalView
 from malloc.profiling.latency import time_call
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ def _timed_users(view: CTRView | RetrievalView, split: str, count: int) -> tuple
     return users[picks], stops[picks]
 
 
-def request_latency_served(server: Server, view: CTRView | RetrievalView, split: str, max_len: int,
+def request_latency_served(engine: Engine, view: CTRView | RetrievalView, split: str, max_len: int,
                            spec: LatencySpec, seed: int = 0) -> dict[str, float | int]:
-    """Latency of batch-1 requests (append 1 event, then read) from states stored under ``server``'s policy.
+    """Latency of batch-1 requests (append 1 event, then read) from states stored under ``engine``'s policy.
 
     Returns:
         ``request_ms_p50``, ``request_ms_p99`` (over all timed requests), ``request_users``, ``request_repeats``,
@@ -82,17 +82,17 @@ def request_latency_served(server: Server, view: CTRView | RetrievalView, split:
         for index, (user, stop) in enumerate(zip(users.tolist(), stops.tolist(), strict=True)):
             start = max(0, stop - 1 - max_len)
             one = np.array([user])
-            stored = server.write(events(seqs, one, np.array([start]), np.array([stop - 1])))
+            stored = engine.write(events(seqs, one, np.array([start]), np.array([stop - 1])))
             new = events(seqs, one, np.array([stop - 1]), np.array([stop]))
             if isinstance(view, CTRView):
                 items = torch.randint(1, seqs.num_items + 1, (1, spec.candidates), generator=generator)
                 times = torch.full((1, spec.candidates), int(seqs.timestamps[seqs.offsets[user] + stop]))
 
                 def request(stored=stored, new=new, items=items, times=times) -> torch.Tensor:
-                    return server.score(server.append(stored, new), items, times)
+                    return engine.score(engine.append(stored, new), items, times)
             else:
                 def request(stored=stored, new=new) -> torch.Tensor:
-                    return server.retrieve(server.append(stored, new))
+                    return engine.retrieve(engine.append(stored, new))
             warmup = spec.warmup if index == 0 else 0
             samples.append(time_call(request, warmup=warmup, min_repeats=spec.repeats, min_seconds=0.0,
                                      max_repeats=spec.repeats))

@@ -62,8 +62,8 @@ from malloc.models import SequentialRecommender
 from malloc.profiling.latency import request_latency
 from malloc.results import atomic_write_json, check_writable, read_json, read_json_object
 from malloc.runner import build_view, load_model, run, run_dir_for
+from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache
-from malloc.serving.server import Server
 
 log = logging.getLogger("malloc.bench")
 
@@ -305,9 +305,9 @@ class SuiteRunner:
 
     def _latency(self, cfg: RunConfig, model: SequentialRecommender, policy: Any = None,
                  prefill_cache: PrefillCache | None = None) -> dict[str, Any]:
-        server = Server(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
+        engine = Engine(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
                         renormalise=cfg.eval.hstu_normaliser == "kept", prefill_cache=prefill_cache)
-        return request_latency_served(server, self._loaded.view_for(cfg), "test", cfg.model.max_len,
+        return request_latency_served(engine, self._loaded.view_for(cfg), "test", cfg.model.max_len,
                                       self.spec.latency, seed=cfg.train.seed)
 
     def _native(self, item: Item) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def native_token_bytes(layer: LayerState) -> int:
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """Base of the training-free schemes (the identity: Native).
+    """Base of the training-free schemes: what a layer stores at write (``compress``) and on append (``merge``).
+    The base keeps everything; :class:`~malloc.memory.schemes.reference.native.Native` is that policy by name.
 
     Attributes:
         memory_ratio: target stored bytes / Native stored bytes, in (0, 1].
@@ -66,11 +67,14 @@ class CachePolicy:
 
     memory_ratio: float = 1.0
 
-    name: ClassVar[str] = "native"
-    granularity: ClassVar[str] = "reference"
-    summary: ClassVar[str] = "every key and value of every stored event (the reference)"
+    name: ClassVar[str] = ""
+    granularity: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False
     observation_window: ClassVar[int] = 0
+    # True only for the policy that keeps everything: the engine then lets every layer keep its own rule (a
+    # trained-in scheme's state), and a model whose layers store something else than keys and values accepts it
+    keeps_everything: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_ratio <= 1.0:

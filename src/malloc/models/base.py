@@ -1,44 +1,29 @@
-"""What every backbone shares: embeddings, heads, the training forward and the serving path.
+"""What every backbone shares: embeddings, the layer stack, the heads and the training forward.
 
-Serving path (DESIGN.md section 3.5), batched over users of different lengths:
-
-- ``prefill(events) -> states``: encode histories and write each user's state (in chunks, so a 16k-event
-  history never builds a 16k x 16k attention matrix: each chunk is an append to the state written so far);
-- ``append(states, events) -> states``: compute only the new events, against the stored state;
-- ``score(states, candidates) -> logits``: candidates attend to the state and to themselves only, never to each
-  other, and never enter the state; processed in micro-batches (M-FALCON style);
-- ``retrieval_logits(states)``: the last stored event's output dotted with every item embedding.
-
-With no compression, prefill + append + score equals :meth:`forward` over the same tokens (tested).
+A backbone is embeddings + a stack of :class:`AttentionLayer` + CTR and retrieval heads. ``forward`` is the plain
+full forward training uses; :meth:`SequentialRecommender.encode` runs the stack over new tokens against what the
+layers stored before (their caches), which is how the serving engine (:mod:`malloc.serving.engine`) writes,
+appends and scores, and how CTR training scores its candidates. What a layer stores for a user, and how it reads
+it back, are the layer's state hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc.core.state import LayerState, StoredLayer, UserState, collate_layers
+from malloc.core.state import LayerState, StoredLayer, collate_layers
 from malloc.core.stats import AttentionObserver, ObservedRows
-from malloc.core.tokens import NUM_ACTIONS, Events, KVBlock, TokenBatch, concat_keys
+from malloc.core.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 from malloc.models.config import ModelConfig
-
-# merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
-Merge = Callable[[StoredLayer, LayerState, int, int], StoredLayer]
-
-# attention scores (users x heads x chunk x keys) computed at once by a serving append; past this, users go in
-# groups (docs/BENCHMARKS.md, "Batched writes": on the 2-core CPU, groups within 1M-8M scores wrote 8 users of
-# 1,485 to 7,697 events as fast as one user at a time, one group 1.1x to 2.8x slower depending on the load)
-MAX_SCORES = 1 << 21
-# candidates per chunk of the training forward (:meth:`SequentialRecommender.candidate_outputs`)
-CANDIDATE_CHUNK = 64
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 L2_EPS = 1e-6
+# candidates per chunk of the training forward (:meth:`SequentialRecommender.candidate_outputs`)
+CANDIDATE_CHUNK = 64
 
 
 class AttentionLayer(nn.Module):
@@ -164,12 +149,13 @@ class SequentialRecommender(nn.Module):
         Returns:
             ``h (B, T, D)`` final normalised outputs, and what the new tokens add to each layer's state.
         """
-        hidden, blocks, _ = self._encode(tokens, caches, observer)
+        hidden, blocks, _ = self.encode_tokens(tokens, caches, observer)
         return hidden, blocks
 
-    def _encode(self, tokens: TokenBatch, caches: list[Any] | None,
+    def encode_tokens(self, tokens: TokenBatch, caches: list[Any] | None,
                 observer: AttentionObserver | ObservedRows | None) -> tuple[torch.Tensor, list[Any], TokenBatch]:
-        """:meth:`encode`, also returning the tokens the layers processed (a scheme may add its own)."""
+        """:meth:`encode`, also returning the tokens the layers processed (a scheme may add its own): what the
+        serving engine needs to store each layer's new state."""
         processed, original = (tokens, None) if self.scheme is None else self.scheme.expand(tokens)
         x = self.input_dropout(self.embed(processed))
         new_blocks = []
@@ -230,151 +216,6 @@ class SequentialRecommender(nn.Module):
         table = self.item_embedding.weight if items is None else self.item_embedding(items)
         return F.normalize(table, dim=-1, eps=L2_EPS) if self.cfg.l2_norm else table
 
-    # -- serving path ------------------------------------------------------------------------------------------
-    @property
-    def state_dtype(self) -> torch.dtype:
-        """The stored tensors' dtype: ``cfg.state_dtype``, except that "float32", the exact reference, keeps a
-        float64 model's precision (float64 is how the exactness tests rule out rounding; a float32 state would
-        round every stored key to 1e-7 and hide a logic error behind it)."""
-        stored = DTYPES[self.cfg.state_dtype]
-        if stored == torch.float32 and self.item_embedding.weight.dtype == torch.float64:
-            return torch.float64
-        return stored
-
     @property
     def device(self) -> torch.device:
         return self.item_embedding.weight.device
-
-    def empty_state(self) -> UserState:
-        layers = tuple(layer.empty_state(self.state_dtype, self.device) for layer in self.layers)
-        return UserState(layers=layers, last_hidden=torch.zeros(0, device=self.device), next_position=0,
-                         last_timestamp=0)
-
-    def _caches(self, states: list[UserState], renormalise: bool = False) -> list[Any]:
-        """The stored layers as attention reads them.
-
-        Args:
-            renormalise: scale each user's stored contributions by events seen / events stored (HSTU's
-                "N = kept" switch, METHODS.md R3); off, evicted events contribute exactly 0 under the original N.
-        """
-        dtype = self.item_embedding.weight.dtype
-        blocks = [layer.collate([s.layers[index] for s in states], dtype)
-                  for index, layer in enumerate(self.layers)]
-        if not renormalise:
-            return blocks
-        return [replace(block, scale=torch.tensor(
-            [[s.next_position / max(s.layers[index].num_tokens, 1)] for s in states], dtype=dtype,
-            device=block.keys.device)) for index, block in enumerate(blocks)]
-
-    @torch.no_grad()
-    def prefill(self, events: Events, chunk_size: int = 1024, observer: AttentionObserver | None = None,
-                max_scores: int = MAX_SCORES) -> list[UserState]:
-        """Encode histories from scratch and write one (uncompressed) state per user."""
-        states = [self.empty_state() for _ in range(events.items.shape[0])]
-        return self.append(states, events, chunk_size=chunk_size, observer=observer, max_scores=max_scores)
-
-    @torch.no_grad()
-    def append(self, states: list[UserState], events: Events, chunk_size: int = 1024,
-               observer: AttentionObserver | None = None, merge: Merge | None = None, renormalise: bool = False,
-               max_scores: int = MAX_SCORES) -> list[UserState]:
-        """Compute only the new events against the stored states and return the updated states.
-
-        The input states are not modified. Events longer than ``chunk_size`` are appended chunk by chunk; each
-        chunk is computed for the users whose events reach it only (the others would only pad its attention), in
-        groups of users whose attention scores (users x heads x chunk x keys) stay within ``max_scores``: one
-        huge score tensor is slower than several that fit the caches, and each user's result is the same.
-
-        Args:
-            observer: receives the attention weights of the new events.
-            merge: how a layer's stored events and the new events become the stored layer (a cache policy;
-                default: the layer's own rule, :meth:`AttentionLayer.store`).
-            renormalise: see :meth:`_caches`.
-            max_scores: attention scores per group of users (at least one user per group).
-        """
-        for start in range(0, events.items.shape[1], chunk_size):
-            chunk = events.slice(start, start + chunk_size)
-            active = torch.nonzero(chunk.lengths > 0).flatten()
-            if len(active) == 0:  # events are left-aligned: no later chunk has any either
-                break
-            keys = max(states[u].num_tokens for u in active.tolist()) + chunk.items.shape[1]
-            group = max(1, max_scores // (self.cfg.heads * chunk.items.shape[1] * keys))
-            if len(active) == len(states) and group >= len(states):
-                states = self._append_chunk(states, chunk, observer, merge, renormalise)
-                continue
-            states = list(states)
-            for first in range(0, len(active), group):
-                rows = active[first:first + group]
-                users = rows.tolist()
-                done = self._append_chunk([states[u] for u in users], chunk.take(rows),
-                                          None if observer is None else observer.restrict(rows), merge,
-                                          renormalise, users)
-                for u, state in zip(users, done, strict=True):
-                    states[u] = state
-        return states
-
-    def _append_chunk(self, states: list[UserState], events: Events,
-                      observer: AttentionObserver | ObservedRows | None, merge: Merge | None, renormalise: bool,
-                      users: list[int] | None = None) -> list[UserState]:
-        """One chunk of :meth:`append`; ``users`` are the batch indices of ``states`` (merge's user argument)."""
-        device = events.items.device
-        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device)
-        length = events.items.shape[1]
-        valid = events.valid
-        tokens = TokenBatch(
-            items=events.items, actions=events.actions,
-            positions=next_pos[:, None] + torch.arange(length, device=device)[None, :],
-            timestamps=events.timestamps, is_history=valid, valid=valid,
-        )
-        hidden, blocks, processed = self._encode(tokens, self._caches(states, renormalise), observer)
-        counts = processed.valid.sum(dim=1).tolist()  # new tokens per user, left-aligned (events, maybe more)
-        updated = []
-        for b, state in enumerate(states):
-            t = int(events.lengths[b])
-            if t == 0:
-                updated.append(state)
-                continue
-            layers = []
-            for index, (layer, stored, block) in enumerate(zip(self.layers, state.layers, blocks, strict=True)):
-                new = layer.new_state(block, processed, b, counts[b], self.state_dtype)
-                user = b if users is None else users[b]
-                layers.append(layer.store(stored, new) if merge is None else merge(stored, new, index, user))
-            layers = tuple(layers)
-            updated.append(UserState(layers=layers, last_hidden=hidden[b, t - 1].to(self.state_dtype).clone(),
-                                     next_position=state.next_position + t,
-                                     last_timestamp=int(events.timestamps[b, t - 1])))
-        return updated
-
-    @torch.no_grad()
-    def score(self, states: list[UserState], items: torch.Tensor, timestamps: torch.Tensor,
-              chunk_size: int = 256, renormalise: bool = False) -> torch.Tensor:
-        """Click logits of candidates read from the stored states; the states are left unchanged.
-
-        Args:
-            items: ``(B, c)`` candidate item ids (0 = padding, its logit is meaningless).
-            timestamps: ``(B, c)`` request times.
-            chunk_size: candidates per micro-batch.
-            renormalise: see :meth:`_caches`.
-        Returns:
-            ``(B, c)`` logits.
-        """
-        caches = self._caches(states, renormalise)
-        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=items.device)
-        logits = []
-        for start in range(0, items.shape[1], chunk_size):
-            part = items[:, start:start + chunk_size]
-            valid = part > 0
-            tokens = TokenBatch(
-                items=part, actions=torch.zeros_like(part),
-                positions=next_pos[:, None].expand_as(part),
-                timestamps=timestamps[:, start:start + chunk_size], is_history=torch.zeros_like(valid),
-                valid=valid,
-            )
-            hidden, _ = self.encode(tokens, caches)
-            logits.append(self.ctr_logits(hidden, part))
-        return torch.cat(logits, dim=1)
-
-    @torch.no_grad()
-    def retrieval_logits(self, states: list[UserState]) -> torch.Tensor:
-        """``(B, num_items + 1)`` next-item logits from each state's last hidden output."""
-        hidden = torch.stack([s.last_hidden.to(self.item_embedding.weight.dtype) for s in states])
-        return self.item_logits(hidden)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from malloc.core.tokens import NUM_ACTIONS, Events, TokenBatch
 from malloc.models.base import SequentialRecommender
+from malloc.serving.engine import Engine
 
 
 def synthetic_events(batch: int, length: int, num_items: int, seed: int) -> Events:
@@ -126,14 +127,15 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     items, times = (t.to(model.device) for t in _candidates(events, candidates, num_items, seed + 1))
     events = events.to(model.device)
     history, new = events.slice(0, history_len), events.slice(history_len, history_len + append_events)
+    engine = Engine(model, prefill_chunk=prefill_chunk)
     with torch.no_grad():
-        stored = model.prefill(history, chunk_size=prefill_chunk)
+        stored = engine.prefill(history)
 
         def cached() -> torch.Tensor:
-            return model.score(model.append(stored, new, chunk_size=prefill_chunk), items, times)
+            return engine.score(engine.append(stored, new), items, times)
 
         def recompute() -> torch.Tensor:
-            return model.score(model.prefill(events, chunk_size=prefill_chunk), items, times)
+            return engine.score(engine.prefill(events), items, times)
 
         cached_s = time_call(cached, **timing)
         recompute_s = time_call(recompute, **{**timing, **(recompute_timing or {})})

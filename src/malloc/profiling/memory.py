@@ -128,22 +128,24 @@ def serving_workload(backbone: str, users: int = 256, history: int = 512, candid
     from malloc.memory.registry import build_model_for
     from malloc.models import ModelConfig
     from malloc.profiling.latency import synthetic_events
+    from malloc.serving.engine import Engine
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model_for(ModelConfig(backbone=backbone), num_items).eval()  # type: ignore[arg-type]
+    engine = Engine(model, prefill_chunk=prefill_chunk)
     states = []
     with torch.no_grad():
         for start in range(0, users, user_batch):
             count = min(user_batch, users - start)
             events = synthetic_events(count, history, num_items, seed + start)
-            states.extend(model.prefill(events, chunk_size=prefill_chunk))
+            states.extend(engine.prefill(events))
         generator = torch.Generator().manual_seed(seed)
         for start in range(0, users, user_batch):
             part = states[start:start + user_batch]
             items = torch.randint(1, num_items + 1, (len(part), candidates), generator=generator)
             times = torch.tensor([[s.last_timestamp + 1] for s in part]).expand(len(part), candidates)
-            model.score(part, items, times)
+            engine.score(part, items, times)
     return {"backbone": backbone, "users": users, "history": history, "candidates": candidates,
             "user_batch": user_batch, "state_bytes": sum(s.nbytes() for s in states)}

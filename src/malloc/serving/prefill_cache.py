@@ -1,10 +1,11 @@
-"""Uncompressed writes shared by the servers of one model: a training-free sweep prefills each history once.
+"""Uncompressed writes shared by the engines of one model: a training-free sweep prefills each history once.
 
-A training-free policy acts on a write only after the history was encoded uncompressed (:meth:`Server.write`):
-the prefill's states, and the attention statistics a query-aware policy reads, do not depend on the policy or its
-ratio. So every training-free item of a suite that serves one checkpoint can share one prefill per batch of
-users, and each item pays only its compression, its appends and its reads. On long histories this is most of the
-cost: a 16,384-event write is about a minute on a 2-core CPU, and its appends are milliseconds.
+A training-free policy acts on a write only after the history was encoded uncompressed
+(:meth:`malloc.serving.engine.Engine.write`): the prefill's states, and the attention statistics a query-aware
+policy reads, do not depend on the policy or its ratio. So every training-free item of a suite that serves one
+checkpoint can share one prefill per batch of users, and each item pays only its compression, its appends and its
+reads. On long histories this is most of the cost: a long write costs seconds to minutes, and its appends are
+milliseconds.
 
 An entry is keyed by the events' content (a digest of items, actions, timestamps and lengths), the prefill chunk
 and what the policy observes: nothing, or the attention statistics with its observation window (the window
@@ -53,7 +54,7 @@ class PrefillCache:
     """Least-recently-used uncompressed writes of one model.
 
     Args:
-        model: the model whose prefills are cached; a :class:`Server` of another model refuses the cache.
+        model: the model whose prefills are cached; an engine of another model refuses the cache.
         max_bytes: budget of the entries kept (default 2 GiB).
 
     Attributes:

@@ -1,7 +1,7 @@
-"""Replays a split's requests through a :class:`Server`: the evaluation protocol of both tasks.
+"""Replays a split's requests through a :class:`~malloc.serving.engine.Engine`: the evaluation protocol of both tasks.
 
 CTR. For each user, the split's rows (the user's *window*) are taken in order of history length
-``s_0 < s_1 < ...``. The server writes the user's stored history (the ``max_len`` events before ``s_0``, with their
+``s_0 < s_1 < ...``. The engine writes the user's stored history (the ``max_len`` events before ``s_0``, with their
 labels), scores the rows at ``s_0``, then for each later step appends the events between the two steps and scores
 that step's rows. So a user with 70 test events is one write and 69 appends, as a serving fleet would see them, and
 every prediction is read from the stored state. Two protocols differ in what the appended window events carry:
@@ -23,7 +23,7 @@ Requests of different users are batched (one step of many users at a time); the 
 batched step divided by the users it served.
 
 Both replays take ``keep_last``, which truncates the *written* history to its most recent events (the memory
-sensitivity curve, :mod:`malloc.sensitivity`): it maps the ``(B,)`` lengths the server would write to the
+sensitivity curve, :mod:`malloc.sensitivity`): it maps the ``(B,)`` lengths the engine would write to the
 ``(B,)`` lengths it writes instead; appended events and scored candidates are unchanged.
 """
 
@@ -42,7 +42,7 @@ from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
 from malloc.eval.metrics import target_ranks
 from malloc.profiling.latency import synchronize
-from malloc.serving.server import Server
+from malloc.serving.engine import Engine
 
 KeepLast = Callable[[np.ndarray], np.ndarray]
 PROTOCOLS = ("blind", "feedback")
@@ -127,7 +127,7 @@ def _user_groups(rows: CTRRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return order, users, bounds, np.argsort(longest, kind="stable")
 
 
-def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256,
+def replay_ctr(engine: Engine, seqs: Sequences, rows: CTRRows, max_len: int, user_batch: int = 256,
                keep_last: KeepLast | None = None, protocol: str = "blind") -> tuple[np.ndarray, ReplayMeters]:
     """Click logits of every row, read from stored states.
 
@@ -154,7 +154,7 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
         batch_users = users[batch]
         first_len = np.array([s[0][0] for s in steps])
         written_from = _truncate(np.maximum(0, first_len - max_len), first_len, keep_last)
-        states = server.write(events(seqs, batch_users, written_from, first_len))
+        states = engine.write(events(seqs, batch_users, written_from, first_len))
         num_steps = max(len(s[0]) for s in steps)
         for k in range(num_steps):
             active = [b for b, s in enumerate(steps) if k < len(s[0])]
@@ -165,11 +165,11 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
                 window = events(seqs, batch_users[active], prev, cur)
                 if protocol == "blind":
                     window = window.without_labels()
-                appended = server.append([states[b] for b in active], window)
+                appended = engine.append([states[b] for b in active], window)
                 for b, state in zip(active, appended, strict=True):
                     states[b] = state
             picked = [steps[b][1][k] for b in active]
-            scores = server.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
+            scores = engine.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
                                   pad([rows.timestamp[p] for p in picked]))
             synchronize()
             meters.request_seconds.append((time.perf_counter() - tic) / len(active))
@@ -180,7 +180,7 @@ def replay_ctr(server: Server, seqs: Sequences, rows: CTRRows, max_len: int, use
     return logits, meters
 
 
-def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, max_len: int,
+def replay_retrieval(engine: Engine, seqs: Sequences, target_index: np.ndarray, max_len: int,
                      append_events: int = 1, user_batch: int = 256, mask_history: bool = True, top_k: int = 0,
                      keep_last: KeepLast | None = None
                      ) -> tuple[np.ndarray, ReplayMeters] | tuple[np.ndarray, ReplayMeters, np.ndarray]:
@@ -207,10 +207,10 @@ def replay_retrieval(server: Server, seqs: Sequences, target_index: np.ndarray, 
         stop = target_index[users]
         start = np.maximum(0, stop - max_len)
         split = np.maximum(start, stop - append_events)
-        states = server.write(events(seqs, users, _truncate(start, split, keep_last), split))
+        states = engine.write(events(seqs, users, _truncate(start, split, keep_last), split))
         tic = time.perf_counter()
-        states = server.append(states, events(seqs, users, split, stop))
-        scores = server.retrieve(states)
+        states = engine.append(states, events(seqs, users, split, stop))
+        scores = engine.retrieve(states)
         synchronize()
         meters.request_seconds.append((time.perf_counter() - tic) / len(users))
         targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop], device=scores.device)

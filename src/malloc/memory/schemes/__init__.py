@@ -28,8 +28,25 @@ from malloc.memory.schemes.token_prune.snapkv import SnapKV
 from malloc.memory.schemes.token_prune.streaming_llm import StreamingLLM
 from malloc.memory.schemes.token_prune.tova import TOVA
 
+
+def registry(classes: tuple[type, ...]) -> dict[str, type]:
+    """``{name: class}`` in the given order; every class must carry a name of its own.
+
+    Raises:
+        ValueError: a class without a name, or two classes of one name (a later one would hide the first).
+    """
+    table: dict[str, type] = {}
+    for cls in classes:
+        if not getattr(cls, "name", ""):
+            raise ValueError(f"scheme class {cls.__name__} has no name")
+        if cls.name in table:
+            raise ValueError(f"scheme name {cls.name!r} is taken by {table[cls.name].__name__} and {cls.__name__}")
+        table[cls.name] = cls
+    return table
+
+
 # name -> class; the order is the order of `malloc methods` and of reports
-POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (
+POLICIES: dict[str, type[CachePolicy]] = registry((
     Native,
     Recency,
     Random,
@@ -40,10 +57,10 @@ POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (
     KIVI,
     IntactKV,
     Int8,
-)}
+))
 
 # trained-in schemes: name -> class ("native", plain attention, is the backbone's own layer)
-ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
+ARCHITECTURES: dict[str, type[ArchitectureScheme]] = registry((
     MQA,
     GQA,
     MLA,
@@ -52,4 +69,4 @@ ARCHITECTURES: dict[str, type[ArchitectureScheme]] = {cls.name: cls for cls in (
     Longformer,
     Beacon,
     RWKV,
-)}
+))

@@ -16,6 +16,9 @@ class Native(CachePolicy):
     """
 
     name: ClassVar[str] = "native"
+    granularity: ClassVar[str] = "reference"
+    summary: ClassVar[str] = "every key and value of every stored event (the reference)"
+    keeps_everything: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
