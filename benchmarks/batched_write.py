@@ -26,9 +26,10 @@ import torch
 
 from _common import int_list
 from malloc.core.tokens import Events
+from malloc.device import synchronize
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
-from malloc.profiling.latency import synchronize, synthetic_events
+from malloc.profiling.latency import synthetic_events
 from malloc.serving.engine import MAX_SCORES, Engine
 
 

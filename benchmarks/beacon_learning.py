@@ -30,7 +30,7 @@ from malloc.config import RunConfig, load_config
 from malloc.configio import ConfigError
 from malloc.core.tokens import TokenBatch
 from malloc.errors import MallocError
-from malloc.evaluate import evaluate
+from malloc.eval.evaluate import evaluate
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_architecture, build_model_for
 from malloc.memory.schemes.token_merge.beacon import Beacon

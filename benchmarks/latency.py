@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-from typing import Any
 
 import torch
 
 from _common import int_list, name_list, table_line
+from malloc.device import environment
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
@@ -58,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "system: the C library's defaults")
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
-
-
-def environment(device: str) -> dict[str, Any]:
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "device": device, "device_name": name}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from malloc.cli import main as malloc_main
 from malloc.cli import parse_ratio
 from malloc.config import load_config
-from malloc.evaluate import scheme_result_path
+from malloc.eval.evaluate import scheme_result_path
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import TRAINING_FREE, describe
 from malloc.results import atomic_write_text, read_json

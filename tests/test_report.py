@@ -13,8 +13,8 @@ import pytest
 from malloc.bench.complexity import COMPLEXITY, missing_entries
 from malloc.bench.pareto import pareto_front
 from malloc.bench.report import ratio_text
-from malloc.bench.stats import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.cli import main
+from malloc.eval.statistics import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.memory.registry import describe
 from smoke_suite import smoke_run
 

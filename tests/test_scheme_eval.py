@@ -11,7 +11,8 @@ import pytest
 
 from conftest import run_dirs
 from malloc.cli import main, parse_knobs, parse_ratio
-from malloc.evaluate import average_ranks, ctr_fidelity, pearson, retrieval_fidelity, spearman
+from malloc.eval.fidelity import ctr_fidelity, retrieval_fidelity
+from malloc.eval.statistics import average_ranks, pearson, spearman
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import scheme_names, wrapper_names
 from malloc.memory.schemes import ARCHITECTURES

@@ -15,15 +15,14 @@ from malloc.configio import ConfigError
 from malloc.data.batching import events
 from malloc.data.sequences import DataError
 from malloc.eval.anchors import item_mean_logits, popularity_ranks
+from malloc.eval.evaluate import replay
 from malloc.eval.metrics import auc, ctr_metrics, retrieval_metrics, target_ranks
-from malloc.evaluate import replay
+from malloc.eval.statistics import UserScores, ctr_user_scores, metrics_with_counts
 from malloc.results import read_json
 from malloc.runner import load_trained, run
 from malloc.sensitivity import (
     Truncation,
-    ctr_user_scores,
     default_truncations,
-    metrics_with_counts,
     parse_dataset,
     sensitivity,
     sensitivity_config,
@@ -70,8 +69,6 @@ def test_bootstrap_metrics_match_the_plain_metrics() -> None:
     assert metrics_with_counts(scores, counts)["auc"] == pytest.approx(auc(labels[rows], logits[rows]), abs=1e-12)
 
     ranks = rng.integers(1, 40, 50)
-    from malloc.sensitivity import UserScores
-
     got = metrics_with_counts(UserScores("retrieval", ranks=ranks), np.ones(50))
     want = retrieval_metrics(ranks, (10,))
     assert got == pytest.approx({k: want[k] for k in ("hr@10", "ndcg@10", "mrr")})

@@ -11,10 +11,10 @@ from malloc.data.batching import CTRWindowRows, ctr_training_batch, history_toke
 from malloc.data.sequences import CTRRows, Dataset, build_sequences
 from malloc.data.tasks import CTRView, RetrievalView, Window, ctr_rows, windows
 from malloc.eval.metrics import target_ranks
+from malloc.eval.replay import replay_ctr, replay_retrieval
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
 from malloc.serving.engine import Engine
-from malloc.serving.replay import replay_ctr, replay_retrieval
 
 MAX_LEN = 8
 
@@ -170,7 +170,7 @@ def test_forward_metrics_equal_the_serving_replay(task, backbone, scheme, protoc
     import dataclasses
 
     from malloc.config import RunConfig
-    from malloc.evaluate import forward_metrics, replay
+    from malloc.eval.evaluate import forward_metrics, replay
     from malloc.models.config import ModelConfig
 
     if task == "retrieval" and protocol == "feedback":

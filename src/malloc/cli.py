@@ -121,9 +121,9 @@ def _scheme_identity(result: dict) -> dict:
 def cmd_eval_scheme(args: argparse.Namespace) -> int:
     """``malloc eval --scheme NAME --memory-ratio R [--knob k=v ...]``: a scheme against Native, to JSON."""
     from malloc.configio import to_dict
-    from malloc.evaluate import evaluate_scheme, scheme_result_path
+    from malloc.eval.evaluate import evaluate_scheme, scheme_result_path
     from malloc.memory.registry import build_policy
-    from malloc.results import atomic_write_json, check_writable, read_json_object
+    from malloc.results import cached, check_writable
     from malloc.runner import load_trained, run_dir_for
 
     ratio = parse_ratio(args.memory_ratio) if args.memory_ratio is not None else 1.0
@@ -133,18 +133,20 @@ def cmd_eval_scheme(args: argparse.Namespace) -> int:
     path = scheme_result_path(run_dir_for(cfg).root, args.scheme, ratio, knobs, args.split, cfg.eval)
     identity = _scheme_identity({"scheme": args.scheme, "knobs": knobs, "memory_ratio_target": ratio,
                                  "split": args.split, "eval": to_dict(cfg.eval)})
-    done = read_json_object(path) if not args.force else None
-    if done is not None and _scheme_identity(done) == identity and _is_scheme_result(done):
-        print(f"{path} exists; skipping (use --force to rerun)")
-        _print_scheme(done)
-        return 0
     check_writable(path.parent)
-    model, view, run_dir = load_trained(cfg)
-    result = evaluate_scheme(cfg, model, view, args.split, policy, args.scheme, knobs, run_dir.root)
-    result["run_id"] = run_dir.run_id
-    atomic_write_json(path, result)
+
+    computed = []
+
+    def compute() -> dict[str, Any]:
+        model, view, run_dir = load_trained(cfg)
+        result = evaluate_scheme(cfg, model, view, args.split, policy, args.scheme, knobs, run_dir.root)
+        computed.append(path)
+        return {**result, "run_id": run_dir.run_id}
+
+    result = cached(path, compute, lambda done: _scheme_identity(done) == identity and _is_scheme_result(done),
+                    force=args.force)
+    print(f"wrote {path}" if computed else f"{path} exists; skipping (use --force to rerun)")
     _print_scheme(result)
-    print(f"wrote {path}")
     return 0
 
 
@@ -200,7 +202,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from malloc.evaluate import evaluate
+    from malloc.eval.evaluate import evaluate
     from malloc.memory.policy import SchemeError
     from malloc.results import atomic_write_json, check_writable
     from malloc.runner import load_trained

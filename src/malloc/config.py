@@ -136,7 +136,7 @@ class EvalConfig:
             scales the stored events' contributions by events seen / events stored (METHODS.md R3).
         protocol: CTR replay: "blind" appends a user's window of scored events without their labels (every row
             scored from the labels before the window; GAUC unbiased), "feedback" with them (each label known before
-            the next row; GAUC biased by the window's own labels). See :mod:`malloc.serving.replay`.
+            the next row; GAUC biased by the window's own labels). See :mod:`malloc.eval.replay`.
     """
 
     append_events: int = 1

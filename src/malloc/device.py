@@ -6,8 +6,11 @@ same config are the same run up to floating-point reordering, and each result re
 
 from __future__ import annotations
 
+import os
+import platform
 import re
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from malloc.configio import ConfigError
 
@@ -48,3 +51,39 @@ def device_name(device: torch.device) -> str:
     import torch
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer read after it counts it; a no-op on a CPU run.
+
+    Only when CUDA was used in this process: never initialise a GPU context just to time a CPU run.
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """What a result records about where it ran: library versions, the platform, the CPU model (Linux), its core
+    count, torch's thread count, the GPU torch sees (or None), and ``device`` resolved ("cpu" or the GPU's name).
+    """
+    import numpy as np
+    import torch
+
+    from malloc import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:  # the CPU model name on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"versions": {"malloc": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": np.__version__},
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "device": device_name(resolve_device(device))}

@@ -181,18 +181,26 @@ def read_json_object(path: str | Path) -> dict[str, Any] | None:
     return value
 
 
-def cached_json(path: str | Path, identity: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-    """The value stored at ``path`` for ``identity``, or ``compute()`` stored there (atomically) and returned.
-
-    A missing, corrupt or stale file (another identity) is recomputed; ``identity`` and the value must be JSON.
+def cached(path: str | Path, compute: Callable[[], dict[str, Any]], reusable: Callable[[dict[str, Any]], bool],
+           force: bool = False) -> dict[str, Any]:
+    """The JSON object stored at ``path`` if ``reusable(stored)`` says it is, else ``compute()`` written there
+    (atomically) and returned. The one way MALLOC reuses a computed JSON result (anchors, a scheme's evaluation,
+    a sensitivity curve): ``reusable`` checks that the stored object is of the same identity and well formed, so a
+    stale, corrupt or malformed file is recomputed (a corrupt one is logged), never used. ``force`` recomputes.
     """
-    expected = json.loads(json.dumps(to_jsonable(identity), sort_keys=True))
-    stored = read_json_object(path)
-    if stored is not None and stored.get("identity") == expected and "value" in stored:
-        return stored["value"]
+    stored = None if force else read_json_object(path)
+    if stored is not None and reusable(stored):
+        log.info("%s exists; reusing it (--force recomputes)", path)
+        return stored
     value = compute()
-    atomic_write_json(path, {"identity": expected, "value": value})
+    atomic_write_json(path, value)
     return json.loads(json.dumps(to_jsonable(value)))
+
+
+def same_identity(identity: Mapping[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """A ``reusable`` test for :func:`cached`: the stored object's ``identity`` equals ``identity`` (as JSON)."""
+    expected = json.loads(json.dumps(to_jsonable(identity), sort_keys=True))
+    return lambda stored: stored.get("identity") == expected
 
 
 CTR_METRICS = ("auc", "gauc", "logloss")
@@ -424,11 +432,12 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
-    "cached_json",
+    "cached",
     "check_writable",
     "load_checkpoint",
     "metrics_problem",
     "read_json",
     "read_json_object",
+    "same_identity",
     "to_jsonable",
 ]

@@ -12,27 +12,24 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from malloc import __version__
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from malloc.data.fingerprint import data_digest
 from malloc.data.sequences import DataError
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
-from malloc.device import device_name, resolve_device
+from malloc.device import environment, resolve_device
 from malloc.errors import CheckpointError, ResultsError
 from malloc.eval.anchors import ANCHORS_VERSION, anchor_metrics
-from malloc.evaluate import model_meters, native_identity, native_predictions_path, replay
+from malloc.eval.evaluate import model_meters, native_identity, native_predictions_path, replay
 from malloc.memory.registry import build_model_for
 from malloc.models import SequentialRecommender
-from malloc.results import RunDir, cached_json, check_writable, load_checkpoint
+from malloc.results import RunDir, cached, check_writable, load_checkpoint, same_identity
 from malloc.train import train
 
 log = logging.getLogger("malloc.run")
@@ -77,13 +74,6 @@ def build_view(cfg: RunConfig) -> CTRView | RetrievalView:
     if cfg.task == "ctr":
         return CTRView(ds.sequences, ctr_rows(ds, d.test_fraction, d.valid_fraction))
     return RetrievalView(ds.sequences)
-
-
-def environment(device: str = "cpu") -> dict[str, Any]:
-    """Library versions, the processor, torch's thread count and the device (``cfg.device``) of a run."""
-    return {"malloc": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-            "device": device_name(resolve_device(device))}
 
 
 def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
@@ -153,9 +143,13 @@ def anchors_for(cfg: RunConfig, view: CTRView | RetrievalView) -> dict[str, dict
                 "protocol": cfg.eval.protocol if cfg.task == "ctr" else None, "seed": cfg.train.seed,
                 "ks": list(cfg.eval.ks), "mask_history": cfg.eval.mask_history, "version": ANCHORS_VERSION}
     path = Path(cfg.results_dir) / "anchors" / f"{cfg.data.source}-{cfg.task}-{config_hash(identity)}.json"
-    return cached_json(path, identity, lambda: anchor_metrics(
-        view, ("valid", "test"), protocol=cfg.eval.protocol, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history,
-        seed=cfg.train.seed))
+
+    def compute() -> dict[str, Any]:
+        return {"identity": identity, "value": anchor_metrics(
+            view, ("valid", "test"), protocol=cfg.eval.protocol, ks=cfg.eval.ks, mask_history=cfg.eval.mask_history,
+            seed=cfg.train.seed)}
+
+    return cached(path, compute, lambda stored: same_identity(identity)(stored) and "value" in stored)["value"]
 
 
 def check_stored_config(run_dir: RunDir, cfg: RunConfig) -> None:

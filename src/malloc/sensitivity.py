@@ -1,7 +1,7 @@
 """The memory-sensitivity curve: how much of a data set's accuracy needs long-range memory.
 
 Native is trained once (:func:`malloc.runner.run`; an existing run is reused), then its test split is served
-through the serving path (:func:`malloc.evaluate.replay`) again and again with each user's *written* history
+through the serving path (:func:`malloc.eval.evaluate.replay`) again and again with each user's *written* history
 truncated to its most recent events: a fraction of it (1/2, 1/4, ..., 1/64) or a fixed length (8, 16, 32, ...
 events). The appended events and the scored candidates stay as they are, so only the stored memory shrinks, as
 under a compression scheme that keeps the most recent events (StreamingLLM without sinks). The history mask of
@@ -37,8 +37,16 @@ from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
 from malloc.data.tasks import CTRView
 from malloc.eval.anchors import ANCHORS_VERSION, ctr_anchor_logits, retrieval_anchor_ranks
-from malloc.eval.metrics import _grouped_auc, sigmoid
-from malloc.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
+from malloc.eval.statistics import (
+    RETRIEVAL_K,
+    UserScores,
+    bootstrap,
+    bootstrap_counts,
+    ctr_user_scores,
+    metrics_with_counts,
+    sample_std,
+)
+from malloc.results import atomic_file, atomic_write_text, cached
 
 log = logging.getLogger("malloc.sensitivity")
 
@@ -47,7 +55,6 @@ FRACTIONS: tuple[int, ...] = (2, 4, 8, 16, 32, 64)  # keep 1/k of the written hi
 MIN_LENGTH = 8  # fixed lengths 8, 16, 32, ... below model.max_len
 BOOTSTRAP = 200
 MAX_BOOTSTRAP = 10_000  # a (resamples x users) count matrix is held in memory
-RETRIEVAL_K = 10
 PRIMARY = {"ctr": "gauc", "retrieval": f"ndcg@{RETRIEVAL_K}"}
 SECONDARY = {"ctr": "auc", "retrieval": f"hr@{RETRIEVAL_K}"}
 
@@ -92,96 +99,6 @@ def default_truncations(max_len: int, fractions: Sequence[int] = FRACTIONS) -> l
         points.append(Truncation(length=length))
         length *= 2
     return points
-
-
-# -- per-user statistics and the bootstrap --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UserScores:
-    """What the bootstrap resamples: per served user, everything the metrics need.
-
-    CTR: ``auc (U,)`` per-user AUC (NaN for a single class), ``rows (U,)``, ``loss (U,)`` summed row log loss,
-    plus the row arrays ``row_user (R,)`` (index into the users), ``labels (R,)``, ``scores (R,)`` for the
-    global AUC. Retrieval: ``ranks (U,)`` 1-based target ranks.
-    """
-
-    task: str
-    ranks: np.ndarray | None = None
-    auc: np.ndarray | None = None
-    rows: np.ndarray | None = None
-    loss: np.ndarray | None = None
-    row_user: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    scores: np.ndarray | None = None
-
-    @property
-    def num_users(self) -> int:
-        return len(self.ranks) if self.task == "retrieval" else len(self.rows)
-
-
-def ctr_user_scores(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> UserScores:
-    """Per-user CTR statistics of rows ``(R,)``; users in ascending id order."""
-    labels = np.asarray(labels).astype(np.int8)
-    logits = np.asarray(logits, dtype=np.float64)
-    auc, rows, _ = _grouped_auc(np.asarray(users), labels, logits)
-    uniq, row_user = np.unique(users, return_inverse=True)
-    prob = np.clip(sigmoid(logits), 1e-7, 1 - 1e-7)
-    row_loss = np.where(labels == 1, -np.log(prob), -np.log1p(-prob))
-    loss = np.bincount(row_user, weights=row_loss, minlength=len(uniq))
-    return UserScores("ctr", auc=auc, rows=rows.astype(np.float64), loss=loss, row_user=row_user, labels=labels,
-                      scores=logits)
-
-
-def _weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
-    """ROC AUC with integer row weights (ties count one half); NaN with a single class."""
-    order = np.argsort(scores, kind="stable")
-    s, y, w = scores[order], labels[order], weights[order]
-    new = np.ones(len(s), dtype=bool)
-    new[1:] = s[1:] != s[:-1]
-    block = np.cumsum(new) - 1
-    neg = np.bincount(block, weights=w * (y == 0))
-    pos = np.bincount(block, weights=w * (y == 1))
-    below = np.cumsum(neg) - neg  # negative weight strictly below each block
-    total_pos, total_neg = pos.sum(), neg.sum()
-    if total_pos == 0 or total_neg == 0:
-        return float("nan")
-    return float(((below + 0.5 * neg) * pos).sum() / (total_pos * total_neg))
-
-
-def metrics_with_counts(scores: UserScores, counts: np.ndarray) -> dict[str, float]:
-    """The metrics when user ``u`` is counted ``counts[u]`` times (all ones: the plain metrics)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if scores.task == "retrieval":
-        ranks = np.asarray(scores.ranks, dtype=np.float64)
-        hit = ranks <= RETRIEVAL_K
-        gain = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
-        total = counts.sum()
-        return {f"ndcg@{RETRIEVAL_K}": float((counts * gain).sum() / total),
-                f"hr@{RETRIEVAL_K}": float((counts * hit).sum() / total),
-                "mrr": float((counts / ranks).sum() / total)}
-    ok = ~np.isnan(scores.auc)
-    weight = counts[ok] * scores.rows[ok]
-    gauc = float((weight * scores.auc[ok]).sum() / weight.sum()) if weight.sum() else float("nan")
-    return {"gauc": gauc,
-            "auc": _weighted_auc(scores.labels, scores.scores, counts[scores.row_user]),
-            "logloss": float((counts * scores.loss).sum() / (counts * scores.rows).sum())}
-
-
-def bootstrap_counts(num_users: int, resamples: int, seed: int) -> np.ndarray:
-    """``(resamples, num_users)`` how often each user is drawn in each resample (with replacement)."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, num_users, size=(resamples, num_users))
-    return np.stack([np.bincount(row, minlength=num_users) for row in draws]) if resamples else np.zeros((0, 0))
-
-
-def bootstrap(scores: UserScores, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """``{metric: (resamples,)}`` the metrics of every resample."""
-    samples = [metrics_with_counts(scores, row) for row in counts]
-    return {key: np.array([s[key] for s in samples]) for key in (samples[0] if samples else {})}
-
-
-def _std(x: np.ndarray) -> float:
-    x = x[~np.isnan(x)]
-    return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
 
 # -- the curve -------------------------------------------------------------------------------------------------------
@@ -265,7 +182,7 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     Raises:
         ConfigError: an unknown task or split, or fewer than 2 bootstrap resamples.
     """
-    from malloc.evaluate import replay
+    from malloc.eval.evaluate import replay
     from malloc.runner import build_view, load_model, run, run_dir_for
 
     if cfg.task not in TASKS:
@@ -281,72 +198,73 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
     view = build_view(cfg)  # a bad data set fails here, before the run writes anything
     trained = run(cfg, show_progress=show_progress)
     run_dir = run_dir_for(cfg)
-    model = load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path)
     path = sensitivity_path(run_dir.root, split)
-    done = None if force else read_json_object(path)
-    if done is not None and done.get("identity") == identity and isinstance(done.get("points"), list):
-        log.info("%s exists; skipping (use --force to rerun)", path)
-        return done
 
-    per_point: list[tuple[Truncation, UserScores]] = []
-    for point in points:
-        result = replay(cfg, model, view, split, keep_last=None if point == Truncation() else point.keep_last)
+    def compute() -> dict[str, Any]:
+        model = load_model(cfg, view.sequences.num_items, run_dir.checkpoint_path)
+        per_point: list[tuple[Truncation, UserScores]] = []
+        for point in points:
+            result = replay(cfg, model, view, split, keep_last=None if point == Truncation() else point.keep_last)
+            if isinstance(view, CTRView):
+                rows = view.split(split)
+                scores = ctr_user_scores(rows.user, rows.label, result.logits)
+            else:
+                scores = UserScores("retrieval", ranks=result.ranks)
+            per_point.append((point, scores))
+            log.info("%s %s: %s %.4f", run_dir.run_id, point.label, PRIMARY[cfg.task],
+                     metrics_with_counts(scores, np.ones(scores.num_users))[PRIMARY[cfg.task]])
+
         if isinstance(view, CTRView):
             rows = view.split(split)
-            scores = ctr_user_scores(rows.user, rows.label, result.logits)
+            anchors = [(name, ctr_user_scores(rows.user, rows.label, logits)) for name, logits
+                       in ctr_anchor_logits(view, split, cfg.eval.protocol, cfg.train.seed).items()]
+            written = _written_lengths(rows.user, rows.history_len, cfg.model.max_len)
         else:
-            scores = UserScores("retrieval", ranks=result.ranks)
-        per_point.append((point, scores))
-        log.info("%s %s: %s %.4f", run_dir.run_id, point.label, PRIMARY[cfg.task],
-                 metrics_with_counts(scores, np.ones(scores.num_users))[PRIMARY[cfg.task]])
+            anchors = [(name, UserScores("retrieval", ranks=ranks)) for name, ranks
+                       in retrieval_anchor_ranks(view, split, cfg.eval.mask_history, cfg.train.seed).items()]
+            stop = view.target_index(split)
+            written = np.minimum(np.maximum(0, stop - cfg.eval.append_events), cfg.model.max_len)
+        num_users = per_point[0][1].num_users
+        counts = bootstrap_counts(num_users, resamples, seed)
+        ones = np.ones(num_users)
+        full_samples = bootstrap(per_point[0][1], counts)
 
-    if isinstance(view, CTRView):
-        rows = view.split(split)
-        anchors = [(name, ctr_user_scores(rows.user, rows.label, logits)) for name, logits
-                   in ctr_anchor_logits(view, split, cfg.eval.protocol, cfg.train.seed).items()]
-        written = _written_lengths(rows.user, rows.history_len, cfg.model.max_len)
-    else:
-        anchors = [(name, UserScores("retrieval", ranks=ranks)) for name, ranks
-                   in retrieval_anchor_ranks(view, split, cfg.eval.mask_history, cfg.train.seed).items()]
-        stop = view.target_index(split)
-        written = np.minimum(np.maximum(0, stop - cfg.eval.append_events), cfg.model.max_len)
-    num_users = per_point[0][1].num_users
-    counts = bootstrap_counts(num_users, resamples, seed)
-    ones = np.ones(num_users)
-    full_samples = bootstrap(per_point[0][1], counts)
+        out_points = []
+        for point, scores in per_point:
+            samples = bootstrap(scores, counts)
+            metrics = metrics_with_counts(scores, ones)
+            full_metrics = metrics_with_counts(per_point[0][1], ones)
+            kept = point.keep_last(written)
+            out_points.append({
+                "label": point.label, "kind": "length" if point.length else "fraction" if point.fraction else "full",
+                "fraction": None if point.fraction is None else 1.0 / point.fraction, "length": point.length,
+                "kept_mean": float(kept.mean()) if len(kept) else 0.0,
+                "metrics": metrics, "se": {k: sample_std(v) for k, v in samples.items()},
+                "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
+                "delta_se": {k: sample_std(samples[k] - full_samples[k]) for k in samples},
+            })
+        out_anchors = []
+        for name, scores in anchors:
+            samples = bootstrap(scores, counts)
+            metrics = metrics_with_counts(scores, ones)
+            full_metrics = metrics_with_counts(per_point[0][1], ones)
+            out_anchors.append({"label": name, "kind": "anchor", "kept_mean": 0.0, "metrics": metrics,
+                                "se": {k: sample_std(v) for k, v in samples.items()},
+                                "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
+                                "delta_se": {k: sample_std(samples[k] - full_samples[k]) for k in samples}})
+        result = {
+            "dataset": cfg.data.source if cfg.data.source != "synthetic" else f"synthetic:{cfg.data.synthetic.preset}",
+            "task": cfg.task, "backbone": cfg.model.backbone, "run_id": run_dir.run_id, "split": split,
+            "identity": identity, "primary": PRIMARY[cfg.task], "secondary": SECONDARY[cfg.task],
+            "users": num_users, "written_mean": float(written.mean()) if len(written) else 0.0,
+            "written_p50": float(np.median(written)) if len(written) else 0.0,
+            "native_test_metrics": trained["metrics"], "points": out_points, "anchors": out_anchors,
+        }
+        return result
 
-    out_points = []
-    for point, scores in per_point:
-        samples = bootstrap(scores, counts)
-        metrics = metrics_with_counts(scores, ones)
-        full_metrics = metrics_with_counts(per_point[0][1], ones)
-        kept = point.keep_last(written)
-        out_points.append({
-            "label": point.label, "kind": "length" if point.length else "fraction" if point.fraction else "full",
-            "fraction": None if point.fraction is None else 1.0 / point.fraction, "length": point.length,
-            "kept_mean": float(kept.mean()) if len(kept) else 0.0,
-            "metrics": metrics, "se": {k: _std(v) for k, v in samples.items()},
-            "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
-            "delta_se": {k: _std(samples[k] - full_samples[k]) for k in samples},
-        })
-    out_anchors = []
-    for name, scores in anchors:
-        samples = bootstrap(scores, counts)
-        metrics = metrics_with_counts(scores, ones)
-        full_metrics = metrics_with_counts(per_point[0][1], ones)
-        out_anchors.append({"label": name, "kind": "anchor", "kept_mean": 0.0, "metrics": metrics,
-                            "se": {k: _std(v) for k, v in samples.items()},
-                            "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
-                            "delta_se": {k: _std(samples[k] - full_samples[k]) for k in samples}})
-    result = {
-        "dataset": cfg.data.source if cfg.data.source != "synthetic" else f"synthetic:{cfg.data.synthetic.preset}",
-        "task": cfg.task, "backbone": cfg.model.backbone, "run_id": run_dir.run_id, "split": split,
-        "identity": identity, "primary": PRIMARY[cfg.task], "secondary": SECONDARY[cfg.task],
-        "users": num_users, "written_mean": float(written.mean()) if len(written) else 0.0,
-        "written_p50": float(np.median(written)) if len(written) else 0.0,
-        "native_test_metrics": trained["metrics"], "points": out_points, "anchors": out_anchors,
-    }
-    write_outputs(result, path)
+    result = cached(path, compute, lambda done: done.get("identity") == identity and isinstance(done.get("points"),
+                                                                                           list), force=force)
+    write_figures(result, path)
     return result
 
 
@@ -453,10 +371,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_outputs(result: dict[str, Any], path: Path) -> None:
-    """``<path>`` (JSON), ``.md`` (table) and ``.png`` (plot), each atomically; the JSON last (it marks done)."""
+def write_figures(result: dict[str, Any], path: Path) -> None:
+    """``<path>`` with ``.md`` (the table) and ``.png`` (the plot), each atomically, from the result (its JSON is
+    ``path`` itself, written by :func:`malloc.results.cached`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path.with_suffix(".md"), format_table(result))
     plot(result, path.with_suffix(".png"))
-    atomic_write_json(path, result)
 

@@ -2,7 +2,7 @@
 
 Losses: binary cross-entropy on target tokens for CTR; for retrieval, cross-entropy of the next item over the
 full catalogue (``train.negatives = 0``) or a sampled softmax with ``k`` uniform negatives shared by the batch.
-After each epoch the model is evaluated on the validation split (:func:`malloc.evaluate.forward_metrics`: the
+After each epoch the model is evaluated on the validation split (:func:`malloc.eval.evaluate.forward_metrics`: the
 numbers of the serving replay, computed with one batched full forward, which is equal for every trained model;
 skipped when ``train.epochs`` is 1, where there is nothing to choose); the best epoch by ``eval.monitor`` is
 checkpointed, and ``last.pt`` (model, optimiser, random states, epoch) lets an interrupted run resume exactly where
@@ -30,7 +30,7 @@ from malloc.data.tasks import CTRView, RetrievalView, Window, windows
 from malloc.device import resolve_device
 from malloc.errors import CheckpointError, TrainingError
 from malloc.eval.anchors import base_log_odds, item_log_odds
-from malloc.evaluate import forward_metrics
+from malloc.eval.evaluate import forward_metrics
 from malloc.memory.registry import build_model_for
 from malloc.models import SequentialRecommender
 from malloc.results import atomic_torch_save, load_checkpoint

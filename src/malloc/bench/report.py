@@ -6,7 +6,7 @@ by :mod:`malloc.bench.sweep`). Output (``<out>/``, default ``<first folder>/repo
 
 - how it was made: the bench command, machine, library versions, git commit, training budget;
 - per (data set, backbone, task): the accuracy table (mean and standard deviation over seeds; the delta of the
-  primary metric to Native and the two-sided Wilcoxon signed-rank p-value over users, :mod:`malloc.bench.stats`),
+  primary metric to Native and the two-sided Wilcoxon signed-rank p-value over users, :mod:`malloc.eval.statistics`),
   the resource table (bytes per user, measured memory ratio, MACs per request, latency, training time), and two
   Pareto plots: the primary metric (CTR: GAUC; retrieval: NDCG@10) against the measured memory ratio and against
   MACs per request, the non-dominated arms marked and listed;
@@ -29,9 +29,9 @@ from typing import Any
 
 from malloc.bench.complexity import complexity_rows
 from malloc.bench.pareto import pareto_front
-from malloc.bench.stats import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.bench.sweep import read_suite
 from malloc.errors import ResultsError
+from malloc.eval.statistics import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.results import atomic_file, atomic_write_text, check_writable
 
 METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}

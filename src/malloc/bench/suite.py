@@ -7,7 +7,7 @@ set's partial configs, deep-merged in that order). A setting expands into items:
 
 - ``native``: train Native (:func:`malloc.runner.run`), the reference every other item of the setting is compared to;
 - ``policy`` (training-free scheme x ratio): serve the Native checkpoint under the policy
-  (:func:`malloc.evaluate.evaluate_scheme`); Native is trained first if it is missing;
+  (:func:`malloc.eval.evaluate.evaluate_scheme`); Native is trained first if it is missing;
 - ``trained`` (trained-in scheme): train with ``model.scheme/memory_ratio``. Ratios that resolve to the same
   model (same knobs in force and the same stored bytes; e.g. MQA, Reformer and RWKV at every ratio, or GQA with
   4 heads at 1/4 and 1/16) are trained once, and the item stands for all of them.

@@ -4,7 +4,7 @@ Every item is served through the serving path on the test split and records (``<
 written atomically, ``<out> = <results>/<suite name>``): metrics, Native's metrics, meters (stored bytes per user
 mean/p50/p99, measured memory ratio, analytic MACs per request, of Native and of recomputing the history, batched
 and per-request latency, training seconds per epoch, thread count), fidelity to Native and the per-user metric
-deltas to Native (for the paired test of :mod:`malloc.bench.stats`), and the git commit of the code that ran it
+deltas to Native (for the paired test of :mod:`malloc.eval.statistics`), and the git commit of the code that ran it
 (read when the process starts). The Native item also times one user's cached request against recomputing the
 history, at the median and the longest history.
 
@@ -27,8 +27,6 @@ import datetime
 import json
 import logging
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,16 +44,10 @@ from malloc.bench.suite import Item, Setting, SuiteSpec, plan, select_items
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, to_dict
 from malloc.data.tasks import CTRView, RetrievalView
+from malloc.device import environment
 from malloc.errors import ResultsError
-from malloc.evaluate import (
-    Replay,
-    evaluate_scheme,
-    fidelity,
-    native_identity,
-    native_predictions_path,
-    per_user_delta,
-    replay,
-)
+from malloc.eval.evaluate import evaluate_scheme, native_replay
+from malloc.eval.fidelity import fidelity, per_user_delta
 from malloc.memory.policy import SchemeError
 from malloc.memory.registry import build_architecture, build_policy
 from malloc.models import SequentialRecommender
@@ -90,26 +82,6 @@ def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def environment() -> dict[str, Any]:
-    """Machine and library versions of this process."""
-    versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                                "numpy": np.__version__}
-    from malloc import __version__
-
-    versions["malloc"] = __version__
-    cpu = platform.processor() or platform.machine()
-    try:  # the CPU model name on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"versions": versions, "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 @dataclass
@@ -276,7 +248,7 @@ class SuiteRunner:
             record["error"] = {"type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else "",
                                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
             log.debug("item %s failed", item.id, exc_info=True)
-        record["environment"] = {**environment(), "device": item.setting.cfg.device}
+        record["environment"] = environment(item.setting.cfg.device)
         record["git"] = self.git  # a resumed suite may span commits; each record names the one it ran at
         record["finished_at"] = _now()
         return record
@@ -344,7 +316,6 @@ class SuiteRunner:
                 "prefill_cache": {"hits": prefills.hits - hits, "misses": prefills.misses - misses}}
 
     def _trained(self, item: Item) -> dict[str, Any]:
-        from malloc.evaluate import Replay
         native_cfg = item.setting.cfg
         cfg = replace(native_cfg, name=f"{native_cfg.name}-{item.label}",
                       model=replace(native_cfg.model, scheme=item.scheme, memory_ratio=item.ratios[0],
@@ -352,18 +323,11 @@ class SuiteRunner:
         native = self._native_run(item.setting)
         result = self._train(cfg)
         view = self._loaded.view_for(cfg)
-
-        def test_replay(run_cfg: RunConfig) -> Replay:
-            path = native_predictions_path(run_dir_for(run_cfg).root, "test")
-            identity = native_identity(run_cfg, "test")
-            cached = Replay.load(path, identity)
-            if cached is None:  # a run finished before runs saved their test replay
-                cached = replay(run_cfg, self._loaded.model_for(run_cfg), view, "test")
-                cached.save(path, identity)
-            return cached
-
-        mine, reference = test_replay(cfg), test_replay(native_cfg)
         model = self._loaded.model_for(cfg)
+        # each run's test replay, saved by the run (or by this call where a run predates saving it)
+        mine = native_replay(cfg, model, view, "test", run_dir_for(cfg).root)
+        reference = native_replay(native_cfg, self._loaded.model_for(native_cfg), view, "test",
+                                  run_dir_for(native_cfg).root)
         arch = build_architecture(cfg.model)
         return {"run_id": result["run_id"], "metrics": result["metrics"], "native_metrics": native["metrics"],
                 "meters": {**result["meters"], **self._latency(cfg, model)},

@@ -2,7 +2,7 @@
 
 A model's accuracy means something only next to these floors. Every anchor is fitted on the training rows (CTR)
 or training events (retrieval) alone, as the model's weights are; only ``item-mean+user-rate`` reads the labels a
-served state holds, and so depends on the CTR protocol (:mod:`malloc.serving.replay`).
+served state holds, and so depends on the CTR protocol (:mod:`malloc.eval.replay`).
 
 CTR (logits aligned with a split's rows):
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from malloc.data.sequences import SPLIT_TRAIN, UNKNOWN_LABEL, CTRRows, Sequences
 from malloc.data.tasks import CTRView, RetrievalView
-from malloc.eval.metrics import ctr_metrics, retrieval_metrics, target_ranks
+from malloc.eval.metrics import ctr_metrics, history_exclusion, retrieval_metrics, target_ranks
 
 PRIOR_ROWS = 1.0  # pseudo-rows at the global mean added to every item's (and user's) mean label
 CTR_ANCHORS = ("item-mean", "item-mean+user-rate", "mf")
@@ -213,12 +213,7 @@ def rank_targets(view: RetrievalView, split: str, scores_of: Callable[[np.ndarra
         users = np.arange(first, min(first + user_batch, seqs.num_users))
         scores = torch.tensor(np.array(scores_of(users)), dtype=torch.float64)  # a copy: padding is set below
         scores[:, 0] = -torch.inf
-        exclude = None
-        if mask_history:
-            exclude = np.zeros(tuple(scores.shape), dtype=bool)
-            for b, u in enumerate(users.tolist()):
-                base = int(seqs.offsets[u])
-                exclude[b, seqs.items[base:base + int(targets[u])]] = True
+        exclude = history_exclusion(seqs, users, targets[users], scores.shape[1]) if mask_history else None
         ranks[users] = target_ranks(scores, seqs.items[seqs.offsets[users] + targets[users]], exclude)
     return ranks
 

@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from malloc.data.sequences import Sequences
+
 TieRule = Literal["pessimistic", "optimistic"]
 
 
@@ -36,7 +38,7 @@ def _as_scores(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _grouped_auc(
+def user_aucs(
     groups: np.ndarray, labels: np.ndarray, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mann-Whitney AUC of every group at once, ties given average ranks.
@@ -93,7 +95,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     positives = int(labels.sum())
     if positives == 0 or positives == len(labels):
         raise ValueError("AUC is undefined when labels contain only one class")
-    group_auc, _, _ = _grouped_auc(np.zeros(len(scores), dtype=np.int8), labels, scores)
+    group_auc, _, _ = user_aucs(np.zeros(len(scores), dtype=np.int8), labels, scores)
     return float(group_auc[0])
 
 
@@ -118,7 +120,7 @@ def gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
     labels = _as_binary_labels(labels, len(scores))
     if len(scores) == 0:
         return float("nan")
-    group_auc, rows, _ = _grouped_auc(groups, labels, scores)
+    group_auc, rows, _ = user_aucs(groups, labels, scores)
     qualifies = ~np.isnan(group_auc)
     if not qualifies.any():
         return float("nan")
@@ -249,11 +251,27 @@ def retrieval_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 50, 200)) -> d
     if (ranks < 1).any():
         raise ValueError("ranks are 1-based and must be >= 1")
     ranks = ranks.astype(np.float64)
-    gains = 1.0 / np.log2(ranks + 1.0)
     metrics: dict[str, float] = {}
     for k in ks:
-        hit = ranks <= k
-        metrics[f"hr@{k}"] = float(np.mean(hit))
-        metrics[f"ndcg@{k}"] = float(np.mean(np.where(hit, gains, 0.0)))
+        metrics[f"hr@{k}"] = float(np.mean(ranks <= k))
+        metrics[f"ndcg@{k}"] = float(np.mean(ndcg_gain(ranks, k)))
     metrics["mrr"] = float(np.mean(1.0 / ranks))
     return metrics
+
+
+def ndcg_gain(ranks: np.ndarray, k: int) -> np.ndarray:
+    """``(N,)`` each row's NDCG@k with one relevant item at 1-based ``ranks (N,)``: ``1 / log2(rank + 1)`` within
+    the cut-off, else 0 (the ideal DCG of one relevant item is 1)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+
+def history_exclusion(seqs: Sequences, users: np.ndarray, stops: np.ndarray, num_columns: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(B, num_columns)`` bool: True at the items user ``users[b]`` consumed before its event ``stops[b]``, the
+    items a retrieval ranking leaves out (``eval.mask_history``)."""
+    exclude = torch.zeros(len(users), num_columns, dtype=torch.bool, device=device)
+    for b, (user, stop) in enumerate(zip(users.tolist(), np.asarray(stops).tolist(), strict=True)):
+        base = int(seqs.offsets[user])
+        exclude[b, torch.as_tensor(seqs.items[base:base + int(stop)], device=device)] = True
+    return exclude

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from malloc.core.tokens import NUM_ACTIONS, Events, TokenBatch
+from malloc.device import synchronize
 from malloc.models.base import SequentialRecommender
 from malloc.serving.engine import Engine
 
@@ -44,15 +45,6 @@ def synthetic_events(batch: int, length: int, num_items: int, seed: int) -> Even
     timestamps = start + torch.cumsum(gaps, dim=1)
     return Events(items=items, actions=actions, timestamps=timestamps,
                   lengths=torch.full((batch,), length, dtype=torch.int64))
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work, so that a timer read after it counts it; a no-op on a CPU run.
-
-    Only when CUDA was used in this process: never initialise a GPU context just to time a CPU run.
-    """
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_repeats: int = 5, min_seconds: float = 0.2,

@@ -29,9 +29,12 @@ sensitivity curve, :mod:`malloc.sensitivity`): it maps the ``(B,)`` lengths the 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +43,9 @@ from tqdm import tqdm
 from malloc.core.state import UserState
 from malloc.data.batching import events, pad
 from malloc.data.sequences import CTRRows, Sequences
-from malloc.eval.metrics import target_ranks
-from malloc.profiling.latency import synchronize
+from malloc.device import synchronize
+from malloc.eval.metrics import history_exclusion, target_ranks
+from malloc.results import atomic_file
 from malloc.serving.engine import Engine
 
 KeepLast = Callable[[np.ndarray], np.ndarray]
@@ -214,12 +218,7 @@ def replay_retrieval(engine: Engine, seqs: Sequences, target_index: np.ndarray, 
         synchronize()
         meters.request_seconds.append((time.perf_counter() - tic) / len(users))
         targets = torch.as_tensor(seqs.items[seqs.offsets[users] + stop], device=scores.device)
-        exclude = None
-        if mask_history:
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            for b, u in enumerate(users.tolist()):
-                base = int(seqs.offsets[u])
-                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[b])], device=scores.device)] = True
+        exclude = history_exclusion(seqs, users, stop, scores.shape[1], scores.device) if mask_history else None
         ranks[users] = target_ranks(scores, targets, exclude)
         meters.requests += len(users)
         if top_k:
@@ -227,3 +226,64 @@ def replay_retrieval(engine: Engine, seqs: Sequences, target_index: np.ndarray, 
             top[users] = masked.topk(top_k, dim=1).indices.cpu().numpy()
         meters.record(users, states)
     return (ranks, meters, top) if top_k else (ranks, meters)
+
+
+@dataclass
+class Replay:
+    """One replay of a split: metrics, meters and what fidelity compares, per user.
+
+    Attributes:
+        metrics, meters: as :func:`evaluate` returns them.
+        users: ``(U,)`` served user ids, sorted; layer_bytes, state_bytes: ``(U,)``; layer_tokens: ``(U,)`` mean over
+            layers of stored tokens, all of the final states.
+        logits: CTR ``(R,)`` row logits (rows in split order), else None.
+        ranks: retrieval ``(num_users,)`` 1-based target ranks; top: ``(num_users, FIDELITY_TOP_K)`` item ids.
+        requests: requests served.
+    """
+
+    metrics: dict[str, Any]
+    meters: dict[str, Any]
+    users: np.ndarray
+    layer_bytes: np.ndarray
+    state_bytes: np.ndarray
+    layer_tokens: np.ndarray
+    history_events: np.ndarray
+    logits: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+    top: np.ndarray | None = None
+    requests: int = 0
+
+    _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "history_events", "logits", "ranks", "top")
+
+    def save(self, path: Path, identity: dict[str, Any]) -> None:
+        """Write as ``.npz`` atomically."""
+        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
+        header = json.dumps({"identity": identity, "metrics": self.metrics, "meters": self.meters,
+                             "requests": self.requests}, sort_keys=True, default=float)
+        with atomic_file(path, "wb") as handle:
+            np.savez(handle, header=np.array(header), **arrays)
+
+    @classmethod
+    def load(cls, path: Path, identity: dict[str, Any]) -> Replay | None:
+        """The replay saved at ``path`` for this ``identity``, or None (missing, unreadable or stale)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header["identity"] != json.loads(json.dumps(identity, sort_keys=True, default=float)):
+                    return None
+                arrays = {k: data[k] for k in cls._ARRAYS if k in data.files}
+        except (OSError, ValueError, KeyError):
+            return None
+        if not {"users", "layer_bytes", "state_bytes", "layer_tokens", "history_events"} <= set(arrays):
+            return None  # written by an older version
+        return cls(metrics=header["metrics"], meters=header["meters"], requests=header["requests"], **arrays)
+
+
+def per_user_arrays(meters: ReplayMeters) -> dict[str, np.ndarray]:
+    """The per-user meters as ``(U,)`` arrays sorted by user id (the fields of :class:`Replay`)."""
+    order = np.argsort(np.asarray(meters.users, dtype=np.int64), kind="stable")
+    return {"users": np.asarray(meters.users, dtype=np.int64)[order],
+            "layer_bytes": np.asarray(meters.layer_bytes, dtype=np.int64)[order],
+            "state_bytes": np.asarray(meters.state_bytes, dtype=np.int64)[order],
+            "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64)[order],
+            "history_events": np.asarray(meters.history_events, dtype=np.int64)[order]}

@@ -2,14 +2,13 @@
 
 :func:`evaluate` replays a split under one cache policy (Native by default). :func:`evaluate_scheme` replays it
 under a memory scheme *and* under Native on the same users, and reports accuracy, meters (bytes, measured memory
-ratio, latency, analytic MACs) and fidelity to Native (DESIGN.md sections 3.6 and 3.7). Native's predictions are
+ratio, latency, analytic MACs) and fidelity to Native (:mod:`malloc.eval.fidelity`). Native's predictions are
 cached per run directory (``schemes/native-predictions-<split>.npz``) so a sweep computes them once.
+:func:`forward_metrics` computes the replay's numbers with one batched full forward (validation during training).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,78 +19,15 @@ from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.batching import ctr_batch, history_tokens
 from malloc.data.tasks import CTRView, RetrievalView, Window
-from malloc.eval.metrics import _grouped_auc, ctr_metrics, retrieval_metrics, target_ranks
+from malloc.eval.fidelity import FIDELITY_TOP_K, fidelity, per_user_delta
+from malloc.eval.metrics import ctr_metrics, history_exclusion, retrieval_metrics, target_ranks
+from malloc.eval.replay import KeepLast, Replay, per_user_arrays, replay_ctr, replay_retrieval
 from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
 from malloc.models.macs import recompute_macs, request_macs
-from malloc.results import atomic_file
 from malloc.serving.engine import Engine
 from malloc.serving.prefill_cache import PrefillCache
-from malloc.serving.replay import KeepLast, ReplayMeters, replay_ctr, replay_retrieval
-
-# top-K of the retrieval fidelity (overlap of each user's top-K with Native's) and of per-user NDCG deltas
-FIDELITY_TOP_K = 10
-
-
-@dataclass
-class Replay:
-    """One replay of a split: metrics, meters and what fidelity compares, per user.
-
-    Attributes:
-        metrics, meters: as :func:`evaluate` returns them.
-        users: ``(U,)`` served user ids, sorted; layer_bytes, state_bytes: ``(U,)``; layer_tokens: ``(U,)`` mean over
-            layers of stored tokens, all of the final states.
-        logits: CTR ``(R,)`` row logits (rows in split order), else None.
-        ranks: retrieval ``(num_users,)`` 1-based target ranks; top: ``(num_users, FIDELITY_TOP_K)`` item ids.
-        requests: requests served.
-    """
-
-    metrics: dict[str, Any]
-    meters: dict[str, Any]
-    users: np.ndarray
-    layer_bytes: np.ndarray
-    state_bytes: np.ndarray
-    layer_tokens: np.ndarray
-    history_events: np.ndarray
-    logits: np.ndarray | None = None
-    ranks: np.ndarray | None = None
-    top: np.ndarray | None = None
-    requests: int = 0
-
-    _ARRAYS = ("users", "layer_bytes", "state_bytes", "layer_tokens", "history_events", "logits", "ranks", "top")
-
-    def save(self, path: Path, identity: dict[str, Any]) -> None:
-        """Write as ``.npz`` atomically."""
-        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
-        header = json.dumps({"identity": identity, "metrics": self.metrics, "meters": self.meters,
-                             "requests": self.requests}, sort_keys=True, default=float)
-        with atomic_file(path, "wb") as handle:
-            np.savez(handle, header=np.array(header), **arrays)
-
-    @classmethod
-    def load(cls, path: Path, identity: dict[str, Any]) -> Replay | None:
-        """The replay saved at ``path`` for this ``identity``, or None (missing, unreadable or stale)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
-                if header["identity"] != json.loads(json.dumps(identity, sort_keys=True, default=float)):
-                    return None
-                arrays = {k: data[k] for k in cls._ARRAYS if k in data.files}
-        except (OSError, ValueError, KeyError):
-            return None
-        if not {"users", "layer_bytes", "state_bytes", "layer_tokens", "history_events"} <= set(arrays):
-            return None  # written by an older version
-        return cls(metrics=header["metrics"], meters=header["meters"], requests=header["requests"], **arrays)
-
-
-def _per_user(meters: ReplayMeters) -> dict[str, np.ndarray]:
-    order = np.argsort(np.asarray(meters.users, dtype=np.int64), kind="stable")
-    return {"users": np.asarray(meters.users, dtype=np.int64)[order],
-            "layer_bytes": np.asarray(meters.layer_bytes, dtype=np.int64)[order],
-            "state_bytes": np.asarray(meters.state_bytes, dtype=np.int64)[order],
-            "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64)[order],
-            "history_events": np.asarray(meters.history_events, dtype=np.int64)[order]}
 
 
 def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
@@ -100,7 +36,7 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
     """Replay split ``split`` through an :class:`~malloc.serving.engine.Engine` under ``policy`` (None: Native) and
     score it.
 
-    ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.serving.replay`);
+    ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.eval.replay`);
     ``prefill_cache`` shares uncompressed writes with other replays of ``model`` (the result is the same).
     """
     was_training = model.training
@@ -113,14 +49,14 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
                                         keep_last=keep_last, protocol=cfg.eval.protocol)
             metrics = ctr_metrics(rows.user, rows.label, logits)
             metrics["rows"] = len(rows)
-            return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **_per_user(meters))
+            return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **per_user_arrays(meters))
         ranks, meters, top = replay_retrieval(engine, view.sequences, view.target_index(split), cfg.model.max_len,
                                               cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
                                               top_k=FIDELITY_TOP_K, keep_last=keep_last)
         metrics = retrieval_metrics(ranks, cfg.eval.ks)
         metrics["users"] = len(ranks)
         return Replay(metrics, meters.summary(), ranks=ranks, top=top, requests=meters.requests,
-                      **_per_user(meters))
+                      **per_user_arrays(meters))
     finally:
         model.train(was_training)
 
@@ -196,12 +132,8 @@ def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: Retri
         last = torch.as_tensor(stop[batch] - start[batch] - 1, device=device)
         scores = model.item_logits(hidden[torch.arange(len(batch), device=device), last])
         targets = torch.as_tensor(seqs.items[seqs.offsets[batch] + stop[batch]], device=device)
-        exclude = None
-        if cfg.eval.mask_history:
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            for b, u in enumerate(batch.tolist()):
-                base = int(seqs.offsets[u])
-                exclude[b, torch.as_tensor(seqs.items[base:base + int(stop[u])], device=device)] = True
+        exclude = (history_exclusion(seqs, batch, stop[batch], scores.shape[1], device)
+                   if cfg.eval.mask_history else None)
         ranks[batch] = target_ranks(scores, targets, exclude)
     return retrieval_metrics(ranks, cfg.eval.ks)
 
@@ -252,78 +184,6 @@ def model_meters(cfg: RunConfig, model: SequentialRecommender, view: CTRView | R
 def native_layer_bytes(cfg: ModelConfig, history_len: int) -> int:
     """Bytes a Native model of ``cfg``'s size stores in its layers for ``history_len`` events."""
     return cfg.layers * history_len * native_event_bytes(cfg)
-
-
-# -- fidelity ----------------------------------------------------------------------------------------------------
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """``(N,)`` 1-based ranks of ``x``, ties given their average rank."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    new_run = np.ones(len(x), dtype=bool)
-    new_run[1:] = sorted_x[1:] != sorted_x[:-1]
-    starts = np.flatnonzero(new_run)
-    ends = np.append(starts[1:], len(x))
-    run_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(run_rank, ends - starts)
-    return ranks
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant or empty."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2:
-        return float("nan")
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN when either side is constant."""
-    return pearson(average_ranks(a), average_ranks(b))
-
-
-def _mean_std(x: np.ndarray) -> tuple[float, float]:
-    x = x[~np.isnan(x)]
-    return (float(x.mean()), float(x.std())) if len(x) else (float("nan"), float("nan"))
-
-
-def ctr_fidelity(users: np.ndarray, labels: np.ndarray, logits: np.ndarray, native: np.ndarray) -> dict[str, float]:
-    """Agreement of CTR logits ``(R,)`` with Native's on the same rows.
-
-    Returns:
-        ``logit_pearson``, ``logit_spearman``, ``logit_abs_delta_mean``, and the per-user AUC (a user's GAUC
-        term) delta scheme - Native, mean and std over users with both labels (``user_auc_delta_*``).
-    """
-    labels = np.asarray(labels).astype(np.int8)
-    scheme_auc, _, _ = _grouped_auc(np.asarray(users), labels, np.asarray(logits, dtype=np.float64))
-    native_auc, _, _ = _grouped_auc(np.asarray(users), labels, np.asarray(native, dtype=np.float64))
-    mean, std = _mean_std(scheme_auc - native_auc)
-    return {"logit_pearson": pearson(logits, native), "logit_spearman": spearman(logits, native),
-            "logit_abs_delta_mean": float(np.mean(np.abs(np.asarray(logits) - native))) if len(native) else 0.0,
-            "user_auc_delta_mean": mean, "user_auc_delta_std": std,
-            "users_compared": int((~np.isnan(native_auc)).sum())}
-
-
-def retrieval_fidelity(ranks: np.ndarray, top: np.ndarray, native_ranks: np.ndarray, native_top: np.ndarray,
-                       k: int = FIDELITY_TOP_K) -> dict[str, float]:
-    """Agreement of retrieval outputs with Native's on the same users.
-
-    Args:
-        ranks, native_ranks: ``(U,)`` 1-based target ranks; top, native_top: ``(U, k)`` item ids.
-    Returns:
-        ``top{k}_overlap_mean`` (|top-k intersection| / k, mean over users), ``target_rank_spearman``, and the
-        per-user NDCG@k delta scheme - Native, mean and std (``ndcg@{k}_delta_*``).
-    """
-    k = min(k, np.shape(top)[1]) if np.ndim(top) == 2 else k  # a catalogue smaller than k ranks all its items
-    overlap = np.array([len(np.intersect1d(a[:k], b[:k])) / k for a, b in zip(top, native_top, strict=True)])
-
-    mean, std = _mean_std(_ndcg_gain(ranks, k) - _ndcg_gain(native_ranks, k))
-    return {f"top{k}_overlap_mean": float(overlap.mean()) if len(overlap) else float("nan"),
-            "target_rank_spearman": spearman(ranks, native_ranks),
-            f"ndcg@{k}_delta_mean": mean, f"ndcg@{k}_delta_std": std}
 
 
 # -- schemes ------------------------------------------------------------------------------------------------------
@@ -424,41 +284,3 @@ def evaluate_scheme(cfg: RunConfig, model: SequentialRecommender, view: CTRView 
         "native": {"metrics": native.metrics, "meters": native.meters}, "meters": meters,
         "fidelity": fidelity(view, split, result, native), "per_user": per_user_delta(view, split, result, native),
     }
-
-
-def fidelity(view: CTRView | RetrievalView, split: str, result: Replay, native: Replay) -> dict[str, float]:
-    """Agreement of a replay with Native's replay of the same split (:func:`ctr_fidelity`,
-    :func:`retrieval_fidelity`)."""
-    if isinstance(view, CTRView):
-        rows = view.split(split)
-        assert result.logits is not None and native.logits is not None
-        return ctr_fidelity(rows.user, rows.label, result.logits, native.logits)
-    assert result.ranks is not None and native.ranks is not None
-    return retrieval_fidelity(result.ranks, result.top, native.ranks, native.top)
-
-
-def per_user_delta(view: CTRView | RetrievalView, split: str, result: Replay, native: Replay) -> dict[str, Any]:
-    """Each user's metric under ``result`` minus Native's (the pairs of a paired test, :mod:`malloc.bench.stats`).
-
-    Returns:
-        ``{"metric", "users", "delta"}``: CTR: ``user_auc`` (the user's GAUC term), users = the split's users
-        sorted, delta NaN for a user with one label class; retrieval: ``ndcg@{FIDELITY_TOP_K}``, users = every
-        user id. ``users`` and ``delta`` are lists of the same length.
-    """
-    if isinstance(view, CTRView):
-        rows = view.split(split)
-        labels = np.asarray(rows.label).astype(np.int8)
-        assert result.logits is not None and native.logits is not None
-        scheme_auc, _, _ = _grouped_auc(np.asarray(rows.user), labels, np.asarray(result.logits, dtype=np.float64))
-        native_auc, _, _ = _grouped_auc(np.asarray(rows.user), labels, np.asarray(native.logits, dtype=np.float64))
-        return {"metric": "user_auc", "users": np.unique(rows.user).tolist(),
-                "delta": (scheme_auc - native_auc).tolist()}
-    assert result.ranks is not None and native.ranks is not None
-    delta = _ndcg_gain(result.ranks, FIDELITY_TOP_K) - _ndcg_gain(native.ranks, FIDELITY_TOP_K)
-    return {"metric": f"ndcg@{FIDELITY_TOP_K}", "users": list(range(len(delta))), "delta": delta.tolist()}
-
-
-def _ndcg_gain(ranks: np.ndarray, k: int) -> np.ndarray:
-    """``(U,)`` NDCG@k of one relevant item at 1-based ``ranks``."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
