@@ -1,4 +1,4 @@
-"""Invariants of the backbones' serving path (DESIGN.md section 3.2).
+"""Invariants of the backbones' serving path (docs/DESIGN.md, "Exactness rules").
 
 - prefill + any number of appends at any split points + score equals the full uncached forward (fp32, 1e-5);
 - the stored last hidden state equals the full forward's output at the last event;

@@ -258,7 +258,7 @@ def serve(model, policy: CachePolicy, appends: int = 20):
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
 def test_serving_end_to_end(backbone):
     """Write 40 events, append 20 times (1-2 events), score: bytes follow the predicted ratio after every request,
-    and 8-bit IntactKV scores stay close to Native (measured max |diff|: 2.1e-3 HSTU, 4.1e-4 SASRec)."""
+    and 8-bit IntactKV scores stay within 1e-2 of Native's."""
     model = tiny_model(backbone)
     native_states, native_scores = serve(model, Native())
     for policy in (IntactKV(bits=8), KIVI(bits=4, group=8, residual=8), Int8()):
@@ -291,8 +291,7 @@ def test_intactkv_chosen_bits_stay_within_ratio_on_append():
 def test_precision_schemes_quantize_the_mla_latent(policy, tolerance, backbone):
     """MLA stores one latent per event as keys, with values of width 0: a precision scheme on an MLA model
     quantizes the latent (no value codes, no value scales), ``nbytes()`` is its formula after every request, and
-    the scores stay near MLA's unquantized ones (measured max |diff|: KIVI 4 bits 4.6e-3 HSTU / 5.9e-3 SASRec,
-    IntactKV and INT8 8 bits 3.5e-4 to 1.6e-3)."""
+    the scores stay near MLA's unquantized ones (within each scheme's ``tolerance``)."""
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=128,
                       scheme="mla", memory_ratio=0.5)

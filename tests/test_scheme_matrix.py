@@ -1,4 +1,4 @@
-"""One test matrix for every registered training-free scheme and wrapper (STYLE.md item 6).
+"""One test matrix for every registered training-free scheme and wrapper (docs/DESIGN.md, "Exactness rules").
 
 The cases are read from the registry at collection time, so a scheme is tested the moment it is registered: every
 scheme, plus PyramidKV over every eviction scheme and Compose over (a shared and a per-head eviction) x every

@@ -1,5 +1,5 @@
 """The evaluation replay reads every prediction from stored states, and with no compression it equals the full
-forward over the same events (DESIGN.md section 1)."""
+forward over the same events (docs/DESIGN.md, "Exactness rules")."""
 
 from __future__ import annotations
 
@@ -113,8 +113,9 @@ def test_explicit_rows_replay_in_history_order():
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
 def test_kept_normaliser_switch(backbone):
-    """'N = kept' (METHODS.md R3) scales stored HSTU contributions by seen / stored: a no-op without eviction,
-    a change with it, and nothing for softmax attention (which renormalises by itself)."""
+    """'N = kept' (docs/DESIGN.md, "Eviction and HSTU's normaliser") scales stored HSTU contributions by
+    seen / stored: a no-op without eviction, a change with it, and nothing for softmax attention (which
+    renormalises by itself)."""
     from malloc.memory.registry import build_policy
     from malloc.profiling.latency import synthetic_events
 

@@ -415,7 +415,7 @@ def _one_line(exc: BaseException) -> str:
 
 def console() -> int:
     """The installed ``malloc`` script and ``python -m malloc``: :func:`main` in a process that keeps freed memory
-    in its heap (:mod:`malloc.heap`; a long-window training step runs about 2-3 times faster on a CPU)."""
+    in its heap (:mod:`malloc.heap`; what that saves per training step: docs/BENCHMARKS.md, "The heap")."""
     from malloc.heap import retain_freed_memory
 
     retain_freed_memory()

@@ -133,7 +133,8 @@ class EvalConfig:
         ks: retrieval cut-offs for HR@K and NDCG@K.
         monitor: validation metric for early stopping ("auto": gauc for CTR, ndcg@10 for retrieval).
         hstu_normaliser: after eviction, "original" keeps HSTU's N (evicted events contribute 0) and "kept"
-            scales the stored events' contributions by events seen / events stored (METHODS.md R3).
+            scales the stored events' contributions by events seen / events stored (docs/DESIGN.md,
+            "Eviction and HSTU's normaliser").
         protocol: CTR replay: "blind" appends a user's window of scored events without their labels (every row
             scored from the labels before the window; GAUC unbiased), "feedback" with them (each label known before
             the next row; GAUC biased by the window's own labels). See :mod:`malloc.eval.replay`.

@@ -1,4 +1,4 @@
-"""Typed loading of nested config dataclasses from YAML files, dicts and ``--set`` overrides (DESIGN.md 3.9).
+"""Typed loading of nested config dataclasses from YAML files, dicts and ``--set`` overrides.
 
 Precedence is file < overrides: ``from_dict(cls, apply_overrides(load_yaml(path), overrides))``.
 Every error a user can cause raises :class:`ConfigError` naming the dotted key (``model.layers``) and what

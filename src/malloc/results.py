@@ -1,4 +1,4 @@
-"""The results store (DESIGN.md 3.8): one directory per run, every file written atomically.
+"""The results store: one directory per run, every file written atomically.
 
 A run lives in ``results/<name>-<config hash>/``::
 

@@ -6,8 +6,8 @@ element (4 for fp32). *Stored state* is per user and counts keys and values (``2
 layer for Native) plus what the scheme keeps besides (positions and timestamps, 12 bytes per stored event and
 layer, are left out of the formulas but counted in every measurement). *Per request* counts multiply-adds of
 appending ``t`` events and scoring ``c`` candidates: projections ``(t + c) d^2`` per layer (up to a backbone
-constant: HSTU 5, SASRec 4 + 2 ffn_mult) plus attention, 2 per (query, key, channel). The formulas come from
-METHODS.md section 6 and the scheme cards; the measured bytes and the analytic MACs of each run are in its
+constant: HSTU 5, SASRec 4 + 2 ffn_mult) plus attention, 2 per (query, key, channel). The formulas follow the
+schemes' docstrings (docs/schemes.md); the measured bytes and the analytic MACs of each run are in its
 results (``malloc.models.macs``). A scheme registered without an entry here fails ``tests/test_report.py``.
 """
 

@@ -3,7 +3,8 @@
 While the serving path computes new events (a write's prefill chunks, or an append), an
 :class:`AttentionObserver` folds every layer's attention weights into per-event totals, indexed by the event's
 **original position**, so they stay attached to the right event whatever a policy kept or reordered. Only the
-user's own events are ever observed as queries (never candidates: DESIGN.md section 3.5).
+user's own events are ever observed as queries (never candidates, which are scored
+against the state and never enter it).
 
 Weights are ``|a_ij|``: HSTU's ``|SiLU(.)/N|`` (SiLU dips below zero, and signed sums would cancel) or SASRec's
 softmax probability.
@@ -39,7 +40,8 @@ class LayerStats:
     last: torch.Tensor
 
     def mean_attention(self) -> torch.Tensor:
-        """``(H, P)`` sum over the queries that could see each event, divided by their number (METHODS.md R2)."""
+        """``(H, P)`` sum over the queries that could see each event, divided by their number (a plain sum favours
+        old events, which more queries could see)."""
         return self.attention_sum / self.query_count.clamp(min=1)
 
 

@@ -88,7 +88,8 @@ class KVBlock:
         timestamps: ``(B, 1 or H, n)`` int64.
         valid: ``(B, 1 or H, n)`` bool.
         scale: ``(B, 1)`` multiplier of the stored events' HSTU attention weights (the "N = kept" switch of
-            METHODS.md R3), or None (the original normaliser: evicted events simply contribute 0).
+            docs/DESIGN.md, "Eviction and HSTU's normaliser"), or None (the original normaliser: evicted events
+            simply contribute 0).
     """
 
     keys: torch.Tensor

@@ -1,4 +1,4 @@
-"""Accuracy metrics for the two tasks (DESIGN.md 3.6).
+"""Accuracy metrics for the two tasks.
 
 CTR: :func:`auc`, :func:`gauc`, :func:`logloss`, bundled by :func:`ctr_metrics`.
 Retrieval over the full catalogue: :func:`target_ranks` turns a score matrix into the 1-based rank of each

@@ -11,7 +11,8 @@ every prediction is read from the stored state. Two protocols differ in what the
   a user's window, is not biased by the window's own labels: within a finite window labels are negatively
   correlated (leave one row out and the others' mean moves the other way), so a score that follows the labels just
   appended ranks each later row toward the earlier rows' labels, below chance (a user's running positive rate
-  scores a within-user AUC of about 0.3 on MovieLens; constant within the window, 0.5);
+  scores a within-user AUC well below 0.5 on MovieLens, ``tests/test_anchors.py``; constant within the window,
+  exactly 0.5);
 - ``feedback``: the window's events are appended with their labels, as a live system learns each click before the
   next request. Kept as a secondary protocol; its GAUC carries the bias above.
 

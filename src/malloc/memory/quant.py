@@ -1,10 +1,10 @@
-"""The shared quantizer of the precision schemes (METHODS.md section 4.5), and their stored-layer format.
+"""The shared quantizer of the precision schemes, and their stored-layer format.
 
 Quantizer (pure PyTorch, the reference path), over groups of ``group`` consecutive elements along one axis:
 
 - asymmetric min/max: ``z = min X_g``, ``s = (max X_g - min X_g) / (2^bits - 1)``, ``Q = round((x - z) / s)``
   clamped to ``[0, 2^bits - 1]``, ``x_hat = s Q + z``. Zero points are kept because HSTU keys/values are post-SiLU
-  (skewed positive, METHODS.md R7);
+  (skewed positive: SiLU is never below -0.28, so a grid symmetric about 0 would leave most negative codes unused);
 - symmetric absmax: ``s = max |X_g| / (2^(bits-1) - 1)``, ``Q = round(x / s)`` clamped to
   ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` and stored offset by ``2^(bits-1)`` as an unsigned code.
 

@@ -1,4 +1,4 @@
-"""Budget wrappers: policies that take another policy as a field (METHODS.md section 5.3, DESIGN.md 3.3).
+"""Budget wrappers: policies that take another policy as a field (docs/DESIGN.md, "The budget").
 
 - :class:`Pyramid` (PyramidKV): the same total bytes as its inner eviction policy, split unevenly over layers.
 - :class:`Compose`: eviction then precision (e.g. SnapKV + KIVI): the kept events are stored quantized.
@@ -48,7 +48,7 @@ class Pyramid(CachePolicy):
     Layer ``l`` is stored by ``replace(inner, memory_ratio=r_l)`` with ``r_l`` from :func:`pyramid_ratios`, so the
     mean over layers of the per-layer targets is ``memory_ratio`` (each layer's own budget rule then floors it).
     The inner policy decides which events (its scores, per head or shared); the wrapper only moves bytes between
-    layers. Shallow recommender stacks may prefer the inverse; measure per-layer dispersion first (METHODS.md).
+    layers. Shallow recommender stacks may prefer the inverse; measure per-layer dispersion first.
 
     Knobs:
         inner: the eviction policy (any :class:`EvictionPolicy`); its own ``memory_ratio`` is ignored.

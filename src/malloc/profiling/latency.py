@@ -1,6 +1,6 @@
 """Wall-clock timing of the serving path and of training steps, with synthetic inputs.
 
-Benchmark hygiene (STYLE.md item 10): every timed call is warmed up first, the clock is read with
+Benchmark hygiene: every timed call is warmed up first, the clock is read with
 ``time.perf_counter`` after synchronising the GPU (when one is in use), and calls are repeated until both a
 minimum count and a minimum total time are reached, so medians and tails (p50, p99) come from many samples.
 
