@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make bench   create .venv if missing, install, run the default suite (MovieLens-100K) and its report
-#   make test    same set-up, then the whole test suite and the linter
+#   make test    same set-up, then the linters (make lint) and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,9 +34,8 @@ $(DSLABS):
 
 setup: $(STAMP) $(DSLABS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
-	$(VENV)/bin/ruff check src tests benchmarks
 
 # the default suite (configs/suites/default.yaml, under 30 min on 2 cores), then its report:
 # results/default/report/index.html (and index.md, Pareto plots)
@@ -50,8 +49,10 @@ results: setup
 	$(VENV)/bin/malloc bench --suite long
 	$(VENV)/bin/malloc report results/default results/long --out docs/report --markdown docs/RESULTS.md
 
+# ruff, then the layers contract of pyproject.toml's [tool.importlinter] (which package may import which)
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf $(VENV) results report .pytest_cache .ruff_cache

@@ -7,9 +7,8 @@
 #
 #   SUITES="long:1 trained:1" BUDGET=560 OUT=/tmp/out bash benchmarks/gpu_suites.sh
 #
-# One process per GPU is the fast setting: on an H100 (2026-11-28), 15 shards of three suites at once kept the GPU
-# at 100% and finished 8 items in 520 s, the MovieLens-100K trainings not even one epoch (a CPU does one in
-# 17 s): processes time-slice one GPU, they do not share it. Shard across GPUs or nodes instead.
+# One process per GPU is the fast setting: processes time-slice one GPU, they do not share it, so many shards on
+# one GPU keep it busy without finishing sooner (README.md, "GPUs and many workers"). Shard across GPUs or nodes.
 # Needs: python3 with torch (CUDA), numpy, pyyaml, tqdm, matplotlib; RecBole's wheel in .whl/ for MovieLens-100K.
 set -u
 t0=$(date +%s)

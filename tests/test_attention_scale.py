@@ -1,4 +1,4 @@
-"""benchmarks/attention_scale.py: the attended vector's variance per layer in a trained run, events and beacons."""
+"""experiments/attention_scale.py: the attended vector's variance per layer in a trained run, events and beacons."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from malloc.cli import main
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
 
-def test_reads_a_trained_beacon_run_and_refuses_a_missing_one(tmp_path, capsys, benchmark_script):
-    script = benchmark_script("attention_scale")
+def test_reads_a_trained_beacon_run_and_refuses_a_missing_one(tmp_path, capsys, experiment_script):
+    script = experiment_script("attention_scale")
     settings = ["--set", f"results_dir={tmp_path}", "--set", "model.max_len=40"]
     assert main(["train", "--config", SMOKE, "--quiet", *settings, "--scheme", "beacon", "--memory-ratio", "1/2",
                  "--knob", "chunk=4"]) == 0

@@ -1,4 +1,4 @@
-"""benchmarks/beacon_learning.py: learning curves of Native, Beacon and the no-beacon floor (chunk_only)."""
+"""experiments/beacon_learning.py: learning curves of Native, Beacon and the no-beacon floor (chunk_only)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from malloc.serving.engine import Engine
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 
 
-def test_chunk_only_sees_and_stores_the_open_chunk_alone(benchmark_script):
-    script = benchmark_script("beacon_learning")
+def test_chunk_only_sees_and_stores_the_open_chunk_alone(experiment_script):
+    script = experiment_script("beacon_learning")
     torch.manual_seed(0)
     cfg = ModelConfig(dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=64, scheme="beacon",
                       memory_ratio=0.5, knobs={"chunk": 4})
@@ -34,8 +34,8 @@ def test_chunk_only_sees_and_stores_the_open_chunk_alone(benchmark_script):
     assert torch.allclose(last, torch.stack([s.last_hidden for s in Engine(model).prefill(changed)]), atol=1e-6)
 
 
-def test_curves_for_the_three_models_resume_and_bad_input(tmp_path, capsys, benchmark_script):
-    script = benchmark_script("beacon_learning")
+def test_curves_for_the_three_models_resume_and_bad_input(tmp_path, capsys, experiment_script):
+    script = experiment_script("beacon_learning")
     argv = ["--config", SMOKE, "--set", "model.max_len=40", "--epochs", "2", "--ratio", "1/2", "--knob", "chunk=4",
             "--out", str(tmp_path)]
     assert script.main(argv) == 0
@@ -61,11 +61,20 @@ def test_curves_for_the_three_models_resume_and_bad_input(tmp_path, capsys, benc
     assert "alpha" in capsys.readouterr().err
 
 
-def test_each_model_config_names_its_own_scheme(benchmark_script):
-    script = benchmark_script("beacon_learning")
+def test_each_model_config_names_its_own_scheme(experiment_script):
+    script = experiment_script("beacon_learning")
     cfg = load_config(SMOKE, ["model.scheme=gqa", "model.memory_ratio=0.5"])  # a trained-in run's config
     native = script.model_config(cfg, "native", 0.25, {"chunk": 4})
     assert (native.model.scheme, native.model.memory_ratio, native.model.knobs) == ("native", 1.0, {})
     for name in ("beacon", "chunk_only"):
         model = script.model_config(cfg, name, 0.25, {"chunk": 4}).model
         assert (model.scheme, model.memory_ratio, model.knobs) == ("beacon", 0.25, {"chunk": 4})
+
+
+def test_chunk_only_starts_from_beacons_initial_weights(experiment_script):
+    script = experiment_script("beacon_learning")
+    cfg = script.model_config(load_config(SMOKE), "beacon", 0.5, {"chunk": 4})
+    beacon, chunk_only = (script.build(cfg, name, 40).state_dict() for name in ("beacon", "chunk_only"))
+    assert beacon.keys() == chunk_only.keys()
+    assert all(torch.equal(beacon[key], chunk_only[key]) for key in beacon)
+    assert isinstance(script.build(cfg, "chunk_only", 40).scheme, script.ChunkOnly)

@@ -192,11 +192,10 @@ def test_config_names_and_presets() -> None:
 
 
 # -- calibration of the synthetic presets ----------------------------------------------------------------------------
-# The runs of `calibration_config` (seed 0 here) under the blind CTR protocol, measured on the 2-core CPU machine
-# (seeds 0-3, the same config): long-range GAUC delta of 1/16 to full -0.046, -0.155, -0.124, -0.142 (paired
-# bootstrap SE 0.023-0.031 per run: 2.0 to 5.1 SE); seed 0 is the weakest draw, so the check is a drop of 0.03 and
-# of 1.5 SE. Short: -0.014, -0.052, -0.009, +0.006 (SE 0.018-0.042; the small model barely learns the burst rule,
-# full GAUC 0.50-0.55), so "close" is a loose check: within 0.06.
+# The run of `calibration_config` (seed 0 here) under the blind CTR protocol. The margins come from its seeds 0-3
+# (`experiments/calibrate_presets.py`; the values measured are in experiments/README.md): seed 0 is the weakest
+# long-range draw, so the check is a drop of 0.03 and of 1.5 paired SE; the small model barely learns the burst rule
+# of `short`, so "close" is a loose check: within 0.06.
 LONG_RANGE_MIN_DROP = 0.03
 LONG_RANGE_MIN_SE = 1.5
 SHORT_MAX_DELTA = 0.06

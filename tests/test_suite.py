@@ -19,7 +19,7 @@ from smoke_suite import FAIL_AT, INTERRUPT_AT, smoke_run
 SUITES = Path(__file__).resolve().parents[1] / "configs" / "suites"
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "paper", "long", "synthetic4k", "trained"])
+@pytest.mark.parametrize("name", ["smoke", "default", "paper", "long", "synthetic4k", "trained", "training_free"])
 def test_shipped_suites_load_and_plan(name):
     spec = load_suite(name, SUITES)
     items = plan(spec, "unused")

@@ -279,9 +279,9 @@ def _written_lengths(users: np.ndarray, history_len: np.ndarray, max_len: int) -
 def calibration_config(preset: str, seed: int = 0, results_dir: str = "results", epochs: int | None = None
                        ) -> RunConfig:
     """The small, seeded CTR run behind the preset calibration (``tests/test_sensitivity.py``,
-    ``benchmarks/calibrate_presets.py``): a 1-layer HSTU (D = 32) trained with batches of 4 windows.
+    ``experiments/calibrate_presets.py``): a 1-layer HSTU (D = 32) trained with batches of 4 windows.
 
-    Sizes are shrunk so that it trains in about a minute; every topic has one item. ``long-range``: 64 users of 128
+    Sizes are shrunk so that it trains quickly on a CPU; every topic has one item. ``long-range``: 64 users of 128
     events, 16 topics, all of them every user's interests (a topic recurs after 16 events on average, so the last
     8 events, 1/16 of 128, hold the evidence for ``1 - (15/16) ** 8 = 40%`` of the rows, the full history for
     all). ``short``: the same users and lengths, 512 topics in bursts (stickiness 0.75; mean length 4), so the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,21 +159,25 @@ class TrainResult:
     history: list[dict]
 
 
-def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True,
-          make_model: Callable[[], SequentialRecommender] | None = None) -> tuple[SequentialRecommender, TrainResult]:
+def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True
+          ) -> tuple[SequentialRecommender, TrainResult]:
     """Train ``cfg.model`` on ``view``; checkpoints go to ``run_dir`` (``best.pt``, ``last.pt``).
 
-    Args:
-        make_model: builds the model to train instead of ``build_model_for(cfg.model)`` (an ablation a benchmark
-            defines, e.g. benchmarks/beacon_learning.py); called where ``build_model`` would be, after seeding.
+    Seeds (``train.seed``), builds the model (:func:`~malloc.memory.registry.build_model_for`), then :func:`fit`.
     Returns the model loaded with its best epoch's weights.
     """
+    seed_everything(cfg.train.seed)
+    return fit(build_model_for(cfg.model, view.sequences.num_items), cfg, view, run_dir, show_progress)
+
+
+def fit(model: SequentialRecommender, cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path,
+        show_progress: bool = True) -> tuple[SequentialRecommender, TrainResult]:
+    """Train ``model`` (freshly built, after :func:`seed_everything`) with ``cfg``'s recipe: what :func:`train`
+    does once it has built ``cfg.model``. Resumes from ``run_dir/last.pt``; returns the best epoch's weights."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     seqs = view.sequences
-    model = build_model_for(cfg.model, seqs.num_items) if make_model is None else make_model()
     if isinstance(view, CTRView) and model.item_bias is not None:
         model.set_item_prior(torch.as_tensor(item_log_odds(view), dtype=torch.float32), base_log_odds(view))
     model = model.to(device)

@@ -7,8 +7,8 @@ longer rescales it and the attention path is muted. This script runs the full fo
 first ``--window`` events of a few training users and prints, per layer, the mean per-token variance of the
 attended vector (the LayerNorm's input) for events and, when the scheme adds them, for beacons.
 
-    python benchmarks/attention_scale.py results/cpu/long/runs/<run>/config.yaml      # a run the suite trained
-    python benchmarks/attention_scale.py --users 2 --window 512 <config.yaml>
+    python experiments/attention_scale.py results/cpu/long/runs/<run>/config.yaml      # a run the suite trained
+    python experiments/attention_scale.py --users 2 --window 512 <config.yaml>
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Each model trains in ``--out/<model>/`` and resumes there: an interrupted run go
 finished one is read back (only its test replay runs again), and a larger ``--epochs`` extends it. The curves of
 the models named in the latest invocation are also written to ``--out/curves.json``.
 
-    python benchmarks/beacon_learning.py --config configs/bench/long-range-small.yaml --epochs 20 \\
+    python experiments/beacon_learning.py --config configs/bench/long-range-small.yaml --epochs 20 \\
         --out results/beacon-learning
 """
 
@@ -37,7 +37,7 @@ from malloc.memory.schemes.token_merge.beacon import Beacon
 from malloc.models import BACKBONES, SequentialRecommender
 from malloc.results import atomic_write_json
 from malloc.runner import build_view
-from malloc.train import train
+from malloc.train import fit, seed_everything
 
 MODELS = ("native", "beacon", "chunk_only")
 
@@ -56,7 +56,9 @@ def model_config(cfg: RunConfig, model: str, ratio: float, knobs: dict[str, Any]
 
 
 def build(cfg: RunConfig, model: str, num_items: int) -> SequentialRecommender:
-    """A new model; ``chunk_only`` is built as ``beacon`` is, so it starts from the same weights."""
+    """A new model, seeded as :func:`malloc.train.train` seeds it; ``chunk_only`` is built as ``beacon`` is, so
+    it starts from the same weights."""
+    seed_everything(cfg.train.seed)
     if model != "chunk_only":
         return build_model_for(cfg.model, num_items)
     scheme = ChunkOnly(memory_ratio=cfg.model.memory_ratio, **cfg.model.knobs)
@@ -75,8 +77,7 @@ def learning_curves(config: str, overrides: list[str], epochs: int, ratio: float
         build_architecture(cfg.model)
     curves: dict[str, Any] = {}
     for name, cfg in configs.items():
-        trained, result = train(cfg, view, out / name, show_progress=False,
-                                make_model=lambda cfg=cfg, name=name: build(cfg, name, view.sequences.num_items))
+        trained, result = fit(build(cfg, name, view.sequences.num_items), cfg, view, out / name, show_progress=False)
         test = evaluate(cfg, trained, view, "test")
         curves[name] = {"valid_gauc": [h["valid_gauc"] for h in result.history],
                         "epoch_seconds": [h["seconds"] for h in result.history], "best_epoch": result.best_epoch,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models: expected names among {', '.join(MODELS)}, got {args.models!r}")
     if args.epochs < 1:
         parser.error(f"--epochs: expected an integer >= 1, got {args.epochs}")
-    retain_freed_memory()  # as the malloc command does: 2x faster CPU training (docs/BENCHMARKS.md, "The heap")
+    retain_freed_memory()  # as the malloc command does (docs/BENCHMARKS.md, "The heap")
     try:
         curves = learning_curves(args.config, args.overrides, args.epochs, args.ratio, parse_knobs(args.knobs),
                                  models, args.out)

@@ -5,7 +5,7 @@ for each preset and seed; prints GAUC and AUC at the full history and at 1/16, t
 bootstrap standard error. The spread of the deltas over seeds is the run-to-run noise the test's margins must
 clear (docs/DATASETS.md). Example::
 
-    python benchmarks/calibrate_presets.py --presets long-range,short --seeds 0,1,2 --results /tmp/calibration
+    python experiments/calibrate_presets.py --presets long-range,short --seeds 0,1,2 --results /tmp/calibration
 """
 
 from __future__ import annotations
