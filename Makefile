@@ -11,13 +11,13 @@ DATA_CACHE ?= $(or $(MALLOC_DATA_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/m
 export MALLOC_DATA_CACHE := $(DATA_CACHE)
 DSLABS := $(DATA_CACHE)/dslabs/.unpacked
 
-.PHONY: setup test bench results lint clean
+.PHONY: setup test bench results lint clean redis-server
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU build here
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,parquet,plots,dslabs]'
+	$(PY) -m pip install -q -e '.[dev,parquet,plots,dslabs,serve]'
 	@# MovieLens-100K ships inside the RecBole wheel; no dependencies of RecBole are needed
 	$(PY) -m pip install -q --no-deps recbole==1.2.1
 	@touch $(STAMP)
@@ -32,7 +32,16 @@ $(DSLABS):
 	  touch $(DSLABS) && echo "ml-latest-small: r-cran-dslabs unpacked in $(DATA_CACHE)/dslabs"; \
 	else echo "warning: could not fetch r-cran-dslabs (needs Debian's apt); ml-latest-small is unavailable"; fi
 
-setup: $(STAMP) $(DSLABS)
+# redis-server for the state store's Redis tests (they start their own on a free loopback port, tests/redis_server.py):
+# installed with apt where missing (as root). Without apt this warns and goes on: the Redis tests then skip, saying why.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; } && \
+	  echo "redis-server installed"; } || \
+	  echo "warning: could not install redis-server (needs Debian's apt, as root); the Redis store tests will skip"
+
+setup: $(STAMP) $(DSLABS) redis-server
 
 test: setup lint
 	$(PY) -m pytest -q
