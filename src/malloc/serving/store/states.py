@@ -2,7 +2,8 @@
 
 :class:`StateStore` is what a replay or a server holds: ``get`` returns the user's state, or None where there is
 none to use (missing, corrupt or stale entries alike: the caller recomputes from the event log and ``put``s the
-result, which replaces the unusable entry). Unusable entries are counted by reason and logged, never served.
+result, which replaces the unusable entry). Unusable entries are counted by reason, never served; the first of each
+reason is logged as a warning, the others at debug level.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class StateStore:
             state = decode(data, self.identity, self.device)
         except EntryError as exc:
             self.misses[exc.reason] += 1
-            log.warning("store %s: entry of user %r not used (%s: %s); recomputing it", self.store.url, user,
-                        exc.reason, exc)
+            # the first of each kind as a warning; after a model or scheme change every entry is stale
+            level = logging.WARNING if self.misses[exc.reason] == 1 else logging.DEBUG
+            log.log(level, "store %s: entry of user %r not used (%s: %s); recomputing it", self.store.url, user,
+                    exc.reason, exc)
             return None
         self.hits += 1
         return state
