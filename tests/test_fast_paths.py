@@ -73,3 +73,29 @@ def test_chunked_candidates_equal_the_full_forward(backbone, candidate):
             assert got is None or torch.count_nonzero(got) == 0
         else:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["native", "longformer"])
+def test_tiled_attention_equals_untiled_chunks(scheme):
+    """A prefill chunk of T queries against S keys with T S above ``TILE_PAIRS`` is attended in query tiles; it
+    equals the same history written in chunks small enough to need no tile (chunked == full is tested elsewhere)."""
+    from malloc.memory.registry import build_policy
+    from malloc.models import ModelConfig
+    from malloc.models.hstu import TILE_PAIRS
+    from malloc.profiling.latency import synthetic_events
+    from malloc.serving.engine import Engine
+
+    length, chunk, small = 2 * int(TILE_PAIRS ** 0.5) + 300, 1175, 400
+    assert chunk * chunk > TILE_PAIRS >= small * length  # big chunks are tiled (3 tiles each), small ones not
+    cfg = ModelConfig(dim=16, heads=4, head_dim=4, layers=2, dropout=0.0, scheme=scheme,
+                      memory_ratio=0.5 if scheme != "native" else 1.0)
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 50).eval()
+    events = synthetic_events(1, length, 50, 0)
+    with torch.no_grad():
+        tiled = Engine(model, build_policy("native", 1.0), prefill_chunk=chunk).write(events)
+        small = Engine(model, build_policy("native", 1.0), prefill_chunk=small).write(events)
+    for a, b in zip(tiled, small, strict=True):
+        torch.testing.assert_close(a.last_hidden, b.last_hidden, atol=1e-5, rtol=0)
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            torch.testing.assert_close(la.read().values, lb.read().values, atol=1e-5, rtol=0)

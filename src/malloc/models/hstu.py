@@ -27,6 +27,8 @@ from malloc.models.config import ModelConfig
 
 # the bias of a masked (query, key) pair in the fused kernel: SiLU(-1e4 + s) is exactly 0 for any attainable score s
 MASKED = -1.0e4
+# (query, key) pairs of one attention tile per batch row: bounds the (T, S) bias, mask and scores held at once
+TILE_PAIRS = 1 << 20
 
 
 def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
@@ -156,20 +158,34 @@ class HSTULayer(AttentionLayer):
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head."""
+        """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head.
+
+        Without weights, queries are taken in tiles of at most :data:`TILE_PAIRS` (query, key) pairs per batch row:
+        the bias, the mask and the scores of one tile exist at a time, never the whole ``(T, S)``. Pointwise
+        attention has no normalisation across keys, so a tile's outputs are final.
+        """
         batch, _, length, _ = q.shape
         keys = concat_keys(cache, new)
         visible = self.visible(tokens, cache, keys)
-        bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps,
-                         memo=tokens.memo if cache is None else None)
-        args = (q, to_query_heads(keys.keys.to(q.dtype), self.heads),
-                to_query_heads(keys.values.to(q.dtype), self.heads), to_query_heads(bias, self.heads),
-                to_query_heads(visible, self.heads), self.alpha, self.normaliser,
-                stored_scale(cache, keys.keys.shape[2], q.dtype))
+        k, v = (to_query_heads(x.to(q.dtype), self.heads) for x in (keys.keys, keys.values))
+        scale = stored_scale(cache, keys.keys.shape[2], q.dtype)
+        tile = max(1, TILE_PAIRS // keys.keys.shape[2])
+
+        def bias(rows: slice) -> torch.Tensor:
+            memo = tokens.memo if cache is None and tile >= length else None
+            return to_query_heads(self.bias(tokens.positions[:, rows], tokens.timestamps[:, rows], keys.positions,
+                                            keys.timestamps, memo=memo), self.heads)
+
         if need_weights:  # the observers read the weights: the reference path
-            attended, weights = hstu_attention(*args)
+            every = slice(None)
+            attended, weights = hstu_attention(q, k, v, bias(every), to_query_heads(visible, self.heads),
+                                               self.alpha, self.normaliser, scale)
         else:
-            attended, weights = hstu_attention_fused(*args), None
+            tiles = [slice(start, start + tile) for start in range(0, length, tile)]
+            attended = torch.cat([hstu_attention_fused(q[:, :, rows], k, v, bias(rows),
+                                                       to_query_heads(visible[:, :, rows], self.heads), self.alpha,
+                                                       self.normaliser, scale) for rows in tiles], dim=2)
+            weights = None
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
         return attended, group_mean(weights, self.kv_heads) if need_weights else None
 
