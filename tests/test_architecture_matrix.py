@@ -1,16 +1,21 @@
 """Every trained-in scheme x both backbones on a tiny model: trains, serves exactly, counts its bytes and MACs.
 
-A new scheme joins the matrix by its registry line; it must also add an entry to ``BAD_KNOBS`` below.
+A new scheme joins the matrix by its registry line: its bad-knob cases are derived from its knob declarations
+(every value each declaration rejects, :meth:`malloc.memory.knobs.Knob.outside`), its formulas are on its class.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
 
 import pytest
 import torch
 
 from malloc.core.state import SCALAR_BYTES, tensor_nbytes
 from malloc.core.tokens import Events, TokenBatch
-from malloc.memory.policy import SchemeError
+from malloc.memory.knobs import SchemeError, knobs_of
 from malloc.memory.registry import build_architecture, build_model_for
 from malloc.memory.schemes import ARCHITECTURES
 from malloc.models import ModelConfig
@@ -20,18 +25,12 @@ from malloc.serving.engine import MAX_SCORES, Engine
 
 NUM_ITEMS = 40
 RATIOS = (0.5, 0.25)
-# one knob value per scheme that its rule must reject with a message naming the scheme and the knob (None: the
-# scheme has no knob)
-BAD_KNOBS: dict[str, dict | None] = {
-    "mqa": None,
-    "gqa": {"groups": 3},
-    "mla": {"latent_dim": 0},
-    "linformer": {"rows": 0},
-    "rwkv": None,
-    "reformer": {"buckets": 3},
-    "longformer": {"window": 0},
-    "beacon": {"alpha": 0.5},
-}
+# (scheme, knob, value): every value that a knob's declaration rejects, for every declared knob of every scheme
+BAD_KNOBS: list[tuple[str, str, Any]] = [(name, key, value) for name, cls in ARCHITECTURES.items()
+                                         for key, spec in knobs_of(cls).items() if key != "memory_ratio"
+                                         for value in spec.outside()]
+# knobs checked against the model's sizes (tiny_config: H = 4, d_k = d_v = 4), which no declaration can say
+MODEL_BOUND_KNOBS = [("gqa", {"groups": 3}, "divisor of model.heads"), ("mla", {"latent_dim": 33}, "at most")]
 CASES = [(name, backbone) for name, cls in ARCHITECTURES.items() for backbone in cls.backbones]
 
 
@@ -150,18 +149,40 @@ def test_measured_ratio_is_at_most_the_target_or_documented(scheme, backbone):
     assert small <= big <= native_total
 
 
-def test_every_scheme_has_a_bad_knob_case():
-    assert set(BAD_KNOBS) == set(ARCHITECTURES)
+def test_every_knob_is_declared_and_its_default_passes():
+    """Every field of a trained-in scheme is a declared knob (the declaration is what checks, converts and lists
+    it), each has a bad-knob case, and the defaults pass their own declarations."""
+    for name, cls in ARCHITECTURES.items():
+        declared = knobs_of(cls)
+        assert set(declared) == {f.name for f in dataclasses.fields(cls)}, f"{name}: a knob without knob(...)"
+        assert {key for scheme, key, _ in BAD_KNOBS if scheme == name} == set(declared) - {"memory_ratio"}
+        cls()
 
 
-@pytest.mark.parametrize("scheme", list(BAD_KNOBS))
-def test_bad_knob_gives_a_clear_error(scheme):
-    if BAD_KNOBS[scheme] is not None:
-        knob = next(iter(BAD_KNOBS[scheme]))
-        with pytest.raises(SchemeError, match=f"{scheme}.*{knob}"):
-            build_architecture(tiny_config(scheme, ARCHITECTURES[scheme].backbones[0], **BAD_KNOBS[scheme]))
+@pytest.mark.parametrize(("scheme", "knob", "value"), BAD_KNOBS, ids=[f"{s}-{k}-{v!r}" for s, k, v in BAD_KNOBS])
+def test_bad_knob_gives_a_clear_error(scheme, knob, value):
+    """Refused by the class itself and through the registry, in one line naming the scheme and the knob."""
+    cls = ARCHITECTURES[scheme]
+    with pytest.raises(SchemeError, match=rf"^{scheme}: {knob} must be .*, got {re.escape(repr(value))}$"):
+        cls(**{knob: value})
+    with pytest.raises(SchemeError, match=rf"^{scheme}: (knob )?{knob}\b") as info:
+        build_architecture(tiny_config(scheme, cls.backbones[0], **{knob: value}))
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("scheme", list(ARCHITECTURES))
+@pytest.mark.parametrize("ratio", [0.0, 1.5, float("nan")])
+def test_bad_ratio_and_unknown_knob_give_a_clear_error(scheme, ratio):
+    with pytest.raises(SchemeError, match=rf"^{scheme}: memory_ratio must be a number in \(0, 1\], got"):
+        ARCHITECTURES[scheme](memory_ratio=ratio)
     with pytest.raises(SchemeError, match="unknown knob"):
         build_architecture(tiny_config(scheme, ARCHITECTURES[scheme].backbones[0], no_such_knob=1))
+
+
+@pytest.mark.parametrize(("scheme", "knobs", "words"), MODEL_BOUND_KNOBS)
+def test_knobs_bound_by_the_model_give_a_clear_error(scheme, knobs, words):
+    with pytest.raises(SchemeError, match=rf"^{scheme}: knob {next(iter(knobs))}.*{words}"):
+        build_architecture(tiny_config(scheme, ARCHITECTURES[scheme].backbones[0], **knobs))
 
 
 def test_unknown_and_misplaced_scheme_names():

@@ -83,7 +83,7 @@ def test_methods_table_and_json(capsys):
     assert [r["name"] for r in rows] == [*scheme_names(), *ARCHITECTURES, *wrapper_names()]
     assert {r["family"] for r in rows if r["name"] in wrapper_names()} == {"wrapper"}
     assert {r["family"] for r in rows if r["name"] in ARCHITECTURES} == {"trained-in"}
-    assert set(rows[0]) == {"name", "granularity", "family", "knobs", "keeps"}
+    assert set(rows[0]) == {"name", "granularity", "family", "knobs", "knob_rules", "keeps"}
 
 
 # -- malloc eval --scheme ----------------------------------------------------------------------------------------

@@ -16,12 +16,17 @@ users of 64-120 events: one write, 20 appends of 1-3 events, one read. Checked:
 - at ratio 1, every scheme that stores every event densely equals Native to 1e-5 (precision schemes quantize
   at any ratio: ratio 1 is a budget for them, not the identity); Native equals the uncached forward;
 - a write served from a :class:`PrefillCache` that every case of the backbone shares gives bit for bit the
-  states and scores of a fresh write, and leaves the cached prefill as a fresh one.
+  states and scores of a fresh write, and leaves the cached prefill as a fresh one;
+- knobs: every field is a declared knob whose default passes, and every value a declaration rejects
+  (:meth:`malloc.memory.knobs.Knob.outside`) is refused in one line naming the scheme and the knob, by the class
+  and through the registry (the cases are derived from the declarations: a new scheme needs no entry here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
 import pytest
 import torch
@@ -29,9 +34,10 @@ import torch
 from malloc.core.state import LayerState, UserState
 from malloc.core.stats import AttentionObserver
 from malloc.core.tokens import Events, TokenBatch
+from malloc.memory.knobs import knobs_of
 from malloc.memory.policy import CachePolicy, EvictionPolicy, LayerContext, SchemeError, native_token_bytes
 from malloc.memory.quant import QuantizationPolicy, QuantizedLayer
-from malloc.memory.registry import build_model_for, build_policy, scheme_names
+from malloc.memory.registry import WRAPPERS, build_model_for, build_policy, scheme_names
 from malloc.memory.schemes import POLICIES
 from malloc.memory.wrappers import Compose, Pyramid
 from malloc.models import ModelConfig
@@ -333,3 +339,42 @@ def test_shared_prefill_is_exact(case, name, knobs, backbone):
     fresh_states, fresh_observer = recompute()
     assert_same(snapshot(fresh_states), snapshot(cached_states))  # no policy modified the shared prefill
     assert_same_stats(cached_observer, fresh_observer)
+
+
+# -- knobs, from the declarations ------------------------------------------------------------------------------
+# (case, registry name, the wrapper's inner schemes or {}, scheme class, knob, value): every value each declared
+# knob rejects, for every scheme and wrapper; a wrapper's knobs are tried with valid inner schemes
+_INNER = {"pyramid": {"inner": "h2o"}, "compose": {"evict": "recency", "quant": "kivi"}}
+_CLASSES = [(name, cls, {}) for name, cls in POLICIES.items()] + [(name, w.cls, _INNER[name])
+                                                                   for name, w in WRAPPERS.items()]
+BAD_KNOBS: list[tuple[str, dict, type, str, Any]] = [(name, inner, cls, key, value) for name, cls, inner in _CLASSES
+                                                     for key, spec in knobs_of(cls).items()
+                                                     for value in spec.outside()]
+
+
+def test_every_knob_is_declared_and_its_default_passes():
+    for name, cls, inner in _CLASSES:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        scheme_valued = set(WRAPPERS[name].schemes) if name in WRAPPERS else set()
+        assert set(knobs_of(cls)) | {f.removesuffix("_knobs") for f in scheme_valued} == fields, (
+            f"{name}: a field without knob(...)")
+        if not inner:
+            cls()
+    assert {name for name, *_ in BAD_KNOBS} == {name for name, _, _ in _CLASSES}  # memory_ratio at least
+
+
+@pytest.mark.parametrize(("name", "inner", "cls", "knob", "value"), BAD_KNOBS,
+                         ids=[f"{n}-{k}-{v!r}" for n, _, _, k, v in BAD_KNOBS])
+def test_bad_knob_gives_a_clear_error(name, inner, cls, knob, value):
+    """Refused in one line naming the scheme and the knob: by the class (whose declarations check it) and through
+    the registry (which converts by the same declarations); ``memory_ratio`` is the registry's second argument."""
+    ratio = next(f.default for f in dataclasses.fields(cls) if f.name == "memory_ratio")  # valid for every scheme
+    policy = build_policy(name, ratio, **inner)
+    with pytest.raises(SchemeError, match=rf"^{name}: {knob} must be .*, got {re.escape(repr(value))}$"):
+        dataclasses.replace(policy, **{knob: value})
+    with pytest.raises(SchemeError, match=rf"^{name}: (knob )?{knob}\b") as info:
+        if knob == "memory_ratio":
+            build_policy(name, value, **inner)
+        else:
+            build_policy(name, ratio, **inner, **{knob: value})
+    assert len(str(info.value).splitlines()) == 1

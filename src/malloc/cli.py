@@ -181,18 +181,18 @@ def _print_scheme(result: dict) -> None:
                    {**result["metrics"], **native, **ratios, **result["fidelity"]}, shown)
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from malloc.memory.registry import describe
+def cmd_methods(args: argparse.Namespace, registry: Any = None) -> int:
+    """``malloc methods``: the schemes of ``registry`` (a :class:`~malloc.memory.registry.Registry`; the package's
+    by default), their knobs with defaults and allowed values (from the declarations)."""
+    from malloc.memory.registry import REGISTRY
 
-    rows = describe()
+    rows = (registry or REGISTRY).describe()
     if args.json:
         print(json.dumps([{"name": r.name, "granularity": r.granularity, "family": r.family, "knobs": r.knobs,
-                           "keeps": r.summary} for r in rows], indent=2, default=str))
+                           "knob_rules": r.rules, "keeps": r.summary} for r in rows], indent=2, default=str))
         return 0
-    table = [("name", "granularity", "family", "knobs (defaults)", "keeps")]
-    table += [(r.name, r.granularity, r.family,
-               ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in r.knobs.items()) or "-", r.summary)
-              for r in rows]
+    table = [("name", "granularity", "family", "knobs (default and allowed values)", "keeps")]
+    table += [(r.name, r.granularity, r.family, r.knob_text(), r.summary) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for index, row in enumerate(table):
         print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4])

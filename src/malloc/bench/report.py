@@ -32,6 +32,7 @@ from malloc.bench.pareto import pareto_front
 from malloc.bench.sweep import read_suite
 from malloc.errors import ResultsError
 from malloc.eval.statistics import mean_std, seed_mean_delta, wilcoxon_signed_rank
+from malloc.memory.registry import REGISTRY, Registry
 from malloc.results import atomic_file, atomic_write_text, check_writable
 
 METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
@@ -354,10 +355,10 @@ def _finite(*values: float) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
 
-def _complexity() -> list[Block]:
+def _complexity(registry: Registry = REGISTRY) -> list[Block]:
     rows = [[name, granularity, family, f"`{f.state}`", f"`{f.request}`", f.knob] if f is not None
             else [name, granularity, family, "(missing)", "(missing)", "-"]
-            for name, granularity, family, f in complexity_rows()]
+            for name, granularity, family, f in complexity_rows(registry)]
     return [Heading("Complexity of every registered scheme", 2),
             Para("n events in the history, t new events per request, c candidates, L layers, d attention width "
                  "(H heads of d_h), b bytes per stored element; stored state in bytes per user (positions and "
@@ -410,7 +411,7 @@ def suite_blocks(folder: Path, out: Path) -> tuple[list[Block], list[str]]:
 
 
 def build_report(folders: Sequence[str | Path], out: str | Path | None = None, markdown: str | Path | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, registry: Registry = REGISTRY) -> Path:
     """Write ``index.md``, ``index.html`` and the PNG plots to ``out`` (default ``<folders[0]>/report``).
 
     Args:
@@ -419,6 +420,7 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
             If the file exists and holds the lines :data:`BEGIN` and :data:`END`, only the text between them is
             replaced, so hand-written sections around the generated report survive a regeneration.
         command: the report command to record.
+        registry: the schemes of the complexity table (the package's by default).
     Returns:
         The ``index.html`` path.
     """
@@ -440,7 +442,7 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
         suite, fronts = suite_blocks(Path(folder), out_dir)
         blocks += suite
         all_fronts += fronts
-    blocks += _complexity()
+    blocks += _complexity(registry)
     if all_fronts:
         blocks[2:2] = [Heading("Pareto fronts", 2), Bullets(all_fronts)]
     atomic_write_text(out_dir / "index.md", _md(blocks, out_dir))

@@ -8,6 +8,10 @@ and its own prefill + append + score equals its own full forward (tested), unles
 
 Schemes whose layers store plain per-event keys and values (``plain_kv``: MQA, GQA, MLA) can be combined with
 the training-free cache policies (e.g. GQA + KIVI, MLA + H2O); the others keep a state of their own.
+
+Knobs are declared on the dataclass fields (:mod:`malloc.memory.knobs`) and checked once, in
+:meth:`ArchitectureScheme.__post_init__`; checks against the model's sizes stay in the scheme (``knob_values``).
+Each scheme states its complexity formulas on its own class (``complexity``, :mod:`malloc.memory.complexity`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from malloc.core.tokens import TokenBatch
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import Complexity
+from malloc.memory.knobs import SchemeError, check_knobs, knob
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -42,18 +47,18 @@ class ArchitectureScheme:
         memory_ratio: target stored bytes / Native stored bytes, in (0, 1].
     """
 
-    memory_ratio: float = 1.0
+    memory_ratio: float = knob(1.0, float, low=0.0, high=1.0, open_low=True)
 
     name: ClassVar[str] = ""
     granularity: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    complexity: ClassVar[Complexity | None] = None  # each registered scheme states its own
     backbones: ClassVar[tuple[str, ...]] = ("hstu", "sasrec")
     # False for schemes whose state size no knob sets (MQA, RWKV, ...): sweeps train them once, not per ratio
     ratio_knob: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.memory_ratio <= 1.0:
-            raise SchemeError(f"{self.name}: memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        check_knobs(self)
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         """The attention layer of ``cfg.backbone`` with this scheme."""
@@ -96,6 +101,11 @@ class ArchitectureScheme:
         return macs.attention_macs(cfg, queries, keys)
 
 
-def check_divides(scheme: str, knob: str, value: int, whole: int, what: str) -> None:
+def check_divides(scheme: str, name: str, value: int, whole: int, what: str) -> None:
+    """A knob that must divide a model size (checked against the model, so not by the declaration).
+
+    Raises:
+        SchemeError: naming the scheme, the knob, the size and the value.
+    """
     if value < 1 or whole % value:
-        raise SchemeError(f"{scheme}: knob {knob}={value} must be a positive divisor of {what} ({whole})")
+        raise SchemeError(f"{scheme}: knob {name}={value} must be a positive divisor of {what} ({whole})")

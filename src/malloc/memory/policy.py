@@ -6,9 +6,13 @@ A :class:`CachePolicy` acts on the keys and values of a model trained without co
 - ``merge(stored, new, stats, ctx)`` on **append**, after the new events were computed against the stored,
   compressed layer: returns the layer to keep (evict, re-score, requantize) within the budget.
 
-One budget vocabulary (DESIGN.md section 3.4): ``memory_ratio`` = target stored bytes / Native stored bytes of the
-same layer for the same history. Every policy maps it to its own knob by a rule its docstring states, and results
-always carry the ratio measured with ``nbytes()``.
+One budget vocabulary, shared with the trained-in schemes: ``memory_ratio`` = target stored bytes / Native stored
+bytes of the same layer for the same history. Every policy maps it to its own knob by a rule its docstring states,
+and results always carry the ratio measured with ``nbytes()``.
+
+Knobs are declared on the dataclass fields (:mod:`malloc.memory.knobs`) and checked once, in
+:meth:`CachePolicy.__post_init__`; each scheme states its complexity formulas on its own class
+(``complexity``, :mod:`malloc.memory.complexity`).
 
 :class:`EvictionPolicy` is the score-then-select base: a subclass only returns an importance per stored event
 (per head, or shared by heads); the base owns the budget arithmetic, protected events, top-k and gathering, and
@@ -25,11 +29,9 @@ import torch
 
 from malloc.core.state import LayerState, StoredLayer
 from malloc.core.stats import LayerStats
-from malloc.errors import MallocError
-
-
-class SchemeError(MallocError, ValueError):
-    """A bad scheme name or knob: the message names the scheme and the knob."""
+from malloc.memory.complexity import Complexity
+from malloc.memory.knobs import SchemeError as SchemeError
+from malloc.memory.knobs import check_knobs, knob
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,19 @@ class CachePolicy:
     """Base of the training-free schemes: what a layer stores at write (``compress``) and on append (``merge``).
     The base keeps everything; :class:`~malloc.memory.schemes.reference.native.Native` is that policy by name.
 
+    A subclass declares its knobs as fields with :func:`~malloc.memory.knobs.knob` (checked here, once) and its
+    formulas as ``complexity``.
+
     Attributes:
         memory_ratio: target stored bytes / Native stored bytes, in (0, 1].
     """
 
-    memory_ratio: float = 1.0
+    memory_ratio: float = knob(1.0, float, low=0.0, high=1.0, open_low=True)
 
     name: ClassVar[str] = ""
     granularity: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    complexity: ClassVar[Complexity | None] = None  # each registered scheme states its own
     needs_attention: ClassVar[bool] = False
     observation_window: ClassVar[int] = 0
     # True only for the policy that keeps everything: the engine then lets every layer keep its own rule (a
@@ -77,8 +83,7 @@ class CachePolicy:
     keeps_everything: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.memory_ratio <= 1.0:
-            raise SchemeError(f"{self.name}: memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        check_knobs(self)
 
     def compress(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> StoredLayer:
         return layer
@@ -155,14 +160,14 @@ def at_stored(stat: torch.Tensor, layer: LayerState) -> torch.Tensor:
 
 
 def contribution(stat: torch.Tensor, layer: LayerState, ctx: LayerContext) -> torch.Tensor:
-    """An observed attention statistic at each stored event, as the importance METHODS.md R1-R2 define.
+    """An observed attention statistic at each stored event: the size of the event's term in a query's output.
 
     Args:
         stat: ``(H, P)`` a :class:`LayerStats` field of ``|a|`` (summed, maxed, ...) indexed by original position.
         layer: the stored events (``positions (1 or H, n)``, ``values (H, n, d_v)``).
     Returns:
         ``(H, n)`` float32: ``stat`` at each event; for HSTU times ``||v_j||`` (the contribution ``|a_ij| ||v_j||``,
-        the exact size of the event's term in the output, R1), for SASRec the softmax weight itself.
+        the exact norm of the event's term ``a_ij v_j`` in the output), for SASRec the softmax weight itself.
     """
     picked = at_stored(stat, layer)
     if ctx.backbone == "hstu":

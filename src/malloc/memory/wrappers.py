@@ -18,7 +18,9 @@ import torch
 
 from malloc.core.state import LayerState, StoredLayer
 from malloc.core.stats import LayerStats
-from malloc.memory.policy import CachePolicy, EvictionPolicy, LayerContext, SchemeError, native_token_bytes
+from malloc.memory.complexity import Complexity
+from malloc.memory.knobs import SchemeError, knob
+from malloc.memory.policy import CachePolicy, EvictionPolicy, LayerContext, native_token_bytes
 from malloc.memory.quant import QuantizationPolicy
 
 
@@ -57,19 +59,19 @@ class Pyramid(CachePolicy):
     """
 
     inner: EvictionPolicy | None = None
-    beta: float = 20.0
+    beta: float = knob(20.0, float, low=1.0, why="r_max / r_min")
 
     name: ClassVar[str] = "pyramid"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "the inner eviction's events, with budgets falling linearly with depth (PyramidKV)"
+    complexity: ClassVar[Complexity] = Complexity("2 sum_l B_l d b, mean_l B_l = mr n", "as the inner scheme",
+                                                  "B_l falls with depth")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.inner, EvictionPolicy):
+        if not isinstance(self.inner, EvictionPolicy):  # a policy, not a plain value: no declaration checks it
             raise SchemeError(f"pyramid: inner must be an eviction (score-then-select) scheme, got "
                               f"{getattr(self.inner, 'name', self.inner)!r}")
-        if not self.beta >= 1.0:
-            raise SchemeError(f"pyramid: beta must be >= 1 (r_max / r_min), got {self.beta}")
 
     @property
     def needs_attention(self) -> bool:  # type: ignore[override]
@@ -134,23 +136,27 @@ class Compose(CachePolicy):
     Shapes: the quantizer's format over ``B`` events per head.
     """
 
+    memory_ratio: float = knob(0.5, float, low=0.0, high=1.0, open_low=True, open_high=True,
+                               why="at 1 there is nothing to evict")
     evict: EvictionPolicy | None = None
     quant: CachePolicy | None = None
 
     name: ClassVar[str] = "compose"
     granularity: ClassVar[str] = "token-prune+precision"
     summary: ClassVar[str] = "the eviction's events, stored quantized by the precision scheme (e.g. SnapKV + KIVI)"
+    complexity: ClassVar[Complexity] = Complexity("L B 2 d q / 8, B = kept events",
+                                                  "as the eviction scheme (dequantized read)",
+                                                  "one byte budget: eviction then precision")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # policies, not plain values: no declaration checks them
         if not isinstance(self.evict, EvictionPolicy):
             raise SchemeError(f"compose: evict must be an eviction (score-then-select) scheme, got "
                               f"{getattr(self.evict, 'name', self.evict)!r}")
         if not isinstance(self.quant, CachePolicy) or self.quant.granularity != "precision":
             raise SchemeError(f"compose: quant must be a precision scheme, got "
                               f"{getattr(self.quant, 'name', self.quant)!r}")
-        if self.memory_ratio >= 1.0:
-            raise SchemeError("compose: memory_ratio must be < 1 (at 1 there is nothing to evict)")
 
     @property
     def needs_attention(self) -> bool:  # type: ignore[override]

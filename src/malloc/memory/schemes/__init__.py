@@ -2,7 +2,9 @@
 
 Two tables: the training-free cache policies (:data:`POLICIES`) and the trained-in architecture schemes
 (:data:`ARCHITECTURES`). Adding a scheme: one file under ``schemes/<granularity>/<name>.py`` with a frozen
-dataclass, and one line here.
+dataclass (its knobs declared with :func:`~malloc.memory.knobs.knob`, its formulas stated as ``complexity``), and
+one line here. ``malloc.memory.registry`` builds schemes by name from these tables (or from a copy with more
+classes: ``REGISTRY.with_schemes``).
 """
 
 from __future__ import annotations

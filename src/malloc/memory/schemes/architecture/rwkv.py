@@ -48,6 +48,7 @@ from torch import nn
 from malloc.core.state import LayerView, StoredLayer, tensor_nbytes
 from malloc.core.tokens import TokenBatch
 from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
+from malloc.memory.complexity import Complexity
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -390,6 +391,8 @@ class RWKV(ArchitectureScheme):
     name: ClassVar[str] = "rwkv"
     granularity: ClassVar[str] = "architecture"
     summary: ClassVar[str] = "RWKV-v4 recurrence in place of attention: a constant 4D-5D floats per layer"
+    complexity: ClassVar[Complexity] = Complexity("5 L d b (fixed)", "L (t + c) d^2 (no attention)",
+                                                  "none (fixed state)")
     ratio_knob: ClassVar[bool] = False
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.architecture import ArchitectureScheme, check_divides
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
+from malloc.memory.knobs import knob
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -47,13 +49,16 @@ class GQA(ArchitectureScheme):
             ``1 / H`` reach only ``1 / H``; the measured ratio says so).
     """
 
-    groups: int | None = None
+    groups: int | None = knob(None, int, low=1, optional=True)
 
     name: ClassVar[str] = "gqa"
     granularity: ClassVar[str] = "head"
     summary: ClassVar[str] = "G key/value heads shared by groups of query heads (G = ratio x H)"
+    complexity: ClassVar[Complexity] = Complexity("2 L n G (d / H) b", NATIVE_REQUEST + " (K, V projections x G / H)",
+                                                  "G = mr H")
 
     def kv_heads(self, cfg: ModelConfig) -> int:
+        """``G``: the knob, checked to divide ``H`` (a model size, so not by the declaration), or the ratio rule."""
         if self.groups is None:
             return largest_divisor_at_most(cfg.heads, self.memory_ratio * cfg.heads)
         check_divides(self.name, "groups", self.groups, cfg.heads, "model.heads")

@@ -29,7 +29,8 @@ from torch import nn
 from malloc.core.state import LayerState, StoredLayer, collate_layers
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads
 from malloc.memory.architecture import ArchitectureScheme
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import Complexity
+from malloc.memory.knobs import SchemeError, knob
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -125,19 +126,15 @@ class MLA(ArchitectureScheme):
 
     Attributes:
         latent_dim: stored latent width ``d_c``; None = from the ratio: ``round(memory_ratio * H (d_k + d_v))``
-            (at least 1).
+            (at least 1). At most ``H (d_k + d_v)``, checked against the model in :meth:`knob_values`.
     """
 
-    latent_dim: int | None = None
+    latent_dim: int | None = knob(None, int, low=1, optional=True)
 
     name: ClassVar[str] = "mla"
     granularity: ClassVar[str] = "head"
     summary: ClassVar[str] = "one shared latent per event, up-projected (absorbed) per head when read"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.latent_dim is not None and self.latent_dim < 1:
-            raise SchemeError(f"mla: knob latent_dim must be >= 1, got {self.latent_dim}")
+    complexity: ClassVar[Complexity] = Complexity("L n d_c b", "L (t + c) [d^2 + 2 H (n + t) d_c]", "d_c = mr 2 d")
 
     def latent(self, cfg: ModelConfig) -> int:
         if self.latent_dim is not None:

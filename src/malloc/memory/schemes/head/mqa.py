@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.memory.architecture import ArchitectureScheme
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
 from malloc.memory.schemes.head.gqa import grouped_layer, grouped_token_macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -22,6 +23,8 @@ class MQA(ArchitectureScheme):
     name: ClassVar[str] = "mqa"
     granularity: ClassVar[str] = "head"
     summary: ClassVar[str] = "one key/value head shared by every query head (fixed ratio ~ 1/H)"
+    complexity: ClassVar[Complexity] = Complexity("2 L n (d / H) b", NATIVE_REQUEST + " (K, V projections / H)",
+                                                  "fixed (mr = 1 / H)")
     ratio_knob: ClassVar[bool] = False
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:

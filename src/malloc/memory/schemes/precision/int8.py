@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from malloc.core.state import LayerState
-from malloc.memory.policy import LayerContext, SchemeError
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
+from malloc.memory.knobs import SchemeError
+from malloc.memory.policy import LayerContext
 from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
 
 
@@ -14,14 +16,15 @@ from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
 class Int8(QuantizationPolicy):
     """Every key and value quantized to 8 bits, symmetric absmax per (event, head); nothing in full precision.
 
-    Reference: the standard INT8 KV cache (METHODS.md section 5.5; HF ``QuantizedCache``, vLLM
+    Reference: the standard INT8 KV cache (HF ``QuantizedCache``, vLLM
     ``--kv-cache-dtype``). ``s = max |x| / 127`` per (event, head) over the ``d`` channels, ``Q = round(x / s)`` in
     ``[-127, 127]``; one float16 scale per (event, head) for keys and one for values. Append quantizes the new
     events only.
 
     Knobs: none besides ``memory_ratio``, which is only checked: the ratio is fixed by the shapes,
     ``(H (d_k + d_v) + 4 H + 12) / (H (d_k + d_v) b + 12)`` for every ``n``; a ``memory_ratio``
-    below it raises SchemeError naming the reachable ratio. Default model (H=4, d=16, fp32): 156/524 = 0.2977
+    below it raises SchemeError naming the reachable ratio (it depends on the model's shapes, so it is checked at
+    write, not by a declaration). By the formula, for the default model (H=4, d=16, fp32): 156/524 = 0.2977
     (about 1/4 of fp32 plus scales and metadata); against bf16 states: 156/268 = 0.5821.
 
     Shapes: keys/values ``(H, n, d)`` as ``(n, H d)`` uint8 codes (offset by 128), scales ``(H, n, 1)`` float16;
@@ -30,6 +33,8 @@ class Int8(QuantizationPolicy):
 
     name: ClassVar[str] = "int8"
     summary: ClassVar[str] = "8-bit symmetric keys and values, one scale per event and head"
+    complexity: ClassVar[Complexity] = Complexity("L n (2 d + 4 H) (int8 + scales)",
+                                                  NATIVE_REQUEST + " (dequantized read)", "fixed (8 bits)")
 
     def num_full(self, n: int) -> int:
         return 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
+from malloc.memory.knobs import knob
 from malloc.memory.quant import QuantizationPolicy, QuantSpec, channel_group
+
+BITS = (4, 2)  # the bit widths KIVI stores, the largest first (the ratio rule tries them in this order)
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,7 @@ class KIVI(QuantizationPolicy):
     """Keys quantized per channel, values per token, the most recent events in full precision (streaming).
 
     Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024, arXiv 2402.02750
-    (reference code ``jy-yuan/KIVI``); METHODS.md section 4.5.
+    (reference code ``jy-yuan/KIVI``).
 
     What it keeps, for ``n`` stored events: the oldest ``q = group * floor(max(n - residual, 0) / group)`` events
     quantized, the last ``n - q`` in full precision (all events below ``residual + group``, then between
@@ -28,8 +31,8 @@ class KIVI(QuantizationPolicy):
     Knobs:
         bits: 2 or 4, or None (default) to pick it from ``memory_ratio`` (below).
         group: 32, events per key group and channels per value group (clipped to ``d_v``).
-        residual: 32, recent events kept in full precision (the paper's 128 would keep ~12% of a 1k history in
-            fp32; 32 as METHODS.md advises).
+        residual: 32, recent events kept in full precision (the paper's 128 would keep 128 of a 1,000-event
+            history in full precision: recommender histories are far shorter than LLM contexts).
 
     Ratio rule: with ``bits=None`` the largest ``bits`` in {4, 2} whose asymptotic ratio (bytes per quantized
     event / Native's, residual amortised) is ``<= memory_ratio``; SchemeError (listing both) if neither is. The
@@ -42,34 +45,29 @@ class KIVI(QuantizationPolicy):
 
     On append the bits picked at write stay (the stored layer carries them) and the ratio follows the formula at
     the new length, which is not monotone: between flushes the residual grows to ``residual + group - 1``
-    events, so an appended user can sit above ``memory_ratio`` until the next flush (default model, written at
-    n=96 with memory_ratio 0.47: 4 bits at 0.4606; 0.5922 at n=127; 0.3931 at n=128). IntactKV and INT8 only get
-    cheaper per event as events arrive.
+    events, so an appended user can sit above ``memory_ratio`` until the next flush (by the formula, for the
+    default model written at n=96 with memory_ratio 0.47: 4 bits at 0.4606; 0.5922 at n=127; 0.3931 at n=128).
+    IntactKV and INT8 only get cheaper per event as events arrive.
 
-    Default model (H=4, d=16, fp32; 524 Native bytes per event, 68 / 100 per quantized event at 2 / 4 bits):
-    2 bits -> 0.4431 at n=100, 0.1646 at n=1000; 4 bits -> 0.4821 and 0.2232.
+    By the formula (``predicted_ratio``), for the default model (H=4, d=16, fp32; 524 Native bytes per event,
+    68 / 100 per quantized event at 2 / 4 bits): 2 bits -> 0.4431 at n=100, 0.1646 at n=1000; 4 bits -> 0.4821
+    and 0.2232.
 
     Shapes: quantized keys/values ``(H, q, d)`` as ``(q, ceil(H d bits / 8))`` packed uint8; key scales/zeros
     ``(H, q/group, d_k)`` float16; value scales/zeros ``(H, q, ceil(d_v/g_v))`` float16; residual ``(H, n - q, d)``
     in the state dtype; positions ``(1, n)`` int32, timestamps ``(1, n)`` int64.
     """
 
-    bits: int | None = None
-    group: int = 32
-    residual: int = 32
+    bits: int | None = knob(None, int, choices=BITS, optional=True)
+    group: int = knob(32, int, low=1)
+    residual: int = knob(32, int, low=0)
 
     name: ClassVar[str] = "kivi"
     summary: ClassVar[str] = "2/4-bit keys per channel, values per token, recent events in full precision"
-    bit_choices: ClassVar[tuple[int, ...]] = (4, 2)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.bits is not None and self.bits not in self.bit_choices:
-            raise SchemeError(f"kivi: bits must be 2, 4 or None (chosen from memory_ratio), got {self.bits}")
-        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
-            raise SchemeError(f"kivi: group must be an integer >= 1, got {self.group}")
-        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
-            raise SchemeError(f"kivi: residual must be an integer >= 0, got {self.residual}")
+    complexity: ClassVar[Complexity] = Complexity("L [(n - R) 2 d q / 8 + R 2 d b], q = bits + 2 s / G",
+                                                  NATIVE_REQUEST + " (dequantized read)",
+                                                  "bits in {2, 4}; residual R, group G fixed")
+    bit_choices: ClassVar[tuple[int, ...]] = BITS
 
     def requested_bits(self) -> int | None:
         return self.bits

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from malloc.memory.policy import CachePolicy, SchemeError
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
+from malloc.memory.knobs import knob
+from malloc.memory.policy import CachePolicy
 
 
 @dataclass(frozen=True)
@@ -15,12 +17,10 @@ class Native(CachePolicy):
     Memory: ``L n (H (d_k + d_v) b + 12)`` bytes (keys, values, an int32 position and an int64 timestamp per event).
     """
 
+    memory_ratio: float = knob(1.0, float, choices=(1.0,), why="it is the reference")
+
     name: ClassVar[str] = "native"
     granularity: ClassVar[str] = "reference"
     summary: ClassVar[str] = "every key and value of every stored event (the reference)"
+    complexity: ClassVar[Complexity] = Complexity("2 L n d b", NATIVE_REQUEST, "none (mr = 1)")
     keeps_everything: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.memory_ratio != 1.0:
-            raise SchemeError(f"native: memory_ratio is always 1 (it is the reference), got {self.memory_ratio}")

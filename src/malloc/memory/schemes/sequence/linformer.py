@@ -14,13 +14,15 @@ plus its own key and value (the mask rule of ``malloc.core.tokens``: every token
 - ``K~_p = sum_{j: pos_j < p} E[:, pos_j] k_j^T`` ``(k, d_k)``; ``V~_p = sum_{j: pos_j < p} F[:, pos_j] v_j^T``
   ``(k, d_v)``; per head;
 - HSTU: ``o_i = (1/N) [sum_r silu(alpha q_i . K~_r) V~_r + silu(alpha q_i . k_i + rab(0, 0)) v_i]``; the
-  projected rows get no relative bias, since a row mixes events at many positions and times (METHODS.md R8);
+  projected rows get no relative bias, since a row mixes events at many positions and times (a relative position
+  or time is defined between two events, not between an event and a mixture);
   only the self term keeps the bias of distance 0 (position bucket 0 + time bucket 0 of the layer's table);
 - SASRec: softmax over the ``k`` projected rows and the self key (logits scaled by ``1/sqrt(d_k)``); the rows are
   always there (all zero before any event, as Linformer's projection of a short sequence).
 
-Differences from the paper: the paper projects the whole (padded) sequence, so every position sees the future
-(METHODS.md 4.1 "Pitfalls"); here a query sees only the projection of earlier events, which is what makes the
+Differences from the paper: the paper projects the whole (padded) sequence, so every position sees the future (a
+causal model trained that way leaks the next events into each query); here a query sees only the projection of
+earlier events, which is what makes the
 incremental update exact. The training forward computes every query's own causal projection without a loop over
 time: with ``M`` the visibility of history keys (``M_ij = 1`` iff ``j`` is history and ``pos_j < pos_i``),
 ``S = ((Q K^T) * M) E_pos^T`` gives ``q_i . K~_i`` and the output is ``((f(S) F_pos) * M) V`` (``O(T^2 k)``,
@@ -52,7 +54,8 @@ from torch import nn
 from malloc.core.state import LayerView, StoredLayer, tensor_nbytes
 from malloc.core.tokens import TokenBatch, split_heads
 from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import Complexity
+from malloc.memory.knobs import knob
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
@@ -238,17 +241,13 @@ class Linformer(ArchitectureScheme):
             max_len))`` (the state is constant in ``n``; see the module docstring).
     """
 
-    rows: int | None = None
+    rows: int | None = knob(None, int, low=1, optional=True)
 
     name: ClassVar[str] = "linformer"
     granularity: ClassVar[str] = "sequence"
     summary: ClassVar[str] = "k learned projections of all past keys/values along the sequence (k = ratio x max_len)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int)
-                                      or self.rows < 1):
-            raise SchemeError(f"{self.name}: knob rows must be a positive integer, got {self.rows!r}")
+    complexity: ClassVar[Complexity] = Complexity("2 L k d b (+ a length counter)",
+                                                  "L (t + c) [d^2 + 2 k d] + 2 L t k d (update)", "k = mr n_max")
 
     def num_rows(self, cfg: ModelConfig) -> int:
         return self.rows if self.rows is not None else max(1, round(self.memory_ratio * cfg.max_len))

@@ -47,7 +47,8 @@ from torch import nn
 
 from malloc.core.tokens import KVBlock, TokenBatch, split_heads
 from malloc.memory.architecture import ArchitectureScheme
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import NATIVE_REQUEST, Complexity
+from malloc.memory.knobs import knob
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
@@ -142,22 +143,16 @@ class Reformer(ArchitectureScheme):
         buckets: buckets per round (even, >= 2; the rotations have ``buckets / 2`` columns).
     """
 
-    n_hashes: int = 2
-    buckets: int = 8
+    n_hashes: int = knob(2, int, low=1, high=MAX_HASHES)
+    buckets: int = knob(8, int, low=2, high=MAX_BUCKETS, even=True)
 
     name: ClassVar[str] = "reformer"
     granularity: ClassVar[str] = "sequence"
     summary: ClassVar[str] = "LSH attention, shared QK, n_hashes rounds (stores every key: ratio 1)"
+    complexity: ClassVar[Complexity] = Complexity("2 L n d b (ratio 1)",
+                                                  NATIVE_REQUEST + " + L H r (n + t) d_h b_k / 2 (hashing)",
+                                                  "none (n_hashes r, buckets b_k: compute only)")
     ratio_knob: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.n_hashes, int) or not 1 <= self.n_hashes <= MAX_HASHES:
-            raise SchemeError(f"{self.name}: knob n_hashes must be an integer in 1..{MAX_HASHES}, got "
-                              f"{self.n_hashes!r}")
-        if not isinstance(self.buckets, int) or not 2 <= self.buckets <= MAX_BUCKETS or self.buckets % 2:
-            raise SchemeError(f"{self.name}: knob buckets must be an even integer in 2..{MAX_BUCKETS}, got "
-                              f"{self.buckets!r}")
 
     def build_layer(self, cfg: ModelConfig) -> AttentionLayer:
         layer = HSTUReformerLayer if cfg.backbone == "hstu" else SASRecReformerLayer

@@ -3,13 +3,13 @@
 Trained with the scheme. The history is cut by position into chunks of ``w`` events (chunk ``c`` = positions
 ``[c w, (c + 1) w)``). When a chunk is complete, ``m = ceil(w / alpha)`` beacon tokens follow it in the token
 stream (:meth:`Beacon.expand`, in training and serving alike). A beacon takes the timestamp of its chunk's last
-event (METHODS.md R8) and a position inside its chunk: the chunk's last one for every beacon (``placement="end"``,
-the default), or the last of its own ``k``-th of ``m`` equal segments (``"spread"``: ``c w + ceil((k + 1) w / m)
-- 1``), which lets the relative-position bias tell a chunk's beacons apart; the last beacon sits at the chunk's
-end either way. It enters the first layer as an empty item (item 0, action "unknown", and in SASRec the position
-embedding), and every layer adds a learned embedding of the beacon's index ``k < m`` to its
-input and projects it with its own Q/K/V (HSTU: U/V/Q/K) weights; the output projection, norms and SASRec's
-feed-forward block are shared with the events.
+event (a beacon stands for the chunk as of its end: the time it was closed) and a position inside its chunk: the
+chunk's last one for every beacon (``placement="end"``, the default), or the last of its own ``k``-th of ``m``
+equal segments (``"spread"``: ``c w + ceil((k + 1) w / m) - 1``), which lets the relative-position bias tell a
+chunk's beacons apart; the last beacon sits at the chunk's end either way. It enters the first layer as an empty
+item (item 0, action "unknown", and in SASRec the position embedding), and every layer adds a learned embedding
+of the beacon's index ``k < m`` to its input and projects it with its own Q/K/V (HSTU: U/V/Q/K) weights; the
+output projection, norms and SASRec's feed-forward block are shared with the events.
 
 Serving rule (exact under caching; the same mask in the full forward), query at position ``p``:
 
@@ -28,15 +28,16 @@ Differences from the paper: beacons are appended after their chunk (the paper's 
 interleaved every ``alpha`` events); the beacons' output projection (and SASRec's feed-forward block) is shared;
 each layer adds its own beacon embedding (the paper embeds once at the input); one ``alpha`` per model (the paper
 samples it in training so one model serves many ratios). Under HSTU's SiLU attention a beacon is a learned
-weighted pooling of its chunk; its value projection is free to fold in the chunk size (R4), and ``N`` is kept.
+weighted pooling of its chunk (the weights need not sum to 1); its value projection is free to fold in the chunk
+size, and ``N`` is kept.
 
 Stored per layer, after ``n`` events: a :class:`LayerState` of ``s = m floor(n / w) + (n mod w)`` tokens: keys
 ``(H, s, d_k)``, values ``(H, s, d_v)``, positions ``(1, s)`` int32, timestamps ``(1, s)`` int64.
 
 Knobs: ``alpha`` the condensing ratio (>= 1; None = ``1 / memory_ratio``) and ``chunk`` ``w`` (>= 1; default 32
 events: a session or a few in recsys logs, so that with ``alpha`` in 4..16 a chunk keeps 2..8 beacons and the raw
-open chunk stays small next to histories of 200..1000 events), and ``placement`` (above; ``"end"`` by default, as
-every measured number so far used). The measured ratio is about ``1 / alpha`` plus the
+open chunk stays small next to histories of 200..1000 events), and ``placement`` (above; ``"end"`` by default).
+The measured ratio is about ``1 / alpha`` plus the
 open chunk's ``(n mod w) / n``.
 
 Cost: a request that closes a chunk also runs its ``m`` beacons through every layer (against the state, as events
@@ -56,7 +57,8 @@ from torch import nn
 from malloc.core.state import LayerState, StoredLayer
 from malloc.core.tokens import ACTION_UNKNOWN, KVBlock, TokenBatch, split_heads
 from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import SchemeError, knob
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
@@ -262,24 +264,20 @@ class Beacon(ArchitectureScheme):
             tells a chunk's beacons apart (:func:`beacon_offsets`).
     """
 
-    chunk: int = 32
-    alpha: float | None = None
-    placement: str = "end"
+    chunk: int = knob(32, int, low=1)
+    alpha: float | None = knob(None, float, low=1.0, optional=True, why="the condensing ratio")
+    placement: str = knob("end", str, choices=PLACEMENTS)
 
     name: ClassVar[str] = "beacon"
     granularity: ClassVar[str] = "token-merge"
     summary: ClassVar[str] = "each chunk of w events condensed into ceil(w / alpha) learned beacons (alpha = 1/ratio)"
+    complexity: ClassVar[Complexity] = Complexity("2 L (n / a + r) d b",
+                                                  kept_request("(n / a + r)") + " + beacon tokens t / a",
+                                                  "condensing ratio a ~ 1 / mr; open chunk r < w")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
-            raise SchemeError(f"{self.name}: knob chunk must be an integer >= 1, got {self.chunk!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not self.alpha >= 1.0):
-            raise SchemeError(f"{self.name}: knob alpha (condensing ratio) must be a number >= 1, got {self.alpha!r}")
-        if self.placement not in PLACEMENTS:
-            raise SchemeError(f"{self.name}: knob placement must be one of {', '.join(PLACEMENTS)}, "
-                              f"got {self.placement!r}")
+        # alpha against chunk: a relation between two knobs, so not a declaration
         if not 1 <= self.beacons_per_chunk() <= self.chunk:
             raise SchemeError(f"{self.name}: knob alpha={self.condensing_ratio()} gives "
                               f"{self.beacons_per_chunk()} beacons per chunk of {self.chunk}; need 1..chunk")

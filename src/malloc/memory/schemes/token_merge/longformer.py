@@ -9,7 +9,8 @@ appends + score equal the full forward.
 
 Differences from the paper: the globals are ordinary history events, not extra task tokens, and in a causal model
 their queries see only earlier events (all of them: every key ``< g`` is visible to all), so no global has to be
-refreshed on append (METHODS.md 4.2, "Pitfalls"); no dilation. Older events still reach later tokens through the
+refreshed on append (a global that sees later events, as in the paper, would change every time an event
+arrives, so its stored key and value could not be kept); no dilation. Older events still reach later tokens through the
 deeper layers' window states (receptive field about ``L w``): the "implicit merge" MALLOC files it under.
 
 Stored per layer: a :class:`LayerState` of ``m = min(n, w + g)`` events: keys ``(H, m, d_k)``, values
@@ -35,7 +36,8 @@ import torch
 from malloc.core.state import LayerState, StoredLayer
 from malloc.core.tokens import KVBlock, TokenBatch, visibility
 from malloc.memory.architecture import ArchitectureScheme, native_event_bytes
-from malloc.memory.policy import SchemeError
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import knob
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
 from malloc.models.hstu import HSTULayer
@@ -103,19 +105,13 @@ class Longformer(ArchitectureScheme):
         globals: ``g``, the first events of the history, seen by every later token (>= 0; default 2).
     """
 
-    window: int | None = None
-    globals: int = 2
+    window: int | None = knob(None, int, low=1, optional=True)
+    globals: int = knob(2, int, low=0)
 
     name: ClassVar[str] = "longformer"
     granularity: ClassVar[str] = "token-merge"
     summary: ClassVar[str] = "sliding window of w events + the first g events (w + g = ratio x max_len)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.globals, int) or self.globals < 0:
-            raise SchemeError(f"{self.name}: knob globals must be an integer >= 0, got {self.globals!r}")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise SchemeError(f"{self.name}: knob window must be an integer >= 1, got {self.window!r}")
+    complexity: ClassVar[Complexity] = Complexity("2 L (w + g) d b", kept_request("(w + g)"), "w + g = mr n_max")
 
     def window_size(self, cfg: ModelConfig) -> int:
         if self.window is not None:

@@ -10,7 +10,9 @@ import torch
 
 from malloc.core.state import LayerState, StoredLayer
 from malloc.core.stats import LayerStats
-from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError, at_stored, contribution
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import knob
+from malloc.memory.policy import EvictionPolicy, LayerContext, at_stored, contribution
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,8 @@ class H2O(EvictionPolicy):
 
     Score of stored event ``j`` in head ``h``: its mean contribution over every history query that saw it,
     ``S_j = sum_i c_ij / (history_len - p_j)`` with ``c_ij = |a_ij| ||v_j||`` (HSTU) or ``a_ij`` (SASRec) and
-    ``p_j`` its original position (METHODS.md R2: the plain sum of the decode-time H2O favours old events).
+    ``p_j`` its original position (the mean, not the plain sum of the decode-time H2O: an event at position ``p_j``
+    is seen by ``history_len - p_j`` queries, so a sum favours old events for their age alone).
 
     - Write: ``sum_i`` runs over the whole history (kvpress's prefill variant of H2O).
     - Append: the running sums are carried in ``LayerState.scores`` (``(H, B)`` float32, counted in the budget):
@@ -42,19 +45,16 @@ class H2O(EvictionPolicy):
     Reference: ``FMInference/H2O`` ``h2o_hf/utils_hh/modify_llama.py``; kvpress ``observed_attention_press.py``.
     """
 
-    recent_fraction: float = 0.5
+    recent_fraction: float = knob(0.5, float, low=0.0, high=1.0)
 
     name: ClassVar[str] = "h2o"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "per head, recent events + heavy hitters by accumulated attention (H2O)"
+    complexity: ClassVar[Complexity] = Complexity("2 L B d b + 4 L H B (carried scores)",
+                                                  kept_request("B") + " + L H t B (score update)", "B_h + B_r = mr n")
     needs_attention: ClassVar[bool] = True
     per_head: ClassVar[bool] = True
     carries_scores: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.recent_fraction <= 1.0:
-            raise SchemeError(f"h2o: recent_fraction must be in [0, 1], got {self.recent_fraction}")
 
     def score(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         if layer.scores is None:

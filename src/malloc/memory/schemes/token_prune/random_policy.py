@@ -9,7 +9,9 @@ import torch
 
 from malloc.core.state import LayerState
 from malloc.core.stats import LayerStats
-from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import knob
+from malloc.memory.policy import EvictionPolicy, LayerContext
 
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64 increment
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64 finaliser multipliers
@@ -55,7 +57,7 @@ class Random(EvictionPolicy):
     with different histories get different draws, and nothing depends on the batch, its order or the chunking);
     the top ``B`` are kept. At write that is a uniform random subset; on append the survivors keep their scores,
     so the kept set at any time is the top ``B`` of one random ranking of the events seen (no re-draw per append).
-    Average at least 3 seeds (METHODS.md section 5.2).
+    One seed is one draw: average several seeds before comparing a scheme with it.
 
     Knobs:
         memory_ratio: ``B = floor(memory_ratio * n * native_token_bytes / kept_token_bytes)`` events (shared
@@ -65,16 +67,12 @@ class Random(EvictionPolicy):
     Reference: kvpress ``kvpress/presses/random_press.py``.
     """
 
-    seed: int = 0
+    seed: int = knob(0, int)
 
     name: ClassVar[str] = "random"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "a random subset of events (the sanity floor)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise SchemeError(f"random: seed must be an integer, got {self.seed!r}")
+    complexity: ClassVar[Complexity] = Complexity("2 L B d b", kept_request("B"), "B = mr n")
 
     def score(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return event_uniforms(self.seed, ctx.layer, layer.positions[:1], layer.timestamps[:1])

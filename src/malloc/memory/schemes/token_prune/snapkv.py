@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from malloc.core.state import LayerState
 from malloc.core.stats import LayerStats
-from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError, contribution
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import knob
+from malloc.memory.policy import EvictionPolicy, LayerContext, contribution
 
 
 @dataclass(frozen=True)
@@ -18,10 +20,11 @@ class SnapKV(EvictionPolicy):
     """Keeps, per head, the observation window (the last ``window`` events) plus the ``B - window`` earlier events
     with the most pooled votes from the window's queries.
 
-    Votes of an earlier event ``j``: ``sum_{i in window} c_ij`` with ``c_ij = |a_ij| ||v_j||`` (HSTU, METHODS.md R2)
-    or ``a_ij`` (SASRec); every window query sees every earlier event, so the sum needs no count. Votes are
-    smoothed by a 1-D max pool of width ``kernel`` over the earlier events in stored (chronological) order, the
-    window's own events excluded (they are kept anyway), as SnapKV pools ``attn[..., :-window]``.
+    Votes of an earlier event ``j``: ``sum_{i in window} c_ij`` with ``c_ij = |a_ij| ||v_j||`` (HSTU: the norm of
+    the event's term in the output, :func:`~malloc.memory.policy.contribution`) or ``a_ij`` (SASRec); every window
+    query sees every earlier event, so the sum needs no count. Votes are smoothed by a 1-D max pool of width
+    ``kernel`` over the earlier events in stored (chronological) order, the window's own events excluded (they are
+    kept anyway), as SnapKV pools ``attn[..., :-window]``.
 
     - Write: the window is the history's last ``window`` events.
     - Append: the observed queries are the new events: the window is the last ``window`` positions, and those of
@@ -41,21 +44,16 @@ class SnapKV(EvictionPolicy):
     Reference: ``FasterDecoding/SnapKV`` ``snapkv/monkeypatch/snapkv_utils.py``; kvpress ``snapkv_press.py``.
     """
 
-    window: int = 8
-    kernel: int = 5
+    window: int = knob(8, int, low=1)
+    kernel: int = knob(5, int, low=1, odd=True)
 
     name: ClassVar[str] = "snapkv"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "per head, the last events + earlier events their queries vote for (SnapKV)"
+    complexity: ClassVar[Complexity] = Complexity("2 L B d b", kept_request("B") + " + L H t B (window votes)",
+                                                  "B = mr n (window inside)")
     needs_attention: ClassVar[bool] = True
     per_head: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.window, int) and self.window >= 1):
-            raise SchemeError(f"snapkv: window must be an integer >= 1, got {self.window}")
-        if not (isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1):
-            raise SchemeError(f"snapkv: kernel must be an odd integer >= 1, got {self.kernel}")
 
     @property
     def observation_window(self) -> int:  # type: ignore[override]

@@ -9,7 +9,9 @@ import torch
 
 from malloc.core.state import LayerState
 from malloc.core.stats import LayerStats
-from malloc.memory.policy import EvictionPolicy, LayerContext, SchemeError
+from malloc.memory.complexity import Complexity, kept_request
+from malloc.memory.knobs import knob
+from malloc.memory.policy import EvictionPolicy, LayerContext
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,8 @@ class StreamingLLM(EvictionPolicy):
     same for every head; FIFO on append behind the sinks.
 
     Softmax models park excess attention on the first tokens, so StreamingLLM keeps them. HSTU's SiLU attention
-    has no such sinks (METHODS.md R5) and this model has no contextual prefix to protect instead: for HSTU this
+    has no such sinks (its weights are not normalised over the keys, so no attention has to be parked anywhere)
+    and this model has no contextual prefix to protect instead: for HSTU this
     scheme is an ablation of recency (what do the first events add?).
 
     Knobs:
@@ -32,16 +35,12 @@ class StreamingLLM(EvictionPolicy):
     ``streaming_llm_press.py``.
     """
 
-    sink: int = 4
+    sink: int = knob(4, int, low=0)
 
     name: ClassVar[str] = "streaming_llm"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "the first events (attention sinks) + the most recent ones (StreamingLLM)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.sink, int) and self.sink >= 0):
-            raise SchemeError(f"streaming_llm: sink must be an integer >= 0, got {self.sink}")
+    complexity: ClassVar[Complexity] = Complexity("2 L (s + w) d b", kept_request("(s + w)"), "s + w = mr n")
 
     def score(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
         return layer.positions[:1].float()

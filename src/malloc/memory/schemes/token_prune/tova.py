@@ -9,6 +9,7 @@ import torch
 
 from malloc.core.state import LayerState
 from malloc.core.stats import LayerStats
+from malloc.memory.complexity import Complexity, kept_request
 from malloc.memory.policy import EvictionPolicy, LayerContext, contribution
 
 
@@ -17,7 +18,8 @@ class TOVA(EvictionPolicy):
     """Keeps the ``B`` events the latest event attends to most, averaged over heads (one selection per layer).
 
     Score of stored event ``j``: ``mean_h c^h_tj`` for the latest observed query ``t`` (the user's last event),
-    with ``c = |a| ||v_j||`` (HSTU, METHODS.md R2) or the softmax weight (SASRec). No sink, no recent window.
+    with ``c = |a| ||v_j||`` (HSTU: the norm of the event's term in the output,
+    :func:`~malloc.memory.policy.contribution`) or the softmax weight (SASRec). No sink, no recent window.
 
     - Write: ``t`` is the history's last event; the top ``B`` are kept in one step.
     - Append: ``t`` is the last new event; stored and new events are scored by it and the union is cut back to
@@ -35,6 +37,7 @@ class TOVA(EvictionPolicy):
     name: ClassVar[str] = "tova"
     granularity: ClassVar[str] = "token-prune"
     summary: ClassVar[str] = "the events the latest event attends to most, mean over heads (TOVA)"
+    complexity: ClassVar[Complexity] = Complexity("2 L B d b", kept_request("B") + " + L H t B (scores)", "B = mr n")
     needs_attention: ClassVar[bool] = True
 
     def score(self, layer: LayerState, stats: LayerStats | None, ctx: LayerContext) -> torch.Tensor:
