@@ -48,11 +48,14 @@ def _print_metrics(title: str, metrics: dict, meters: dict | None = None) -> Non
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from malloc.distributed import launch_from_environment
     from malloc.runner import run
 
     cfg = _with_scheme(_load(args), args)
     result = run(cfg, force=args.force, show_progress=not args.quiet)
-    _print_metrics(f"{result['run_id']}: test ({cfg.task})", result["metrics"], result["meters"])
+    launch = launch_from_environment()
+    if launch is None or launch.rank == 0:  # under torchrun every rank has the result; one prints it
+        _print_metrics(f"{result['run_id']}: test ({cfg.task})", result["metrics"], result["meters"])
     return 0
 
 

@@ -6,10 +6,19 @@
 train), so changing only evaluation settings re-evaluates the same checkpoint instead of retraining, and editing a
 data file trains a new run. A run folder whose recorded identity or ``config.yaml`` disagrees with the resolved
 config is an error, never reused.
+
+Under torchrun (``torchrun --nproc-per-node N -m malloc train ...``, :mod:`malloc.distributed`) every process runs
+:func:`run`: rank 0 holds the run's lock and alone reads and writes the folder, every rank trains on its share of
+each batch and replays its share of the test users, and every rank returns rank 0's result. The identity does not
+hold the world size: the recipe (global batch, seed, every random draw but dropout's masks) is the same on any
+number of processes, as it is on any device, so a run started on one process resumes on several and the other way
+round; ``meters.json`` records the world size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -24,6 +33,7 @@ from malloc.data.sequences import DataError
 from malloc.data.sources import load_dataset
 from malloc.data.tasks import CTRView, RetrievalView, ctr_rows
 from malloc.device import environment, resolve_device
+from malloc.distributed import World, joined, launch_from_environment, rank_device
 from malloc.errors import CheckpointError, ResultsError
 from malloc.eval.anchors import ANCHORS_VERSION, anchor_metrics
 from malloc.eval.evaluate import model_meters, native_identity, native_predictions_path, replay
@@ -80,18 +90,73 @@ def run(cfg: RunConfig, force: bool = False, show_progress: bool = True) -> dict
     """Train and test one configuration, or return the stored result if the run is already done.
 
     Holds the run's lock (:meth:`RunDir.lock`) throughout, so processes that share a results folder train each
-    run once.
+    run once. In a torchrun job of several processes, every rank calls it (module docstring).
 
     Returns:
         ``{"run_id", "metrics", "meters"}``.
     """
+    launch = launch_from_environment()
+    if launch is None:
+        run_dir = run_dir_for(cfg)
+        check_writable(run_dir.root.parent)
+        with run_dir.lock():
+            return _run_locked(cfg, run_dir, force, show_progress)
+    cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, launch))
     run_dir = run_dir_for(cfg)
-    check_writable(run_dir.root.parent)
-    with run_dir.lock():
-        return _run_locked(cfg, run_dir, force, show_progress)
+    if launch.rank == 0:
+        check_writable(run_dir.root.parent)
+    with joined(launch, resolve_device(cfg.device)) as world, \
+            run_dir.lock() if world.is_main else contextlib.nullcontext():
+        return _run_locked(cfg, run_dir, force, show_progress, world)
 
 
-def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: bool) -> dict[str, Any]:
+def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: bool, world: World | None = None
+                ) -> dict[str, Any]:
+    main = world is None or world.is_main
+    stored = _open_run_dir(cfg, run_dir, force) if main else None
+    if world is not None:
+        stored = world.broadcast(stored, "sharing the state of the run folder")
+    if stored is not None:
+        return stored
+    try:
+        view = build_view(cfg)
+        check_splits(cfg, view)
+        model, trained = train(cfg, view, run_dir.root, show_progress=show_progress, world=world)
+        # saved as the run's policy-free test replay, which schemes and suites compare against
+        replayed = replay(cfg, model, view, "test", world=world)
+        check_finite(replayed.metrics, "test", run_dir)
+        if main:
+            replayed.save(native_predictions_path(run_dir.root, "test"), native_identity(cfg, "test"))
+        result = {"metrics": replayed.metrics,
+                  "meters": {**replayed.meters, **model_meters(cfg, model, view, "test", replayed)}}
+        anchors = anchors_for(cfg, view) if main else {}
+    except Exception as exc:
+        if main:
+            run_dir.record_error(exc)
+        raise
+    finished = None
+    if main:
+        meters = {
+            **result["meters"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "best_epoch": trained.best_epoch, "epochs_run": trained.epochs_run,
+            "train_seconds_per_epoch": trained.seconds_per_epoch,
+            "train_events_per_second": trained.events_per_second,
+            "environment": environment(cfg.device),
+            "world_size": 1 if world is None else world.size,
+        }
+        run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history,
+                               "anchors": anchors["test"], "valid_anchors": anchors["valid"]})
+        run_dir.write_meters(meters)
+        run_dir.mark_done({"run_id": run_dir.run_id})
+        finished = {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters,
+                    "anchors": anchors["test"]}
+    return finished if world is None else world.broadcast(finished, "sharing the run's result")
+
+
+def _open_run_dir(cfg: RunConfig, run_dir: RunDir, force: bool) -> dict[str, Any] | None:
+    """Check and claim the run folder (cleared first with ``force``): the stored result of a done run, else None
+    (the folder is ready for training, with its identity and config written)."""
     if force:
         run_dir.clear()
     identity = training_identity(cfg)
@@ -105,33 +170,7 @@ def _run_locked(cfg: RunConfig, run_dir: RunDir, force: bool, show_progress: boo
     run_dir.root.mkdir(parents=True, exist_ok=True)
     run_dir.claim(identity)
     run_dir.write_config(cfg)
-    try:
-        view = build_view(cfg)
-        check_splits(cfg, view)
-        model, trained = train(cfg, view, run_dir.root, show_progress=show_progress)
-        # saved as the run's policy-free test replay, which schemes and suites compare against
-        replayed = replay(cfg, model, view, "test")
-        check_finite(replayed.metrics, "test", run_dir)
-        replayed.save(native_predictions_path(run_dir.root, "test"), native_identity(cfg, "test"))
-        result = {"metrics": replayed.metrics,
-                  "meters": {**replayed.meters, **model_meters(cfg, model, view, "test", replayed)}}
-        anchors = anchors_for(cfg, view)
-    except Exception as exc:
-        run_dir.record_error(exc)
-        raise
-    meters = {
-        **result["meters"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "best_epoch": trained.best_epoch, "epochs_run": trained.epochs_run,
-        "train_seconds_per_epoch": trained.seconds_per_epoch,
-        "train_events_per_second": trained.events_per_second,
-        "environment": environment(cfg.device),
-    }
-    run_dir.write_metrics({**result["metrics"], "split": "test", "valid_history": trained.history,
-                           "anchors": anchors["test"], "valid_anchors": anchors["valid"]})
-    run_dir.write_meters(meters)
-    run_dir.mark_done({"run_id": run_dir.run_id})
-    return {"run_id": run_dir.run_id, "metrics": result["metrics"], "meters": meters, "anchors": anchors["test"]}
+    return None
 
 
 def anchors_for(cfg: RunConfig, view: CTRView | RetrievalView) -> dict[str, dict[str, dict[str, float]]]:

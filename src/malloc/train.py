@@ -7,18 +7,34 @@ numbers of the serving replay, computed with one batched full forward, which is 
 skipped when ``train.epochs`` is 1, where there is nothing to choose); the best epoch by ``eval.monitor`` is
 checkpointed, and ``last.pt`` (model, optimiser, random states, epoch) lets an interrupted run resume exactly where
 it stopped.
+
+Data-parallel (``torchrun``, :mod:`malloc.distributed`): each rank takes its contiguous share of every global batch
+(``train.batch_size`` windows, as in one process), sums its loss over its targets and divides by the global count of
+targets (all ranks' counts gathered), times the world size, since DistributedDataParallel averages the ranks'
+gradients: every step is then the gradient of the global batch's mean loss, the step of one process up to
+floating-point order. Every random draw of the recipe is made for the whole global batch on every rank (the order of
+the batches, the blind cuts, the negatives: per-target negatives are drawn for all the global batch's targets and
+each rank takes its rows), so it does not depend on the world size; dropout does: each rank draws its own masks,
+seeded per (seed, epoch, rank). A rank whose share of a short last batch is empty steps on a copy of the batch's
+first window at weight 0, so that every rank joins every gradient reduction. Validation splits its batches over the
+ranks and sums the per-row results (:func:`~malloc.eval.evaluate.forward_metrics`), so every rank takes the same
+decisions (best epoch, early stop). Rank 0 alone reads and writes checkpoints; the resume state and the best
+weights reach the other ranks by broadcast.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from malloc.config import RunConfig
@@ -27,6 +43,7 @@ from malloc.data.batching import CTRWindowRows, TrainingBatch, ctr_training_batc
 from malloc.data.sequences import DataError
 from malloc.data.tasks import CTRView, RetrievalView, Window, windows
 from malloc.device import resolve_device
+from malloc.distributed import World
 from malloc.errors import CheckpointError, TrainingError
 from malloc.eval.anchors import base_log_odds, item_log_odds
 from malloc.eval.evaluate import forward_metrics
@@ -93,22 +110,34 @@ def blind_cuts(windows: list[Window], cfg: RunConfig, rng: np.random.Generator) 
 
 
 def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, negatives: int,
-               generator: torch.Generator, temperature: float = 1.0, per_target: bool = False) -> torch.Tensor:
+               generator: torch.Generator, temperature: float = 1.0, per_target: bool = False,
+               reduction: str = "mean", draw: tuple[int, int] | None = None) -> torch.Tensor:
+    """The loss of a training batch over its ``N`` targets: their mean (``reduction="mean"``), or their sum
+    (``"sum"``: a rank's share of a global batch, which the caller divides by the global count of targets).
+
+    ``draw = (offset, total)``: per-target negatives are drawn for ``total`` targets and this batch's ``N`` targets
+    take rows ``offset:offset + N`` of the draw (a rank's targets within its global batch), so the draw does not
+    depend on how the global batch is split; None draws for this batch's targets alone.
+    """
     if task == "ctr":
         start = batch.candidates_from
         mask = batch.target_mask[:, start:]
         hidden = model.candidate_outputs(batch.tokens, start)[mask]  # (N, D)
         items = batch.tokens.items[:, start:][mask]
-        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, items), batch.targets[:, start:][mask])
+        return F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, items), batch.targets[:, start:][mask],
+                                                  reduction=reduction)
     hidden = model(batch.tokens)[batch.target_mask]  # (N, D)
     targets = batch.targets[batch.target_mask]
     targets = targets.long()
     if negatives == 0:
-        return F.cross_entropy(model.item_logits(hidden) / temperature, targets)
+        return F.cross_entropy(model.item_logits(hidden) / temperature, targets, reduction=reduction)
     user = model.user_vector(hidden)
     positive = (user * model.item_vectors(targets)).sum(-1, keepdim=True)
     if per_target:  # (N, k) negatives, each target its own draw (generative-recommenders' local sampling)
-        sampled = torch.randint(1, model.num_items + 1, (len(targets), negatives), generator=generator)
+        rows = len(targets) if draw is None else draw[1]
+        sampled = torch.randint(1, model.num_items + 1, (rows, negatives), generator=generator)
+        if draw is not None:
+            sampled = sampled[draw[0]:draw[0] + len(targets)]
         sampled = sampled.to(hidden.device)
         negative = torch.einsum("nd,nkd->nk", user, model.item_vectors(sampled))
         negative = negative.masked_fill(sampled == targets[:, None], float("-inf"))
@@ -116,12 +145,52 @@ def batch_loss(model: SequentialRecommender, batch: TrainingBatch, task: str, ne
         sampled = torch.randint(1, model.num_items + 1, (negatives,), generator=generator).to(hidden.device)
         negative = user @ model.item_vectors(sampled).T
         negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
-    return F.cross_entropy(torch.cat([positive, negative], dim=1) / temperature, torch.zeros_like(targets))
+    return F.cross_entropy(torch.cat([positive, negative], dim=1) / temperature, torch.zeros_like(targets),
+                           reduction=reduction)
 
 
-def _load_weights(model: SequentialRecommender, path: Path, device: torch.device) -> None:
+class ShardLoss(torch.nn.Module):
+    """What DistributedDataParallel wraps: a module whose forward is a rank's summed :func:`batch_loss`, so that
+    DDP's gradient reduction runs on every step whatever methods of the model the loss calls."""
+
+    def __init__(self, model: SequentialRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TrainingBatch, task: str, negatives: int, generator: torch.Generator,
+                temperature: float, per_target: bool, draw: tuple[int, int]) -> torch.Tensor:
+        return batch_loss(self.model, batch, task, negatives, generator, temperature, per_target, "sum", draw)
+
+
+def _shard_step(trainer: DistributedDataParallel, batch: TrainingBatch, weight: float, world: World,
+                optimiser: torch.optim.Optimizer, generator: torch.Generator, cfg: RunConfig) -> float:
+    """One optimiser step on a global batch split over the ranks; this rank's ``batch`` counts ``weight`` times
+    (0: a stand-in for an empty share). Returns the global batch's mean loss, the same on every rank.
+
+    The gradient is the global batch's mean loss: each rank's summed loss over the global count of targets, times
+    the world size that DDP's average of the ranks' gradients divides by.
+    """
+    local = int(batch.target_mask.sum()) if weight else 0
+    counts = [int(c[0]) for c in world.all_gather(np.array([local], dtype=np.int64), "counting the batch's targets")]
+    total, offset = max(1, sum(counts)), sum(counts[:world.rank])
+    with world.guard("a training step (the gradient reduction)", only_collectives=True):
+        summed = trainer(batch, cfg.task, cfg.train.negatives, generator, cfg.train.temperature,
+                         cfg.train.negative_sampling == "per_target", (offset, total))
+        optimiser.zero_grad(set_to_none=True)
+        (summed * (weight * world.size / total)).backward()
+    optimiser.step()
+    return float(world.all_reduce_sum(np.array([summed.item() * weight]), "summing the batch's loss")[0]) / total
+
+
+def _load_weights(model: SequentialRecommender, path: Path, device: torch.device, world: World | None = None
+                  ) -> None:
+    """Load the weights saved at ``path``; in a torchrun job rank 0 reads the file and broadcasts them."""
+    if world is None:
+        weights = load_checkpoint(path, map_location=device)
+    else:
+        weights = world.broadcast(load_checkpoint(path) if world.is_main else None, f"sharing the weights of {path}")
     try:
-        model.load_state_dict(load_checkpoint(path, map_location=device))
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit the configured model ({str(exc).splitlines()[0]}); "
                               "delete it, or rerun with --force") from exc
@@ -131,7 +200,12 @@ def _resume(path: Path, model: SequentialRecommender, optimiser: torch.optim.Opt
             generator: torch.Generator, device: torch.device) -> dict:
     """Restore model, optimiser and random states from ``last.pt`` (tensors and plain values only); returns the
     progress record (epoch, best metric and epoch, stale epochs, history)."""
-    saved = load_checkpoint(path, map_location=device)
+    return _restore(load_checkpoint(path, map_location=device), path, model, optimiser, generator, device)
+
+
+def _restore(saved: Any, path: Path, model: SequentialRecommender, optimiser: torch.optim.Optimizer,
+             generator: torch.Generator, device: torch.device) -> dict:
+    """:func:`_resume` from the contents ``saved`` of ``path``."""
     progress = saved.get("progress") if isinstance(saved, dict) else None
     if not isinstance(progress, dict) or not isinstance(progress.get("epoch"), int):
         raise CheckpointError(f"{path}: not a resume state (no progress record); delete it, or rerun with --force")
@@ -159,21 +233,32 @@ class TrainResult:
     history: list[dict]
 
 
-def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True
-          ) -> tuple[SequentialRecommender, TrainResult]:
+StepHook = Callable[[int, int, float], None]
+
+
+def train(cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path, show_progress: bool = True,
+          world: World | None = None, on_step: StepHook | None = None) -> tuple[SequentialRecommender, TrainResult]:
     """Train ``cfg.model`` on ``view``; checkpoints go to ``run_dir`` (``best.pt``, ``last.pt``).
 
-    Seeds (``train.seed``), builds the model (:func:`~malloc.memory.registry.build_model_for`), then :func:`fit`.
-    Returns the model loaded with its best epoch's weights.
+    Seeds (``train.seed``), builds the model (:func:`~malloc.memory.registry.build_model_for`), then :func:`fit`
+    (``world``, ``on_step``: see there). Returns the model loaded with its best epoch's weights.
     """
     seed_everything(cfg.train.seed)
-    return fit(build_model_for(cfg.model, view.sequences.num_items), cfg, view, run_dir, show_progress)
+    return fit(build_model_for(cfg.model, view.sequences.num_items), cfg, view, run_dir, show_progress, world,
+               on_step)
 
 
 def fit(model: SequentialRecommender, cfg: RunConfig, view: CTRView | RetrievalView, run_dir: Path,
-        show_progress: bool = True) -> tuple[SequentialRecommender, TrainResult]:
+        show_progress: bool = True, world: World | None = None, on_step: StepHook | None = None
+        ) -> tuple[SequentialRecommender, TrainResult]:
     """Train ``model`` (freshly built, after :func:`seed_everything`) with ``cfg``'s recipe: what :func:`train`
-    does once it has built ``cfg.model``. Resumes from ``run_dir/last.pt``; returns the best epoch's weights."""
+    does once it has built ``cfg.model``. Resumes from ``run_dir/last.pt``; returns the best epoch's weights.
+
+    ``world``: this process's rank of a torchrun job (module docstring); every rank calls :func:`fit` with the same
+    arguments, rank 0 alone touches ``run_dir``. ``on_step(epoch, step, loss)`` is called after every optimiser step
+    with the 0-based epoch and step and the global batch's mean loss.
+    """
+    main = world is None or world.is_main
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.device)
@@ -195,32 +280,58 @@ def fit(model: SequentialRecommender, cfg: RunConfig, view: CTRView | RetrievalV
     if cfg.task == "retrieval" and cfg.train.negatives >= seqs.num_items:
         raise ConfigError(f"train.negatives ({cfg.train.negatives}) must be below the catalogue size "
                           f"({seqs.num_items} items); 0 trains a full softmax")
-    if last_path.exists():
+    if world is None and last_path.exists():
         state = _resume(last_path, model, optimiser, generator, device)
         log.info("resuming %s at epoch %d", run_dir, state["epoch"])
+    elif world is not None:  # rank 0 reads last.pt, every rank restores it
+        saved = world.broadcast(load_checkpoint(last_path) if main and last_path.exists() else None,
+                                f"sharing the resume state {last_path}")
+        if saved is not None:
+            state = _restore(saved, last_path, model, optimiser, generator, device)
+            if main:
+                log.info("resuming %s at epoch %d (%d processes)", run_dir, state["epoch"], world.size)
+    trainer = None
+    if world is not None:  # its construction copies rank 0's parameters and buffers to every rank
+        with world.guard("starting DistributedDataParallel"):
+            trainer = DistributedDataParallel(ShardLoss(model), find_unused_parameters=True)
 
     while state["epoch"] < cfg.train.epochs and state["stale"] < cfg.train.patience:
         epoch = state["epoch"]
         model.train()
         rng = np.random.default_rng([cfg.train.seed, epoch])
+        if world is not None:  # each rank its own dropout masks, the same after a resume
+            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, epoch, world.rank]).generate_state(1)[0]))
         batches = length_bucketed_batches(lengths, cfg.train.batch_size, rng)
         tic, total_loss, events_seen = time.perf_counter(), 0.0, 0
         # disable=None: a bar on a terminal only, no carriage-return noise in logs
-        for batch_index in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                                disable=None if show_progress else True, leave=False):
+        for step, batch_index in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                                                disable=None if show_progress and main else True, leave=False)):
             picked = [all_windows[i] for i in batch_index]
-            batch = (ctr_training_batch(seqs, picked, row_index, blind_cuts(picked, cfg, rng))
-                     if row_index is not None else retrieval_training_batch(seqs, picked))
-            loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator,
-                              cfg.train.temperature, cfg.train.negative_sampling == "per_target")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total_loss += loss.item() * len(picked)
+            if trainer is None:
+                batch = (ctr_training_batch(seqs, picked, row_index, blind_cuts(picked, cfg, rng))
+                         if row_index is not None else retrieval_training_batch(seqs, picked))
+                loss = batch_loss(model, batch.to(device), cfg.task, cfg.train.negatives, generator,
+                                  cfg.train.temperature, cfg.train.negative_sampling == "per_target")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                loss_value = loss.item()
+            else:
+                assert world is not None
+                cuts = blind_cuts(picked, cfg, rng) if row_index is not None else None  # drawn for the whole batch
+                lo, hi = world.shard(len(picked))
+                share = slice(lo, hi) if hi > lo else slice(0, 1)  # an empty share: the first window at weight 0
+                batch = (ctr_training_batch(seqs, picked[share], row_index, None if cuts is None else cuts[share])
+                         if row_index is not None else retrieval_training_batch(seqs, picked[share]))
+                loss_value = _shard_step(trainer, batch.to(device), 1.0 if hi > lo else 0.0, world, optimiser,
+                                         generator, cfg)
+            total_loss += loss_value * len(picked)
             events_seen += sum(w.stop - w.start for w in picked)
+            if on_step is not None:
+                on_step(epoch, step, loss_value)
         seconds = time.perf_counter() - tic
         # one epoch in all: nothing to choose between, so no validation replay (a capped suite's budget)
-        metrics = forward_metrics(cfg, model, view, "valid") if cfg.train.epochs > 1 else {}
+        metrics = forward_metrics(cfg, model, view, "valid", world) if cfg.train.epochs > 1 else {}
         metric = metrics.get(cfg.monitor, 0.0)
         if not np.isfinite(total_loss):
             raise TrainingError(f"{run_dir}: the training loss is not finite at epoch {epoch + 1} (lower train.lr?)")
@@ -229,20 +340,23 @@ def fit(model: SequentialRecommender, cfg: RunConfig, view: CTRView | RetrievalV
         record = {"epoch": epoch + 1, "loss": total_loss / max(1, len(all_windows)), "seconds": seconds,
                   "events_per_second": events_seen / seconds, **{f"valid_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
-        log.info("epoch %d loss %.4f valid %s %s (%.1fs)", epoch + 1, record["loss"], cfg.monitor,
-                 f"{metric:.4f}" if metrics else "not run (one epoch)", seconds)
+        if main:
+            log.info("epoch %d loss %.4f valid %s %s (%.1fs)", epoch + 1, record["loss"], cfg.monitor,
+                     f"{metric:.4f}" if metrics else "not run (one epoch)", seconds)
         if cfg.monitor_sign * metric > state["best_metric"]:  # best_metric is signed: larger is better
             state.update(best_metric=cfg.monitor_sign * metric, best_epoch=epoch + 1, stale=0)
-            atomic_torch_save(model.state_dict(), best_path)
+            if main:
+                atomic_torch_save(model.state_dict(), best_path)
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
-        atomic_torch_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                           "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                           "progress": state}, last_path)
+        if main:
+            atomic_torch_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                               "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               "progress": state}, last_path)
 
-    _load_weights(model, best_path, device)
+    _load_weights(model, best_path, device, world)
     history = state["history"]
     result = TrainResult(
         best_epoch=state["best_epoch"], best_metric=cfg.monitor_sign * state["best_metric"], epochs_run=state["epoch"],

@@ -5,6 +5,11 @@ under a memory scheme *and* under Native on the same users, and reports accuracy
 ratio, latency, analytic MACs) and fidelity to Native (:mod:`malloc.eval.fidelity`). Native's predictions are
 cached per run directory (``schemes/native-predictions-<split>.npz``) so a sweep computes them once.
 :func:`forward_metrics` computes the replay's numbers with one batched full forward (validation during training).
+
+In a torchrun job (``world``, :mod:`malloc.distributed`) both split the work over the ranks and gather the
+per-row and per-user results on every rank: each rank computes the same batches of users that one process would
+(every ``size``-th batch of the same order), so every prediction, and so every metric, equals the single process's
+bit for bit with the same thread count; only the timings differ.
 """
 
 from __future__ import annotations
@@ -18,10 +23,20 @@ import torch
 from malloc.config import EvalConfig, RunConfig
 from malloc.configio import config_hash, to_dict
 from malloc.data.batching import ctr_batch, history_tokens
+from malloc.data.sequences import CTRRows, Sequences
 from malloc.data.tasks import CTRView, RetrievalView, Window
+from malloc.distributed import World
 from malloc.eval.fidelity import FIDELITY_TOP_K, fidelity, per_user_delta
 from malloc.eval.metrics import ctr_metrics, history_exclusion, retrieval_metrics, target_ranks
-from malloc.eval.replay import KeepLast, Replay, per_user_arrays, replay_ctr, replay_retrieval
+from malloc.eval.replay import (
+    KeepLast,
+    Replay,
+    ReplayMeters,
+    _user_groups,
+    per_user_arrays,
+    replay_ctr,
+    replay_retrieval,
+)
 from malloc.memory.architecture import native_event_bytes
 from malloc.memory.policy import CachePolicy
 from malloc.models import ModelConfig, SequentialRecommender
@@ -32,12 +47,14 @@ from malloc.serving.prefill_cache import PrefillCache
 
 def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
            policy: CachePolicy | None = None, keep_last: KeepLast | None = None,
-           prefill_cache: PrefillCache | None = None) -> Replay:
+           prefill_cache: PrefillCache | None = None, world: World | None = None) -> Replay:
     """Replay split ``split`` through an :class:`~malloc.serving.engine.Engine` under ``policy`` (None: Native) and
     score it.
 
     ``keep_last`` truncates each written history to its most recent events (:mod:`malloc.eval.replay`);
-    ``prefill_cache`` shares uncompressed writes with other replays of ``model`` (the result is the same).
+    ``prefill_cache`` shares uncompressed writes with other replays of ``model`` (the result is the same);
+    ``world``: every rank of a torchrun job calls it, serves its share of the user batches and returns the whole
+    replay (module docstring).
     """
     was_training = model.training
     engine = Engine(model, policy, prefill_chunk=cfg.eval.prefill_chunk, candidate_chunk=cfg.eval.candidate_chunk,
@@ -45,14 +62,26 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
     try:
         if isinstance(view, CTRView):
             rows = view.split(split)
-            logits, meters = replay_ctr(engine, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
-                                        keep_last=keep_last, protocol=cfg.eval.protocol)
+            if world is None:
+                logits, meters = replay_ctr(engine, view.sequences, rows, cfg.model.max_len, cfg.eval.user_batch,
+                                            keep_last=keep_last, protocol=cfg.eval.protocol)
+            else:
+                mine = _rank_rows(rows, cfg.eval.user_batch, world)
+                part, meters = replay_ctr(engine, view.sequences, rows.select(mine), cfg.model.max_len,
+                                          cfg.eval.user_batch, keep_last=keep_last, protocol=cfg.eval.protocol)
+                logits = np.zeros(len(rows), dtype=np.float64)
+                logits[mine] = part
+                logits = world.all_reduce_sum(logits, "gathering the replay's logits")
+                meters = _gather_meters(meters, np.arange(view.sequences.num_users), world)
             metrics = ctr_metrics(rows.user, rows.label, logits)
             metrics["rows"] = len(rows)
             return Replay(metrics, meters.summary(), logits=logits, requests=meters.requests, **per_user_arrays(meters))
-        ranks, meters, top = replay_retrieval(engine, view.sequences, view.target_index(split), cfg.model.max_len,
-                                              cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
-                                              top_k=FIDELITY_TOP_K, keep_last=keep_last)
+        if world is None:
+            ranks, meters, top = replay_retrieval(engine, view.sequences, view.target_index(split),
+                                                  cfg.model.max_len, cfg.eval.append_events, cfg.eval.user_batch,
+                                                  cfg.eval.mask_history, top_k=FIDELITY_TOP_K, keep_last=keep_last)
+        else:
+            ranks, meters, top = _replay_retrieval_share(cfg, engine, view, split, keep_last, world)
         metrics = retrieval_metrics(ranks, cfg.eval.ks)
         metrics["users"] = len(ranks)
         return Replay(metrics, meters.summary(), ranks=ranks, top=top, requests=meters.requests,
@@ -61,27 +90,89 @@ def replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | Retriev
         model.train(was_training)
 
 
+def _rank_rows(rows: CTRRows, user_batch: int, world: World) -> np.ndarray:
+    """``(R_rank,)`` the indices of the rows of this rank's users: those of every ``world.size``-th batch of
+    ``user_batch`` users, in the serving order of :func:`~malloc.eval.replay.replay_ctr`. The replay of these rows
+    alone serves exactly those batches: a subset keeps the order of the whole (longest history, then user)."""
+    _, users, _, serving_order = _user_groups(rows)
+    batches = [serving_order[i:i + user_batch] for i in range(0, len(serving_order), user_batch)]
+    mine = np.concatenate([np.zeros(0, dtype=np.int64), *batches[world.rank::world.size]])
+    return np.flatnonzero(np.isin(rows.user, users[mine]))
+
+
+def _replay_retrieval_share(cfg: RunConfig, engine: Engine, view: RetrievalView, split: str,
+                            keep_last: KeepLast | None, world: World) -> tuple[np.ndarray, ReplayMeters, np.ndarray]:
+    """:func:`~malloc.eval.replay.replay_retrieval` of this rank's users (every ``world.size``-th batch of its
+    serving order, by target index), gathered: ``(U,)`` ranks, the meters of every user, ``(U, k)`` top items."""
+    seqs, target = view.sequences, view.target_index(split)
+    order = np.argsort(target, kind="stable")
+    batches = [order[i:i + cfg.eval.user_batch] for i in range(0, len(order), cfg.eval.user_batch)]
+    users = np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *batches[world.rank::world.size]]))
+    part, meters, part_top = replay_retrieval(engine, _select_users(seqs, users), target[users], cfg.model.max_len,
+                                              cfg.eval.append_events, cfg.eval.user_batch, cfg.eval.mask_history,
+                                              top_k=FIDELITY_TOP_K, keep_last=keep_last)
+    ranks = np.zeros(seqs.num_users, dtype=np.int64)
+    ranks[users] = part
+    top = np.zeros((seqs.num_users, part_top.shape[1]), dtype=np.int64)
+    top[users] = part_top
+    ranks = world.all_reduce_sum(ranks, "gathering the replay's ranks")
+    top = world.all_reduce_sum(top, "gathering the replay's top items")
+    return ranks, _gather_meters(meters, users, world), top
+
+
+def _select_users(seqs: Sequences, users: np.ndarray) -> Sequences:
+    """The histories of ``users`` (ascending) alone, as a :class:`Sequences` of ``len(users)`` users (the
+    catalogue unchanged)."""
+    lengths = seqs.lengths[users]
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    events = np.repeat(seqs.offsets[users] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+    return Sequences(name=seqs.name, offsets=offsets, items=seqs.items[events], timestamps=seqs.timestamps[events],
+                     labels=seqs.labels[events], num_items=seqs.num_items, user_ids=seqs.user_ids[users],
+                     item_ids=seqs.item_ids)
+
+
+def _gather_meters(meters: ReplayMeters, users: np.ndarray, world: World) -> ReplayMeters:
+    """Every rank's meters in one, on every rank; ``users`` maps this rank's served user indices (as its replay
+    numbered them) to the data set's."""
+    gathered = ReplayMeters()
+    lists = {"users": np.asarray(users, dtype=np.int64)[np.asarray(meters.users, dtype=np.int64)],
+             "state_bytes": np.asarray(meters.state_bytes, dtype=np.int64),
+             "state_tokens": np.asarray(meters.state_tokens, dtype=np.int64),
+             "request_seconds": np.asarray(meters.request_seconds, dtype=np.float64),
+             "layer_bytes": np.asarray(meters.layer_bytes, dtype=np.int64),
+             "layer_tokens": np.asarray(meters.layer_tokens, dtype=np.float64),
+             "history_events": np.asarray(meters.history_events, dtype=np.int64)}
+    for name, values in lists.items():
+        parts = world.all_gather(values, f"gathering the replay's {name}")
+        setattr(gathered, name, [v.item() for part in parts for v in part])
+    gathered.requests = int(world.all_reduce_sum(np.array([meters.requests], dtype=np.int64))[0])
+    return gathered
+
+
 # tokens x tokens per batch of the full-forward evaluation (bounds its attention temporaries)
 FORWARD_BUDGET = 1 << 22
 
 
-def forward_metrics(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str
-                    ) -> dict[str, float]:
+def forward_metrics(cfg: RunConfig, model: SequentialRecommender, view: CTRView | RetrievalView, split: str,
+                    world: World | None = None) -> dict[str, float]:
     """The metrics :func:`replay` reports for ``split`` with no cache policy, computed with the full forward.
 
     Each user's replay (write the ``max_len`` events before the window, append the rest, score) is one window of the
     plain forward over the same events (under the blind protocol, the window's own events without labels) with the
     rows as candidate tokens; an uncompressed state, or a trained-in scheme's own state, serves exactly that forward
     (tested), so the numbers are the same, at the cost of one batched forward instead of one append per step.
-    Training uses it for validation; reported test numbers always go through :func:`replay`.
+    Training uses it for validation; reported test numbers always go through :func:`replay`. ``world``: each rank
+    of a torchrun job computes every ``world.size``-th batch and the results are summed over the ranks (each row
+    or user filled by one rank, zeros elsewhere: an exact gather).
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if isinstance(view, CTRView):
-                return _forward_ctr(cfg, model, view, split)
-            return _forward_retrieval(cfg, model, view, split)
+                return _forward_ctr(cfg, model, view, split, world)
+            return _forward_retrieval(cfg, model, view, split, world)
     finally:
         model.train(was_training)
 
@@ -98,7 +189,13 @@ def _forward_batches(lengths: np.ndarray) -> list[np.ndarray]:
     return batches
 
 
-def _forward_ctr(cfg: RunConfig, model: SequentialRecommender, view: CTRView, split: str) -> dict[str, float]:
+def _share(batches: list[np.ndarray], world: World | None) -> list[np.ndarray]:
+    """This rank's batches: every ``world.size``-th from its rank on (all of them without a world)."""
+    return batches if world is None else batches[world.rank::world.size]
+
+
+def _forward_ctr(cfg: RunConfig, model: SequentialRecommender, view: CTRView, split: str, world: World | None
+                 ) -> dict[str, float]:
     rows = view.split(split)
     order = np.lexsort((rows.history_len, rows.user))
     users, first = np.unique(rows.user[order], return_index=True)
@@ -109,24 +206,26 @@ def _forward_ctr(cfg: RunConfig, model: SequentialRecommender, view: CTRView, sp
     blind = cfg.eval.protocol == "blind"
     logits = np.zeros(len(rows), dtype=np.float64)
     device = model.device
-    for batch in _forward_batches(window_stop - window_start + np.array([len(p) for p in picked])):
+    for batch in _share(_forward_batches(window_stop - window_start + np.array([len(p) for p in picked])), world):
         windows_ = [Window(int(users[b]), int(window_start[b]), int(window_stop[b])) for b in batch]
         chosen = [picked[b] for b in batch]
         blind_from = np.array([int(rows.history_len[p[0]]) - w.start for p, w in zip(chosen, windows_, strict=True)])
         tokens = ctr_batch(view.sequences, windows_, rows, chosen, blind_from if blind else None).to(device)
         scores = model.ctr_logits(model(tokens.tokens), tokens.tokens.items)[tokens.target_mask]
         logits[np.concatenate(chosen)] = scores.double().cpu().numpy()
+    if world is not None:
+        logits = world.all_reduce_sum(logits, "gathering the validation logits")
     return ctr_metrics(rows.user, rows.label, logits)
 
 
-def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: RetrievalView, split: str
-                       ) -> dict[str, float]:
+def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: RetrievalView, split: str,
+                       world: World | None) -> dict[str, float]:
     seqs = view.sequences
     stop = view.target_index(split)
     start = np.maximum(0, stop - cfg.model.max_len)
     ranks = np.zeros(seqs.num_users, dtype=np.int64)
     device = model.device
-    for batch in _forward_batches(stop - start):
+    for batch in _share(_forward_batches(stop - start), world):
         tokens = history_tokens(seqs, [Window(int(u), int(start[u]), int(stop[u])) for u in batch]).to(device)
         hidden = model(tokens)
         last = torch.as_tensor(stop[batch] - start[batch] - 1, device=device)
@@ -135,6 +234,8 @@ def _forward_retrieval(cfg: RunConfig, model: SequentialRecommender, view: Retri
         exclude = (history_exclusion(seqs, batch, stop[batch], scores.shape[1], device)
                    if cfg.eval.mask_history else None)
         ranks[batch] = target_ranks(scores, targets, exclude)
+    if world is not None:
+        ranks = world.all_reduce_sum(ranks, "gathering the validation ranks")
     return retrieval_metrics(ranks, cfg.eval.ks)
 
 
