@@ -1,4 +1,4 @@
-"""The ``malloc`` command: train, eval, bench, data, methods, sensitivity.
+"""The ``malloc`` command: train, eval, bench, data, methods, sensitivity, serve.
 
 Every command takes ``--config FILE`` (YAML under ``configs/``) and any number of ``--set key.sub=value``
 overrides. User errors (bad config key, bad data file, missing or refused checkpoint, unusable results folder, unknown
@@ -292,6 +292,33 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``malloc serve``: a trained run's events replayed over time against a state store (docs/SERVING.md)."""
+    from malloc.serve import ServeOptions, parse_fraction, serve
+    from malloc.serve.options import parse_number
+    from malloc.serve.result import format_table
+
+    options = ServeOptions(
+        store=args.store, scheme=args.scheme, knobs=parse_knobs(args.knobs), allocator=args.allocator,
+        memory_ratio=None if args.memory_ratio is None else parse_fraction(args.memory_ratio, "--memory-ratio"),
+        budget=None if args.budget is None else parse_fraction(args.budget, "--budget"),
+        workers=parse_number(args.workers, "--workers"), threads=parse_number(args.threads, "--threads"),
+        batch=parse_number(args.batch, "--batch"),
+        checkpoint_every=parse_number(args.checkpoint_every, "--checkpoint-every"),
+        max_requests=parse_number(args.max_requests, "--max-requests"), resume=args.resume, force=args.force,
+        anchors=not args.no_anchors, decay=parse_number(args.decay, "--decay", whole=False), out=args.out)
+    cfg = _load(args)
+    try:
+        result = serve(cfg, options, show_progress=not args.quiet, command=" ".join(["malloc", *(args.argv or [])]))
+    except KeyboardInterrupt:
+        again = "; rerun with --resume to continue from the last checkpoint" if options.persistent else ""
+        print(f"malloc serve: interrupted{again}", file=sys.stderr)
+        return 130
+    print(format_table(result), end="")
+    print(f"wrote {result['out']}/result.json and predictions.npz")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="malloc", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -364,6 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto for every run of the suite (default: the suite's, cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="replay a trained run's events over time as requests against a state store "
+                                     "(latency per stage, bytes, accuracy; a global budget and its allocators)")
+    _config_args(p)
+    p.add_argument("--store", default="memory://", metavar="URL",
+                   help="memory:// (default, in process), lmdb:///path, sqlite:///path or redis://host:port/db")
+    p.add_argument("--scheme", default="native", metavar="NAME", help="cache policy of the stored states")
+    p.add_argument("--memory-ratio", metavar="R", help="the scheme's ratio (uniform or lru, without --budget)")
+    p.add_argument("--knob", dest="knobs", action="append", default=[], metavar="KEY=VALUE", help="scheme knob")
+    p.add_argument("--allocator", default="uniform", metavar="NAME", help="uniform (default), lru or adaptive")
+    p.add_argument("--budget", metavar="F", help="total bytes of all states as a fraction of Native's, e.g. 1/8")
+    p.add_argument("--decay", default="0", metavar="SECONDS",
+                   help="adaptive: time constant of a user's recency (0: the mean gap between its requests)")
+    p.add_argument("--workers", default="1", metavar="N", help="processes sharing the store (users by hash)")
+    p.add_argument("--threads", default="0", metavar="N", help="torch threads per worker (0: divided evenly)")
+    p.add_argument("--batch", default="1", metavar="N", help="requests of distinct users served together (1)")
+    p.add_argument("--checkpoint-every", default="1000", metavar="N", help="requests between checkpoints")
+    p.add_argument("--max-requests", default="0", metavar="N", help="replay the first N requests only (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpointed replay of the same options")
+    p.add_argument("--force", action="store_true", help="empty the store and the checkpoints, start afresh")
+    p.add_argument("--no-anchors", action="store_true", help="do not score the anchors on the replayed rows")
+    p.add_argument("--out", metavar="DIR", help="result folder (default: <run>/serve/<allocator>-<scheme>-<hash>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="write the report (Markdown, one-file HTML, Pareto plots) of suite results")
     p.add_argument("folders", nargs="+", metavar="DIR", help="suite results folder(s), e.g. results/default")

@@ -1,0 +1,123 @@
+"""The global budget in bytes: Native's total on the same replay, and the uniform ratio that meets a budget.
+
+A budget ``--budget f`` is ``f`` times the bytes Native's entries hold at the end of the replay (every requested
+user's state after its last request, as :class:`~malloc.serving.store.StateStore` entries: ``nbytes()`` plus the
+header), the most an uncompressed store ever holds, since states only grow. :func:`native_entry_bytes` computes it
+exactly from each user's event count by encoding a zero state of that length (the header depends on the digits of
+the shapes only); ``tests/test_serve.py`` checks it against a Native replay's store.
+
+The uniform allocator at a budget serves every user at the one ratio ``r`` that makes the final total meet it:
+``sum_u (r * NL(n_u) + overhead) = budget``, ``NL`` being Native's layer bytes (an eviction policy stores about
+``r`` times them) and ``overhead`` what compression does not touch (the header, the last hidden state, the
+counters), measured on one real entry of the scheme (:func:`uniform_ratio`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from malloc.core.state import SCALAR_BYTES, LayerState, UserState
+from malloc.serve.options import ServeError
+from malloc.serve.requests import Requests
+from malloc.serving.engine import Engine
+from malloc.serving.store import EntryIdentity, encode
+
+
+def final_events(requests: Requests) -> np.ndarray:
+    """``(U,)`` events each user's state holds after its last request (0 for users without a request)."""
+    last = np.full(requests.num_users, -1, dtype=np.int64)
+    np.maximum.at(last, requests.user, requests.event)
+    return np.where(last >= 0, last + 1 - requests.log_start, 0)
+
+
+def zero_state(engine: Engine, events: int) -> UserState:
+    """A Native state of ``events`` events, every tensor zero (the shapes and dtypes of ``engine``'s states)."""
+    empty = engine.empty_state()
+    layers = []
+    for layer in empty.layers:
+        assert isinstance(layer, LayerState)
+        heads, _, key_dim = layer.keys.shape
+        layers.append(LayerState(keys=torch.zeros(heads, events, key_dim, dtype=layer.keys.dtype),
+                                 values=torch.zeros(heads, events, layer.values.shape[2], dtype=layer.values.dtype),
+                                 positions=torch.zeros(1, events, dtype=torch.int32),
+                                 timestamps=torch.zeros(1, events, dtype=torch.int64)))
+    hidden = torch.zeros(engine.model.cfg.dim, dtype=engine.state_dtype)
+    return UserState(layers=tuple(layers), last_hidden=hidden, next_position=events, last_timestamp=0)
+
+
+def check_plain(engine: Engine) -> None:
+    """A budget is a fraction of Native's bytes: the model's layers must store plain per-event keys and values.
+
+    Raises:
+        ServeError: naming the model's scheme.
+    """
+    own = [type(layer).__name__ for layer in engine.model.layers if not layer.plain_kv]
+    if own:
+        raise ServeError(f"--budget is a fraction of Native's bytes; the model's scheme {engine.model.cfg.scheme!r} "
+                         f"stores a state of its own ({own[0]}): serve it with --allocator uniform and no budget")
+
+
+def native_entry_bytes(engine: Engine, identity: EntryIdentity, events: np.ndarray) -> np.ndarray:
+    """``(U,)`` int64 bytes of a Native entry holding ``events[u]`` events (0 where ``events[u] == 0``).
+
+    ``engine`` serves Native and ``identity`` is its entries' identity."""
+    check_plain(engine)
+    per_event, fixed = event_bytes(engine), fixed_bytes(engine)
+    out = np.where(events > 0, per_event * events + fixed, 0).astype(np.int64)
+    digits = np.char.str_len(events.astype(str))
+    for count in np.unique(digits[events > 0]).tolist():  # the header differs only with the shapes' digits
+        sample = zero_state(engine, 10 ** (count - 1))
+        out[(digits == count) & (events > 0)] += len(encode(sample, identity)) - sample.nbytes()
+    return out
+
+
+def event_bytes(engine: Engine) -> int:
+    """Bytes a Native state of ``engine``'s model stores per event: in every layer every head's key and value, an
+    int32 position and an int64 timestamp."""
+    total = 0
+    for layer in engine.empty_state().layers:
+        assert isinstance(layer, LayerState)
+        heads, _, key_dim = layer.keys.shape
+        total += heads * (key_dim * layer.keys.element_size() + layer.values.shape[2] * layer.values.element_size())
+        total += 4 + 8
+    return total
+
+
+def fixed_bytes(engine: Engine) -> int:
+    """Bytes of a state that do not grow with its events: the last hidden state and the 16 counter bytes."""
+    return engine.model.cfg.dim * torch.empty(0, dtype=engine.state_dtype).element_size() + SCALAR_BYTES
+
+
+def zero_state_bytes(engine: Engine, events: int) -> int:
+    """``UserState.nbytes()`` of :func:`zero_state` without building it."""
+    return event_bytes(engine) * events + fixed_bytes(engine)
+
+
+def uniform_ratio(budget: int, events: np.ndarray, native_layers: np.ndarray, overhead: int) -> float:
+    """The one memory ratio at which every user's final entry, ``ratio * native_layers[u] + overhead``, sums to
+    ``budget`` bytes over the users with events; at most 1.
+
+    Raises:
+        ServeError: a budget below the entries' fixed bytes (naming the least budget that leaves room).
+    """
+    users = int((events > 0).sum())
+    room = budget - users * overhead
+    layers = int(native_layers[events > 0].sum())
+    if room <= 0 or layers == 0:
+        raise ServeError(f"--budget of {budget:,} bytes leaves nothing for the states' layers: {users:,} entries of "
+                         f"{overhead:,} fixed bytes (header, last hidden state, counters) need {users * overhead:,}; "
+                         "choose a larger budget")
+    return min(1.0, room / layers)
+
+
+__all__ = [
+    "check_plain",
+    "event_bytes",
+    "final_events",
+    "fixed_bytes",
+    "native_entry_bytes",
+    "uniform_ratio",
+    "zero_state",
+    "zero_state_bytes",
+]
