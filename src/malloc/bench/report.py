@@ -1,8 +1,12 @@
 """``malloc report``: the benchmark report, built from a suite's results files only.
 
 Input: one or more suite results folders (``<results>/<suite>/``: ``suite.json`` and ``items/*.json``, written
-by :mod:`malloc.bench.sweep`). Output (``<out>/``, default ``<first folder>/report/``): ``index.md``,
-``index.html`` (one self-contained file, plots embedded) and the plots as PNG files. Contents, per suite:
+by :mod:`malloc.bench.sweep`). Folders that hold the same suite and plan (the shards of ``malloc bench --shard I/N``
+written on different machines, each to its own folder) are merged into one suite: each planned item is read from the
+folder where it is done (where several are, the last finished; else failed, unreadable, then missing), and the
+provenance names every folder, its command, machine and commit. Output (``<out>/``, default
+``<first folder>/report/``): ``index.md``, ``index.html`` (one self-contained file, plots embedded) and the plots
+as PNG files. Contents, per suite:
 
 - how it was made: the bench command, machine, library versions, git commit, training budget;
 - per (data set, backbone, task): the accuracy table (mean and standard deviation over seeds; the delta of the
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import html
+import json
+import logging
 import math
 import os
 from collections import Counter
@@ -34,6 +40,8 @@ from malloc.errors import ResultsError
 from malloc.eval.statistics import mean_std, seed_mean_delta, wilcoxon_signed_rank
 from malloc.memory.registry import REGISTRY, Registry
 from malloc.results import atomic_file, atomic_write_text, check_writable
+
+log = logging.getLogger("malloc.report")
 
 METRICS = {"ctr": ("auc", "gauc", "logloss"), "retrieval": ("hr@10", "ndcg@10", "mrr")}
 PRIMARY = {"ctr": "gauc", "retrieval": "ndcg@10"}
@@ -202,9 +210,57 @@ def _commit_label(git: dict[str, Any] | None) -> str:
     return f"`{git['commit'][:12]}`" + (" (with uncommitted changes)" if git.get("dirty") else "")
 
 
-def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, Any]]) -> list[Block]:
-    """How the suite was made; where its items ran at other commits than the last invocation (a suite resumed
-    across commits), how many ran at each."""
+@dataclass
+class Part:
+    """One folder of a suite: its manifest and how many of the report's records it gave."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    records: int = 0
+
+
+_STATUS_RANK = {"done": 3, "failed": 2, "unreadable": 1, "missing": 0}
+
+
+def read_merged(folders: Sequence[Path]) -> tuple[list[Part], list[dict[str, Any]]]:
+    """The parts and the merged records of folders that hold one suite (:func:`suite_folders`): per planned item,
+    the record where it is done (the last finished where several are), else failed, unreadable, then missing."""
+    read = [(Path(folder), *read_suite(folder)) for folder in folders]
+    parts = [Part(folder, manifest) for folder, manifest, _ in read]
+    merged = []
+    for index in range(len(read[0][2])):
+        candidates = [(_STATUS_RANK.get(records[index]["status"], 0), str(records[index].get("finished_at", "")),
+                       -position, position) for position, (_, _, records) in enumerate(read)]
+        *_, position = max(candidates)
+        merged.append(read[position][2][index])
+        if read[position][2][index]["status"] != "missing":
+            parts[position].records += 1
+    return parts, merged
+
+
+def suite_folders(folders: Sequence[str | Path]) -> list[list[Path]]:
+    """``folders`` grouped by the suite they hold: folders whose manifests plan the same suite (the same spec but
+    for ``--device``, and the same items, as the shards of one ``malloc bench`` do) form one group, in the order of
+    their first folder; folders of the same suite name with different plans stay apart (a warning says so)."""
+    groups: dict[str, list[Path]] = {}
+    names: dict[str, str] = {}
+    for folder in folders:
+        manifest, _ = read_suite(folder)
+        spec = {**manifest["suite"], "base": {k: v for k, v in (manifest["suite"].get("base") or {}).items()
+                                              if k != "device"}}  # where a shard computed: not part of the plan
+        plan = json.dumps({"suite": spec, "items": manifest["items"]}, sort_keys=True, default=str)
+        name = manifest["suite"].get("name", "")
+        if plan not in groups and name in names.values():
+            log.warning("%s holds suite %s with another plan than an earlier folder; reported apart", folder, name)
+        groups.setdefault(plan, []).append(Path(folder))
+        names[plan] = name
+    return list(groups.values())
+
+
+def _provenance(parts: list[Part], records: list[dict[str, Any]]) -> list[Block]:
+    """How the suite was made (by every folder it was merged from); where its items ran at other commits than the
+    last invocation (a suite resumed across commits, or shards at different commits), how many ran at each."""
+    manifest = parts[0].manifest
     env, git, suite = manifest["environment"], manifest["git"], manifest["suite"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     commit = git.get("commit") or "unknown"
@@ -213,9 +269,18 @@ def _provenance(manifest: dict[str, Any], folder: Path, records: list[dict[str, 
     budget = ", ".join(f"{k} {v}" for k, v in train.items()) or "the run configs' defaults"
     axes = "; ".join(f"{axis} {label}: `{cfg}`" for axis in ("backbones", "tasks")
                      for label, cfg in suite.get(axis, {}).items() if cfg)
-    lines = [f"**Command**: `{manifest['command']}` (started {manifest['started_at']}; results in `{folder}`)",
+    if len(parts) == 1:
+        where = [f"**Command**: `{manifest['command']}` (started {manifest['started_at']}; results in "
+                 f"`{parts[0].folder}`)"]
+    else:
+        where = [f"**Merged from {len(parts)} folders** (the same suite and plan: shards run apart): " + "; ".join(
+            f"`{part.folder}`: `{part.manifest['command']}` (started {part.manifest['started_at']}) on "
+            f"{part.manifest['environment']['cpu']}, commit {_commit_label(part.manifest['git'])}, "
+            f"{part.records} items" for part in parts)]
+    lines = [*where,
              f"**Machine**: {env['cpu']} ({env['cpu_count']} CPUs), {env['platform']}, "
-             f"{env['threads']} torch threads" + (f", GPU {env['cuda']}" if env.get("cuda") else ""),
+             f"{env['threads']} torch threads" + (f", GPU {env['cuda']}" if env.get("cuda") else "")
+             + (f" (the first folder's; {len(parts)} folders)" if len(parts) > 1 else ""),
              f"**Versions**: {versions}",
              f"**Git commit**: `{commit}`" + (" (with uncommitted changes)" if git.get("dirty") else ""),
              f"**Training budget** (every run of the suite): {budget}; per-axis settings: {axes or 'none'}",
@@ -367,12 +432,14 @@ def _complexity(registry: Registry = REGISTRY) -> list[Block]:
             Table(["scheme", "granularity", "family", "stored state", "per-request cost", "ratio knob"], rows)]
 
 
-def suite_blocks(folder: Path, out: Path) -> tuple[list[Block], list[str]]:
-    """The blocks of one suite, and the arms on a Pareto front (one line per plot)."""
-    manifest, records = read_suite(folder)
+def suite_blocks(folders: Sequence[Path], out: Path) -> tuple[list[Block], list[str]]:
+    """The blocks of one suite, read from its folders (:func:`read_merged`), and the arms on a Pareto front (one
+    line per plot)."""
+    parts, records = read_merged(folders)
+    manifest = parts[0].manifest
     name = manifest["suite"]["name"]
     blocks: list[Block] = [Heading(f"Suite `{name}`", 2), Para(manifest["suite"].get("description") or ""),
-                           *_provenance(manifest, folder, records)]
+                           *_provenance(parts, records)]
     fronts = []
     for (dataset, backbone, task), by_arm in _groups(records).items():
         arms = list(by_arm.values())
@@ -415,7 +482,8 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
     """Write ``index.md``, ``index.html`` and the PNG plots to ``out`` (default ``<folders[0]>/report``).
 
     Args:
-        folders: suite results folders (``<results>/<suite>``).
+        folders: suite results folders (``<results>/<suite>``); those of one suite and plan are merged
+            (:func:`suite_folders`).
         markdown: also write the Markdown to this file, image links relative to it (e.g. ``docs/RESULTS.md``).
             If the file exists and holds the lines :data:`BEGIN` and :data:`END`, only the text between them is
             replaced, so hand-written sections around the generated report survive a regeneration.
@@ -438,8 +506,8 @@ def build_report(folders: Sequence[str | Path], out: str | Path | None = None, m
                                 "against Native on the same users." + (f" Report command: `{command}`." if command
                                                                         else ""))]
     all_fronts = []
-    for folder in folders:
-        suite, fronts = suite_blocks(Path(folder), out_dir)
+    for group in suite_folders(folders):
+        suite, fronts = suite_blocks(group, out_dir)
         blocks += suite
         all_fronts += fronts
     blocks += _complexity(registry)

@@ -76,6 +76,20 @@ def data_digest(source: str, path: str | None) -> str | None:
     return digest.hexdigest()
 
 
+def file_digest(file: Path) -> str:
+    """Hex BLAKE2b digest of one file's bytes (computed once per process for the same path, size and
+    modification time; the digest :func:`data_digest` combines).
+
+    Raises:
+        DataError: the file is missing or cannot be read (naming it).
+    """
+    try:
+        stat = file.stat()
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read the data file ({exc.strerror or exc})") from exc
+    return _file_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=64)
 def _file_digest(file: str, size: int, mtime_ns: int) -> str:
     """BLAKE2b of one file's bytes; the size and modification time are part of the cache key only."""
@@ -89,4 +103,4 @@ def _file_digest(file: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["data_digest", "input_files"]
+__all__ = ["data_digest", "file_digest", "input_files"]

@@ -9,6 +9,7 @@ Jagged convention: user ``u`` owns the events ``offsets[u] : offsets[u + 1]`` of
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -129,12 +130,18 @@ def build_sequences(
     item_raw: np.ndarray,
     timestamps: np.ndarray,
     labels: np.ndarray,
+    chunk: int = 1 << 20,
 ) -> Sequences:
     """Group flat interactions by user, sort each user's events by time (stable), and densify item ids.
 
     Exact duplicates (the same user, item, timestamp and label: the same event as the model sees it) would
     count one interaction twice in the history and in the CTR rows; every repeat after the first is dropped and
     the count logged.
+
+    Memory: besides the inputs and the outputs, one sort permutation and the sorted user ids (``E`` each) at most,
+    and temporaries of about ``chunk`` events (repeats are looked for, and item ids mapped, a chunk at a time); the
+    item ids are densified through a table over the id range where the ids are small non-negative integers
+    (MovieLens's), else by one sort of the distinct ids.
 
     Args:
         user_raw: ``(E,)`` source user ids (any sortable dtype).
@@ -145,27 +152,86 @@ def build_sequences(
         Sequences with users in ascending source-id order and dense items ``1..num_items`` in ascending
         source-id order.
     """
-    first = first_occurrences(user_raw, item_raw, timestamps, labels)
-    if not first.all():
-        logger.info("%s: dropped %d exact duplicate events (same user, item, timestamp and label)", name,
-                    int((~first).sum()))
-        user_raw, item_raw, timestamps, labels = (a[first] for a in (user_raw, item_raw, timestamps, labels))
-    order = np.lexsort((np.arange(len(user_raw)), timestamps, user_raw))
+    order = np.lexsort((timestamps, user_raw))  # stable: a user's events at one time keep their file order
     user_sorted = user_raw[order]
-    user_ids, counts = np.unique(user_sorted, return_counts=True)
-    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    item_ids, item_dense = np.unique(item_raw[order], return_inverse=True)
+    count = len(order)
+    starts = np.flatnonzero(user_sorted[1:] != user_sorted[:-1]) + 1 if count else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([np.zeros(min(count, 1), dtype=np.int64), starts])  # (U,) each user's first event
+    user_ids = user_sorted[starts]
+    del user_sorted
+    time_sorted = timestamps[order].astype(np.int64, copy=False)
+    keep = _not_repeated(order, starts, time_sorted, item_raw, labels, chunk)
+    lengths = np.diff(np.append(starts, count))
+    if keep is not None:
+        logger.info("%s: dropped %d exact duplicate events (same user, item, timestamp and label)", name,
+                    int(count - keep.sum()))
+        lengths = np.add.reduceat(keep, starts, dtype=np.int64)  # a user keeps every first occurrence
+        order, time_sorted = order[keep], time_sorted[keep]
+    offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    item_ids, items = _dense_items(item_raw, order, chunk)
     return Sequences(
         name=name,
         offsets=offsets,
-        items=(item_dense.astype(np.int64) + 1),
-        timestamps=timestamps[order].astype(np.int64),
-        labels=labels[order].astype(np.int8),
+        items=items,
+        timestamps=time_sorted,
+        labels=labels[order].astype(np.int8, copy=False),
         num_items=len(item_ids),
         user_ids=user_ids,
         item_ids=np.concatenate([np.zeros(1, dtype=item_ids.dtype), item_ids]),
     )
+
+
+def _not_repeated(order: np.ndarray, starts: np.ndarray, time_sorted: np.ndarray, item_raw: np.ndarray,
+                  labels: np.ndarray, chunk: int) -> np.ndarray | None:
+    """``(E,)`` bool over the sorted events: False for a repeat of an earlier event (in file order) of the same
+    user, item, timestamp and label; None where there is none.
+
+    ``starts`` ``(U,)``: the first sorted event of each user. A repeat shares its user and timestamp, so users are
+    taken ``chunk`` events at a time (more where one user has more), and in each only the runs of events of one user and
+    one timestamp (which ``order`` keeps in file order) are checked, with :func:`first_occurrences`.
+    """
+    count = len(order)
+    near = np.searchsorted(starts, np.arange(0, count, chunk))  # the first user starting at or after each
+    cuts = np.unique(np.append(starts[near[near < len(starts)]], count)).tolist()
+    keep = None
+    for first, stop in itertools.pairwise(cuts):
+        new_user = np.zeros(stop - first, dtype=bool)
+        new_user[starts[np.searchsorted(starts, first):np.searchsorted(starts, stop)] - first] = True
+        user = np.cumsum(new_user)  # (n,) the chunk's users numbered from 1
+        stamp = time_sorted[first:stop]
+        same = (user[1:] == user[:-1]) & (stamp[1:] == stamp[:-1])
+        if not same.any():
+            continue
+        in_run = np.zeros(stop - first, dtype=bool)
+        in_run[1:] |= same
+        in_run[:-1] |= same
+        positions = np.flatnonzero(in_run)
+        rows = order[first + positions]
+        repeated = positions[~first_occurrences(user[positions], stamp[positions], item_raw[rows], labels[rows])]
+        if len(repeated):
+            if keep is None:
+                keep = np.ones(count, dtype=bool)
+            keep[first + repeated] = False
+    return keep
+
+
+def _dense_items(item_raw: np.ndarray, order: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct item ids, ascending, and ``(len(order),)`` int64 dense ids ``1..`` of ``item_raw[order]``."""
+    items = np.empty(len(order), dtype=np.int64)
+    if item_raw.dtype.kind in "iu" and len(item_raw) and 0 <= int(item_raw.min()) \
+            and int(item_raw.max()) < max(1 << 22, 4 * len(item_raw)):
+        used = np.zeros(int(item_raw.max()) + 1, dtype=bool)
+        used[item_raw] = True
+        item_ids = np.flatnonzero(used).astype(item_raw.dtype)
+        dense = np.cumsum(used, dtype=np.int64)  # (max id + 1,): the 1-based rank of each used id
+        for start in range(0, len(order), chunk):
+            items[start:start + chunk] = dense[item_raw[order[start:start + chunk]]]
+        return item_ids, items
+    item_ids = np.unique(item_raw)
+    for start in range(0, len(order), chunk):
+        items[start:start + chunk] = np.searchsorted(item_ids, item_raw[order[start:start + chunk]]) + 1
+    return item_ids, items
 
 
 def first_occurrences(*columns: np.ndarray) -> np.ndarray:

@@ -9,23 +9,33 @@ Parsing is vectorised with NumPy over blocks of the file (ml-20m has 20M lines),
 line is reported with the file and its 1-based line number (the header, where there is one, is line 1).
 Accepted fields are decimal numbers: an optional leading ``-``, digits, at most one ``.`` (no exponent, no
 spaces). Ids and timestamps must be integral. ``\\r\\n`` line ends are accepted.
+
+Bounded memory: a first pass counts the lines, the columns (user, item, timestamp int64, label int8: 25 bytes an
+event) are allocated once, and each block is parsed into them (:func:`read_ratings`), so the parse holds the columns
+and one block's temporaries; :func:`~malloc.data.sequences.build_sequences` then sorts them with one permutation.
+The parsed sequences of a large file are kept in the parse cache (:mod:`malloc.data.cache`, keyed by the file's
+digest) and memory-mapped from it on the next load.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from malloc.data.sequences import DataError, Dataset, build_sequences
+from malloc.data.cache import ParseCache
+from malloc.data.fingerprint import file_digest
+from malloc.data.sequences import DataError, Dataset, Sequences, build_sequences
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 CSV_HEADER = "userId,movieId,rating,timestamp"
 RECBOLE_HINT = "pip install --no-deps recbole==1.2.1"
 
-_BLOCK_BYTES = 8 << 20  # parse this much text at a time; bounds the temporary index arrays to ~O(100 MB)
+_BLOCK_BYTES = 1 << 20  # parse this much text at a time: its temporaries are tens of times this size
+READER_VERSION = 1  # part of the parse cache's key: a change of what the reader returns must bump it
 _MAX_DIGITS = 15  # float64 holds every integer of up to 15 digits exactly
 _NL = ord("\n")
 _MINUS = ord("-")
@@ -59,14 +69,16 @@ RATINGS_DAT = TableFormat(sep="::", header=None)
 RATINGS_CSV = TableFormat(sep=",", header=CSV_HEADER)
 
 
-def read_movielens(source: str, path: Path | None, *, label_threshold: float = 4.0) -> Dataset:
+def read_movielens(source: str, path: Path | None, *, label_threshold: float = 4.0,
+                   cache: ParseCache | bool = True) -> Dataset:
     """Read a MovieLens source (``ml-100k``, ``ml-1m``, ``ml-20m``, ``ml-latest``) into a :class:`Dataset`.
 
     ``path`` may be the ratings file or the directory holding it; ``ml-100k`` without a path reads the copy
-    embedded in the ``recbole`` package.
+    embedded in the ``recbole`` package. ``cache``: the parse cache (True: :meth:`ParseCache.default`; False
+    parses every time).
     """
     file, fmt = _resolve(source, path)
-    return ratings_to_dataset(source, file, fmt, label_threshold=label_threshold)
+    return ratings_to_dataset(source, file, fmt, label_threshold=label_threshold, cache=cache)
 
 
 def ratings_file(source: str, path: Path | None) -> Path:
@@ -86,14 +98,63 @@ def _resolve(source: str, path: Path | None) -> tuple[Path, TableFormat]:
     raise DataError(f"not a MovieLens source: {source!r}")
 
 
-def ratings_to_dataset(name: str, file: Path, fmt: TableFormat, *, label_threshold: float = 4.0) -> Dataset:
-    """Parse one ratings file of layout ``fmt`` and group it into per-user chronological sequences."""
-    values, first_line = read_numeric_table(file, fmt)
-    user = _integral_column(values, 0, file, first_line, fmt.columns[0])
-    item = _integral_column(values, 1, file, first_line, fmt.columns[1])
-    timestamp = _integral_column(values, 3, file, first_line, fmt.columns[3])
-    labels = (values[:, 2] >= label_threshold).astype(np.int8)
-    return Dataset(build_sequences(name, user, item, timestamp, labels))
+def ratings_to_dataset(name: str, file: Path, fmt: TableFormat, *, label_threshold: float = 4.0,
+                       cache: ParseCache | bool = True) -> Dataset:
+    """Parse one ratings file of layout ``fmt`` and group it into per-user chronological sequences, through the
+    parse cache (``cache``: as in :func:`read_movielens`)."""
+
+    def build() -> Sequences:
+        return build_sequences(name, *read_ratings(file, fmt, label_threshold))
+
+    store = (ParseCache.default() if cache else None) if isinstance(cache, bool) else cache
+    if store is None or not file.is_file():
+        return Dataset(build())
+    key = {"reader": "movielens", "version": READER_VERSION, "source": name, "sep": fmt.sep, "header": fmt.header,
+           "label_threshold": label_threshold, "digest": file_digest(file)}
+    return Dataset(store.sequences(file, "movielens", key, build))
+
+
+def read_ratings(file: Path, fmt: TableFormat, label_threshold: float, block_bytes: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``(N,)`` user, item and timestamp (int64) and label (int8: ``rating >= label_threshold``) columns of a
+    ratings file of layout ``fmt``, in file order.
+
+    Two passes: one counts the lines, so the columns are allocated once; the other parses ``block_bytes`` of text
+    at a time (default ``_BLOCK_BYTES``) into them.
+
+    Raises:
+        DataError: naming the file and the 1-based line of the first problem.
+    """
+    capacity = _count_lines(file, fmt, _BLOCK_BYTES if block_bytes is None else block_bytes)
+    user, item, timestamp = (np.empty(capacity, dtype=np.int64) for _ in range(3))
+    labels = np.empty(capacity, dtype=np.int8)
+    filled = 0
+    for first_line, values in iter_numeric_blocks(file, fmt, block_bytes):
+        part = slice(filled, filled + len(values))
+        if part.stop > capacity:
+            raise DataError(f"{file}: the file grew while it was read; read it again")
+        user[part] = _integral_column(values, 0, file, first_line, fmt.columns[0])
+        item[part] = _integral_column(values, 1, file, first_line, fmt.columns[1])
+        timestamp[part] = _integral_column(values, 3, file, first_line, fmt.columns[3])
+        labels[part] = values[:, 2] >= label_threshold
+        filled = part.stop
+    return user[:filled], item[:filled], timestamp[:filled], labels[:filled]
+
+
+def _count_lines(file: Path, fmt: TableFormat, block_bytes: int) -> int:
+    """At least the number of data lines of ``file``: its line ends, plus a last line without one, less the
+    header (read ``block_bytes`` at a time)."""
+    count, last = 0, b"\n"
+    try:
+        with file.open("rb") as stream:
+            while chunk := stream.read(block_bytes):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError:
+        raise DataError(f"{file}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{file}: not a regular file") from None
+    return max(0, count + (last != b"\n") - (fmt.header is not None))
 
 
 def _resolve_ml100k(path: Path | None) -> tuple[Path, TableFormat]:
@@ -134,7 +195,7 @@ def _resolve_in_dir(path: Path, filename: str) -> Path:
 
 
 def read_numeric_table(file: Path, fmt: TableFormat) -> tuple[np.ndarray, int]:
-    """Parse a delimited file of decimal numbers.
+    """Parse a delimited file of decimal numbers (all of it in memory: :func:`read_ratings` streams).
 
     Returns:
         values: ``(N, C)`` float64, one row per data line.
@@ -142,42 +203,59 @@ def read_numeric_table(file: Path, fmt: TableFormat) -> tuple[np.ndarray, int]:
     Raises:
         DataError: naming the file and the 1-based line of the first problem.
     """
+    blocks = [values for _, values in iter_numeric_blocks(file, fmt)]
+    return np.concatenate(blocks), 1 if fmt.header is None else 2
+
+
+def iter_numeric_blocks(file: Path, fmt: TableFormat, block_bytes: int | None = None
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+    """The data lines of a delimited file of decimal numbers, a block of about ``block_bytes`` of text (default
+    ``_BLOCK_BYTES``) at a time, in file order: ``(line, values)``, the 1-based line number of the block's first
+    line and its ``(n, C)`` float64 values. At least one block comes, else DataError.
+
+    Raises:
+        DataError: naming the file and the 1-based line of the first problem.
+    """
     if not file.exists():
         raise DataError(f"{file}: file not found")
     if not file.is_file():
         raise DataError(f"{file}: not a regular file")
+    size = _BLOCK_BYTES if block_bytes is None else block_bytes
     ncols = len(fmt.columns)
     first_line = 1 if fmt.header is None else 2
-    blocks: list[np.ndarray] = []
+    found = False
     line_no = 1
     with file.open("rb") as stream:
         head = stream.readline() if fmt.header is not None else b""
-        carry = stream.read(_BLOCK_BYTES)
+        carry = stream.read(size)
         if not head.strip() and not carry.strip():
             raise DataError(f"{file}, line 1: file is empty; expected {_describe(fmt)}")
         if fmt.header is not None:
-            found = head.rstrip(b"\r\n").decode("utf-8", errors="replace")
-            if found != fmt.header:
-                raise DataError(f"{file}, line 1: expected the header {fmt.header!r}, found {found!r}")
+            header = head.rstrip(b"\r\n").decode("utf-8", errors="replace")
+            if header != fmt.header:
+                raise DataError(f"{file}, line 1: expected the header {fmt.header!r}, found {header!r}")
             line_no = 2
         while True:
-            more = stream.read(_BLOCK_BYTES)
+            more = stream.read(size)
             data = carry + more
             if not more:  # end of file: tolerate trailing blank lines and a missing final newline
                 data = data.rstrip(b"\r\n")
             cut = data.rfind(b"\n") + 1 if more else len(data)
+            if more:  # blank lines that end a read may end the file (tolerated): parse them with what follows
+                cut = data.find(b"\n", len(data[:cut].rstrip(b"\r\n"))) + 1
             block, carry = data[:cut], data[cut:]
             if block:
                 if not block.endswith(b"\n"):
                     block += b"\n"
-                blocks.append(_parse_block(block, fmt.sep, ncols, file, line_no))
-                line_no += len(blocks[-1])
+                values = _parse_block(block, fmt.sep, ncols, file, line_no)
+                if len(values):
+                    found = True
+                    yield line_no, values
+                line_no += len(values)
             if not more and not carry:
                 break
-    values = np.concatenate(blocks) if blocks else np.zeros((0, ncols))
-    if len(values) == 0:
+    if not found:
         raise DataError(f"{file}, line {first_line}: no data lines; expected {_describe(fmt)}")
-    return values, first_line
 
 
 def _describe(fmt: TableFormat) -> str:
