@@ -131,7 +131,8 @@ class EvalConfig:
         candidate_chunk: candidates per micro-batch when scoring.
         mask_history: retrieval: remove items already in the history from the ranking.
         ks: retrieval cut-offs for HR@K and NDCG@K.
-        monitor: validation metric for early stopping ("auto": gauc for CTR, ndcg@10 for retrieval).
+        monitor: validation metric for early stopping ("auto": auc for CTR, ndcg@10 for retrieval; AUC is the
+            measured choice: GAUC on the small validation windows stops early, at low-AUC epochs; docs/CHOICES.md).
         hstu_normaliser: after eviction, "original" keeps HSTU's N (evicted events contribute 0) and "kept"
             scales the stored events' contributions by events seen / events stored (docs/DESIGN.md,
             "Eviction and HSTU's normaliser").
@@ -196,7 +197,7 @@ class RunConfig:
     def monitor(self) -> str:
         if self.eval.monitor != "auto":
             return self.eval.monitor
-        return "gauc" if self.task == "ctr" else "ndcg@10"
+        return "auc" if self.task == "ctr" else "ndcg@10"
 
     @property
     def monitor_sign(self) -> float:

@@ -60,9 +60,9 @@ class ModelConfig:
     scheme: str = "native"
     memory_ratio: float = 1.0
     knobs: dict[str, Any] = field(default_factory=dict)
-    item_prior: bool = False
-    candidate: Literal["item", "query"] = "item"
-    ctr_readout: Literal["head", "dot"] = "head"
+    item_prior: bool = True
+    candidate: Literal["item", "query"] = "query"
+    ctr_readout: Literal["head", "dot"] = "dot"
     l2_norm: bool = False
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Analytic multiply-accumulates (MACs) of one request, as the pure-PyTorch reference path computes them.
 
-Counted: every matrix product (linear layers, ``q k^T`` and ``a v``, the CTR head, the retrieval read); not
-counted: element-wise work, normalisation, softmax/SiLU, bias lookups, embedding gathers, dequantization. So
+Counted: every matrix product (linear layers, ``q k^T`` and ``a v``, the CTR head and the dot readout's ``W h``,
+the retrieval read); not counted: element-wise work, normalisation, softmax/SiLU, bias lookups, embedding gathers,
+dequantization. So
 ``FLOPs = 2 x MACs`` for what :class:`torch.utils.flop_counter.FlopCounterMode` counts (tested within 5%).
 
 Per layer (``D`` = dim, ``H`` heads, ``d`` = head_dim, ``W = H d``):
@@ -78,8 +79,9 @@ def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candid
         t = scheme.append_tokens(cfg, history_len, new_events)
         after = scheme.stored_keys(cfg, history_len + new_events)
     macs = t * per_token + attend(t, stored_tokens + t)
+    readout = cfg.dim + (cfg.dim * cfg.dim if cfg.ctr_readout == "dot" else 0)  # the head (+ the dot's W h)
     for size in _chunks(candidates, candidate_chunk):
-        macs += size * per_token + attend(size, after + size) + size * cfg.dim
+        macs += size * per_token + attend(size, after + size) + size * readout
     return float(macs + catalogue * cfg.dim)
 
 
