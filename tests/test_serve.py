@@ -254,6 +254,7 @@ BAD = [
     (["--allocator", "lru"], "--allocator lru needs --budget"),
     (["--allocator", "adaptive", "--budget", "1/8"], "--allocator adaptive compresses with a scheme"),
     (["--allocator", "adaptive", "--budget", "1/8", "--scheme", "snapkv"], "snapkv cannot"),
+    (["--budget", "1/2"], "--allocator uniform meets a budget by compressing"),
     (["--allocator", "adaptive", "--budget", "1/8", "--scheme", "random", "--memory-ratio", "1/2"],
      "drop --memory-ratio"),
     (["--workers", "two"], "--workers must be a whole number"),

@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1", metavar="N", help="processes sharing the store (users by hash)")
     p.add_argument("--threads", default="0", metavar="N", help="torch threads per worker (0: divided evenly)")
     p.add_argument("--batch", default="1", metavar="N", help="requests of distinct users served together (1)")
-    p.add_argument("--checkpoint-every", default="1000", metavar="N", help="requests between checkpoints")
+    p.add_argument("--checkpoint-every", default="0", metavar="N",
+                   help="requests between checkpoints (0: 1%% of the requests, at least 1,000)")
     p.add_argument("--max-requests", default="0", metavar="N", help="replay the first N requests only (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the checkpointed replay of the same options")
     p.add_argument("--force", action="store_true", help="empty the store and the checkpoints, start afresh")

@@ -116,6 +116,21 @@ class Allocator:
                 return user, None
         return None
 
+    def cheapest(self, requester: int) -> float | None:
+        """The key of the cheapest cut among the stored users other than ``requester`` (None: none), without
+        taking it (stale entries, and the requester's, which its own put replaces, are dropped on the way)."""
+        while self._cuts:
+            _, user, version = self._cuts[0]
+            if version == self.version[user] and self.step_level[user] >= 0 and user != requester:
+                return self._cuts[0][0]
+            heapq.heappop(self._cuts)
+        return None
+
+    def cut_key(self, user: int, step: Step) -> float:
+        """The heap key of cutting ``user`` by ``step`` (module docstring): lower is cut first."""
+        recency = (int(self.last_time[user]) - self.start_time) / self.heap_decay
+        return recency + math.log(step.loss) - math.log(step.freed)
+
     # -- what the server reports ----------------------------------------------------------------------------------
     def stored(self, user: int, level: int, size: int, step: Step | None) -> None:
         """``user``'s entry is now ``size`` bytes at ``level``, with ``step`` its next step down (None: none)."""
@@ -156,8 +171,8 @@ class Allocator:
 
     # -- heaps -----------------------------------------------------------------------------------------------------
     def _cut_key(self, user: int) -> float:
-        recency = (int(self.last_time[user]) - self.start_time) / self.heap_decay
-        return recency + math.log(float(self.step_loss[user])) - math.log(float(self.step_freed[user]))
+        return self.cut_key(user, Step(int(self.step_level[user]), float(self.step_loss[user]),
+                                       int(self.step_freed[user])))
 
     def _push(self, user: int) -> None:
         version = int(self.version[user])

@@ -73,21 +73,29 @@ class RequestMeters:
 
 
 class StageClock:
-    """Times consecutive stages of a batch of requests into their rows of :class:`RequestMeters` (``lap`` after
-    each stage): every request of a batch waits for the whole batch, so each is given the batch's stage times."""
+    """Times consecutive stages of a batch of requests (``lap`` after each stage) and writes them into the batch's
+    rows of :class:`RequestMeters` when ``done``: every request of a batch waits for the whole batch, so each is
+    given the batch's stage times."""
 
     def __init__(self, meters: RequestMeters, requests: list[int], now: float) -> None:
-        self.meters, self.rows, self.start, self.last = meters, np.asarray(requests, dtype=np.int64), now, now
+        self.meters, self.rows, self.start, self.last = meters, requests, now, now
+        self.spent: list[float | None] = [None] * len(STAGES)
 
     def lap(self, stage: str, now: float) -> None:
         """The time since the previous lap is ``stage``'s (added, if the stage runs twice)."""
-        column = self.meters.stages[self.rows, STAGE[stage]]
-        spent = now - self.last
-        self.meters.stages[self.rows, STAGE[stage]] = np.where(np.isnan(column), spent, column + spent)
+        index = STAGE[stage]
+        before = self.spent[index]
+        self.spent[index] = now - self.last if before is None else before + now - self.last
         self.last = now
 
     def done(self, now: float) -> None:
-        self.meters.total[self.rows] = now - self.start
+        row = np.array([np.nan if value is None else value for value in self.spent])
+        if len(self.rows) == 1:
+            self.meters.stages[self.rows[0]] = row
+            self.meters.total[self.rows[0]] = now - self.start
+        else:
+            self.meters.stages[self.rows] = row
+            self.meters.total[self.rows] = now - self.start
 
 
 def _quantiles_ms(seconds: np.ndarray) -> dict[str, float]:

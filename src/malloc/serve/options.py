@@ -72,7 +72,8 @@ class ServeOptions:
         workers: processes serving disjoint sets of users (a stable hash of the user) from one shared store.
         threads: torch threads per worker (0: torch's default divided by the workers).
         batch: requests of distinct users served together (1: one at a time, the latency of one request).
-        checkpoint_every: requests between checkpoints of a persistent store's replay.
+        checkpoint_every: requests between checkpoints of a persistent store's replay (0: a hundredth of the
+            worker's requests, at least 1,000; a checkpoint saves every meter so far, so its cost grows with them).
         max_requests: replay only the first N requests in time order (0: all).
         resume: continue the checkpointed replay of the same options.
         force: empty a store that holds entries before a fresh replay.
@@ -91,7 +92,7 @@ class ServeOptions:
     workers: int = 1
     threads: int = 0
     batch: int = 1
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 0
     max_requests: int = 0
     resume: bool = False
     force: bool = False
@@ -115,7 +116,7 @@ class ServeOptions:
             raise ServeError("--allocator uniform takes --budget or --memory-ratio, not both (the budget sets the "
                              "ratio)")
         for name, low, high in (("workers", 1, MAX_WORKERS), ("threads", 0, 1024), ("batch", 1, 4096),
-                                ("checkpoint_every", 1, 1 << 40), ("max_requests", 0, 1 << 40)):
+                                ("checkpoint_every", 0, 1 << 40), ("max_requests", 0, 1 << 40)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ServeError(f"--{name.replace('_', '-')} must be a whole number in [{low}, {high}], "

@@ -112,9 +112,9 @@ def _budget(model: Any, options: ServeOptions, model_id: str, requests: Requests
         ServeError: a budget on a model that is not Native underneath, or one below the entries' fixed bytes.
     """
     native_engine = Engine(model, build_policy("native"), **engine_args)
-    events = final_events(requests)
+    held = final_events(requests)
     try:
-        native = native_entry_bytes(native_engine, entry_identity(native_engine, model=model_id), events)
+        native = native_entry_bytes(native_engine, entry_identity(native_engine, model=model_id), held)
     except ServeError:
         if options.budget is not None:
             raise
@@ -129,14 +129,10 @@ def _budget(model: Any, options: ServeOptions, model_id: str, requests: Requests
     # state, counters) measured on one real entry of the scheme
     probe = Levels(model, options.scheme, options.knobs, 0.5, 1, model_id, engine_args)
     user, event = int(requests.user[0]), int(requests.event[0])
-    written = events_of(view.sequences, user, int(requests.log_start[user]), event + 1)
-    state = probe.engine(0).write(written)[0]
+    state = probe.engine(0).write(events(view.sequences, np.array([user]), np.array([requests.log_start[user]]),
+                                         np.array([event + 1])))[0]
     overhead = len(encode(state, probe.identity(0))) - sum(layer.nbytes() for layer in state.layers)
-    return native, budget, uniform_ratio(budget, events, event_bytes(native_engine) * events, overhead)
-
-
-def events_of(seqs: Any, user: int, start: int, stop: int) -> Any:
-    return events(seqs, np.array([user]), np.array([start]), np.array([stop]))
+    return native, budget, uniform_ratio(budget, held, event_bytes(native_engine) * held, overhead)
 
 
 def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, command: str = "") -> dict[str, Any]:
@@ -151,6 +147,9 @@ def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, com
     if options.allocator == "adaptive" and options.scheme == "native":
         raise ServeError("--allocator adaptive compresses with a scheme: add --scheme (random, recency, "
                          "streaming_llm or h2o)")
+    if options.allocator == "uniform" and options.budget is not None and options.scheme == "native":
+        raise ServeError("--allocator uniform meets a budget by compressing every state: add --scheme (e.g. random, "
+                         "h2o; see `malloc methods`); Native stores everything")
     top, levels = check_levels(options.scheme, options.knobs, options.allocator)
     model, view, run_dir = load_trained(cfg)
     model_id = file_digest(run_dir.checkpoint_path)

@@ -93,17 +93,19 @@ class Levels:
         assert isinstance(policy, EvictionPolicy) and isinstance(layer, LayerState)
         return min(layer.num_tokens, policy.budget(layer, state.next_position))
 
-    def next_step(self, state: UserState, level: int) -> Step | None:
-        """The first level below ``level`` that keeps fewer events than ``state`` holds, with its modelled loss
-        ``log(1 + k) - log(1 + k')`` and the bytes it frees; None at the bottom or with nothing to evict."""
-        kept = state.num_tokens
+    def next_step(self, state: UserState, level: int, kept: int | None = None) -> Step | None:
+        """The first level below ``level`` that keeps fewer events than the ``kept`` (default: all) of ``state``'s
+        events, with its modelled loss ``log(1 + k) - log(1 + k')`` and the bytes it frees; None at the bottom or
+        with nothing to evict."""
+        stored = state.num_tokens
+        kept = stored if kept is None else kept
         if kept == 0:
             return None
         layer_bytes = sum(layer.nbytes() for layer in state.layers)
         for lower in range(level + 1, self.count):
             after = self.kept_after(state, lower)
             if after < kept:
-                freed = int(layer_bytes * (kept - after) / kept)
+                freed = int(layer_bytes * (kept - after) / stored)
                 return Step(lower, math.log1p(kept) - math.log1p(after), max(freed, 1))
         return None
 
@@ -259,6 +261,9 @@ class Server:
                 alloc.drops += 1
                 continue
             assert lower is not None
+            assert alloc.budget is not None
+            lower = self._deepest(state, user, victim, lower,
+                                  alloc.total - int(alloc.size[user]) + size - alloc.budget)
             smaller = self.levels.recompress(state, lower)
             data = encode(smaller, self.levels.identity(lower))
             self.store.put(key, data)
@@ -266,6 +271,25 @@ class Server:
             alloc.stored(victim, lower, len(data), self.levels.next_step(smaller, lower))
             alloc.recompressions += 1
         return True
+
+
+    def _deepest(self, state: UserState, requester: int, victim: int, lower: int, needed: int) -> int:
+        """How far down to take ``victim`` in one recompression: while its first ``lower`` step frees less than
+        ``needed`` bytes, its further steps are taken as long as each is still the cheapest cut of all
+        (:meth:`~malloc.serve.allocator.Allocator.cheapest`), as step-by-step greedy cuts would, at the cost of one
+        decode and encode instead of several."""
+        alloc = self.allocator
+        freed = int(alloc.step_freed[victim])
+        kept = self.levels.kept_after(state, lower)
+        while freed < needed:
+            step = self.levels.next_step(state, lower, kept)
+            if step is None:
+                break
+            rival = alloc.cheapest(requester)
+            if rival is not None and alloc.cut_key(victim, step) > rival:
+                break
+            lower, freed, kept = step.level, freed + step.freed, self.levels.kept_after(state, step.level)
+        return lower
 
 
 def check_levels(scheme: str, knobs: dict[str, Any], allocator: str) -> tuple[float, int]:

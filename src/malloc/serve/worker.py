@@ -166,6 +166,7 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
         if progress is not None and cursor:
             progress(cursor)
         served, checkpoint_seconds = 0, 0.0
+        every = options.checkpoint_every or max(1000, len(mine) // 100)
         with torch.no_grad():
             tic = time.perf_counter()
             i = cursor
@@ -176,8 +177,7 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
                 i = batch[-1] + 1
                 if progress is not None:
                     progress(len(batch))
-                if undo is not None and i // options.checkpoint_every > batch[0] // options.checkpoint_every \
-                        and i < len(mine):
+                if undo is not None and i // every > batch[0] // every and i < len(mine):
                     start = time.perf_counter()
                     epoch += 1
                     save_checkpoint(folder, _header(task, i, epoch, len(mine), allocator,

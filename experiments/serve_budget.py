@@ -1,0 +1,213 @@
+"""Does an adaptive allocator beat one ratio for every user at equal total bytes? Accuracy and latency of a replay
+over time (``malloc serve``) against the global budget, for each allocator and base scheme.
+
+For a trained run (``--config``, as ``malloc train`` wrote it) and each budget of ``--budgets`` (fractions of
+Native's total bytes on the same replay), it replays the run's validation and test events in time order
+(:func:`malloc.serve.serve`, in-process store) under:
+
+- ``uniform``: each scheme of ``--schemes`` at the one ratio whose final total meets the budget;
+- ``lru``: whole Native states, the least recently requested users dropped and recomputed on their next request;
+- ``adaptive``: each scheme with per-user ratios under the budget (recompressing the user whose next step loses
+  the least per byte);
+
+plus Native with no budget (the reference, and the anchors on the same rows). A uniform item whose budget is below
+the entries' fixed bytes (headers, last hidden states) is recorded as unreachable and left out of the curves.
+
+Each item is one ``malloc serve`` result under ``<out>/<item>/`` (reused if there; ``--force`` reruns);
+``--shard I/N`` runs items ``I, I+N, ...`` so that processes share the sweep. When every item is there, it writes
+``<out>/curves.json`` (one row per item), ``<out>/curves.md`` (the table) and ``<out>/curves.png`` (AUC, GAUC, mean
+request latency and recomputes against the budget), atomically.
+
+    .venv/bin/python experiments/serve_budget.py --config configs/bench/hstu-ctr.yaml \\
+        --set results_dir=results --out results/serve-budget/ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from malloc.config import load_config
+from malloc.errors import MallocError
+from malloc.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
+from malloc.serve import ALLOCATORS, ServeError, ServeOptions, parse_fraction, serve
+
+DEFAULT_BUDGETS = "1/2,1/4,1/8,1/16,1/32,1/64"
+
+
+def items(schemes: list[str], budgets: list[str], allocators: list[str]) -> list[dict[str, Any]]:
+    """The sweep's items: ``{"id", "allocator", "scheme", "budget" (text or None)}``, Native's reference first."""
+    out = [{"id": "native", "allocator": "uniform", "scheme": "native", "budget": None}]
+    for budget in budgets:
+        tag = budget.replace("/", "over")
+        if "lru" in allocators:
+            out.append({"id": f"lru-native-b{tag}", "allocator": "lru", "scheme": "native", "budget": budget})
+        for allocator in ("uniform", "adaptive"):
+            if allocator in allocators:
+                out += [{"id": f"{allocator}-{scheme}-b{tag}", "allocator": allocator, "scheme": scheme,
+                         "budget": budget} for scheme in schemes]
+    return out
+
+
+def run_item(cfg: Any, item: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The item's ``malloc serve`` result (read back when its folder holds one for the same settings, else run),
+    or ``{"unreachable": why}`` for a uniform ratio that cannot meet the budget (the budget is below the entries'
+    fixed bytes), also kept in the item's folder."""
+    folder = out / item["id"]
+    settings = {"max_requests": args.max_requests, "batch": args.batch}
+    for name in ("result.json", "unreachable.json"):
+        stored = None if args.force else read_json_object(folder / name)
+        if stored is not None and all(stored.get(k) == v for k, v in settings.items()):
+            return stored
+    options = ServeOptions(scheme=item["scheme"], allocator=item["allocator"],
+                           budget=None if item["budget"] is None else parse_fraction(item["budget"], "--budgets"),
+                           threads=args.threads, batch=args.batch, max_requests=args.max_requests,
+                           anchors=item["id"] == "native", out=str(folder))
+    try:
+        return serve(cfg, options, show_progress=not args.quiet, command=" ".join(["serve_budget", item["id"]]))
+    except ServeError as exc:
+        if "leaves nothing for the states' layers" not in str(exc):
+            raise
+        unreachable = {"unreachable": " ".join(str(exc).split()), **settings}
+        atomic_write_json(folder / "unreachable.json", unreachable)
+        return unreachable
+
+
+def row(item: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """One line of the curves: accuracy, latency, bytes and counts of an item's result."""
+    metrics = result["metrics"]["all"]
+    bytes_ = result["store_bytes"]
+    latency = result["latency_ms"]
+    return {
+        **{k: item[k] for k in ("id", "allocator", "scheme", "budget")},
+        "budget_fraction": None if item["budget"] is None else parse_fraction(item["budget"], "--budgets"),
+        **{k: metrics.get(k) for k in ("auc", "gauc", "logloss", "ndcg@10", "hr@10")},
+        "test": result["metrics"].get("test"),
+        "memory_ratio": result.get("memory_ratio"),
+        "peak_fraction": bytes_.get("peak_fraction"), "mean_fraction": bytes_.get("mean_fraction"),
+        "final_fraction": bytes_.get("final_fraction"),
+        "request_ms_mean": latency["request"]["mean"], "request_ms_p50": latency["request"]["p50"],
+        "request_ms_p99": latency["request"]["p99"], "allocate_ms_p99": latency["allocate"]["p99"],
+        "requests_per_second": result["requests_per_second"],
+        "recomputes": result["counts"]["recomputes"], "dropped_misses": result["counts"]["misses"]["dropped"],
+        "recomputed_events": result["counts"]["recomputed_events"],
+        "bytes_moved_per_request": result["counts"]["bytes_moved_per_request"]["mean"],
+        "recompressions": result["allocator_counts"]["recompressions"], "drops": result["allocator_counts"]["drops"],
+        "requests": result["requests"],
+    }
+
+
+def table(rows: list[dict[str, Any]], task: str) -> str:
+    """The curves as a Markdown table."""
+    metrics = ("auc", "gauc", "logloss") if task == "ctr" else ("ndcg@10", "hr@10")
+    head = ["item", "budget", *metrics, "peak / Native", "request ms mean", "p99", "recomputes",
+            "recompressions", "bytes moved / request"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["id"], r["budget"] or "-", *(f"{r[m]:.4f}" for m in metrics),
+                 f"{r['peak_fraction']:.4f}" if r["peak_fraction"] is not None else "-",
+                 f"{r['request_ms_mean']:.2f}", f"{r['request_ms_p99']:.2f}", f"{r['recomputes']:,}",
+                 f"{r['recompressions']:,}", f"{r['bytes_moved_per_request']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], native: dict[str, Any], anchors: dict[str, Any], task: str, path: Path) -> None:
+    """Accuracy (two metrics), mean request latency and recomputes against the budget; one line per allocator
+    and scheme, Native and the anchors as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("auc", "gauc") if task == "ctr" else ("ndcg@10", "hr@10")
+    panels = [*metrics, "request_ms_mean", "recomputes"]
+    titles = {"request_ms_mean": "mean request latency (ms)", "recomputes": "recomputed states"}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    lines = sorted({(r["allocator"], r["scheme"]) for r in rows if r["budget"] is not None})
+    for ax, key in zip(axes, panels, strict=True):
+        for allocator, scheme in lines:
+            points = sorted((r["budget_fraction"], r[key]) for r in rows
+                            if (r["allocator"], r["scheme"]) == (allocator, scheme) and r["budget"] is not None)
+            style = {"uniform": "--", "lru": ":", "adaptive": "-"}[allocator]
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=3,
+                    label=f"{allocator} {scheme}")
+        ax.axhline(native[key], color="black", lw=0.8, label="native (no budget)")
+        if key in metrics:
+            for name, values in anchors.items():
+                if name in ("mf", "item-mean+user-rate", "popular"):
+                    ax.axhline(values[key], color="grey", lw=0.6, ls="-." if name == "mf" else ":",
+                               label=f"anchor {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (fraction of Native's total bytes)")
+        ax.set_title(titles.get(key, key))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the trained run's config (as for malloc train)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--schemes", default="random,h2o", help="base schemes (comma-separated; random,h2o)")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"fractions of Native's bytes ({DEFAULT_BUDGETS})")
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="comma-separated (all three)")
+    parser.add_argument("--out", required=True, help="folder of the items and the curves")
+    parser.add_argument("--shard", default="0/1", metavar="I/N", help="run items I, I+N, ... (0/1: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--batch", type=int, default=1, help="requests served together (1)")
+    parser.add_argument("--max-requests", type=int, default=0, help="replay the first N requests (0: all)")
+    parser.add_argument("--force", action="store_true", help="rerun items that have a result")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+        budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+        allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+        for budget in budgets:
+            parse_fraction(budget, "--budgets")
+        unknown = sorted(set(allocators) - set(ALLOCATORS))
+        index, sep, count = args.shard.partition("/")
+        if unknown or not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)) or not schemes:
+            raise MallocError(f"expected --allocators among {', '.join(ALLOCATORS)}, --shard I/N with I < N and "
+                              f"--schemes, got {args.allocators!r}, {args.shard!r}, {args.schemes!r}")
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out)
+        plan = items(schemes, budgets, allocators)
+        for item in plan[int(index)::int(count)]:
+            result = run_item(cfg, item, out, args)
+            print(f"{item['id']}: " + (result["unreachable"] if "unreachable" in result else ", ".join(
+                f"{k} {v:.4f}" for k, v in result["metrics"]["all"].items() if isinstance(v, float))), flush=True)
+        results = {item["id"]: read_json_object(out / item["id"] / "result.json")
+                   or read_json_object(out / item["id"] / "unreachable.json") for item in plan}
+        if any(r is None for r in results.values()):
+            print(f"{sum(r is None for r in results.values())} items left to run (other shards); the curves are "
+                  "written when every item is there")
+            return 0
+        rows = [row(item, results[item["id"]]) for item in plan if "unreachable" not in results[item["id"]]]
+        native = rows[0]
+        anchors = results["native"].get("anchors", {})
+        curves = {"config": args.config, "overrides": args.overrides, "task": cfg.task, "rows": rows,
+                  "unreachable": {k: v["unreachable"] for k, v in results.items() if "unreachable" in v},
+                  "anchors": anchors, "environment": results["native"]["environment"]}
+        atomic_write_json(out / "curves.json", curves)
+        atomic_write_text(out / "curves.md", table(rows, cfg.task))
+        plot(rows, native, anchors, cfg.task, out / "curves.png")
+        print(table(rows, cfg.task), end="")
+        print(f"wrote {out / 'curves.json'}, curves.md, curves.png")
+    except (MallocError, FileNotFoundError) as exc:
+        print(f"serve_budget: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
