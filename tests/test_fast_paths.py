@@ -99,3 +99,42 @@ def test_tiled_attention_equals_untiled_chunks(scheme):
         torch.testing.assert_close(a.last_hidden, b.last_hidden, atol=1e-5, rtol=0)
         for la, lb in zip(a.layers, b.layers, strict=True):
             torch.testing.assert_close(la.read().values, lb.read().values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("candidate", ["item", "query"])
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_one_pass_request_equals_append_then_score(backbone, candidate):
+    """``Engine.request`` runs the new events and the candidates in one pass for a keep-everything policy; it
+    equals ``append`` then ``score`` (users with 2, 0 and 1 new events; padded candidates), states included."""
+    from malloc.core.tokens import Events
+    from malloc.memory.registry import build_policy
+    from malloc.models import ModelConfig
+    from malloc.profiling.latency import synthetic_events
+    from malloc.serving.engine import Engine
+
+    cfg = ModelConfig(backbone=backbone, dim=16, heads=4, head_dim=4, layers=2, dropout=0.0, max_len=32,
+                      candidate=candidate, ctr_readout="dot", item_prior=True)
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 40).eval()
+    history = synthetic_events(3, 12, 40, 1)
+    history = Events(history.items, history.actions, history.timestamps, torch.tensor([12, 7, 0]))
+    new = synthetic_events(3, 2, 40, 2)
+    new = Events(new.items, new.actions, new.timestamps + 10**7, torch.tensor([2, 0, 1]))
+    items = torch.randint(1, 41, (3, 5), generator=torch.Generator().manual_seed(3))
+    items[1, 3:] = 0
+    times = torch.full((3, 5), 2_000_000_000)
+    engine = Engine(model)
+    assert engine._one_pass(new, items)
+    assert not Engine(model, build_policy("recency", 0.5))._one_pass(new, items)  # evicts on append: two passes
+    stored = engine.write(history)
+    fused_states, fused = engine.request(stored, new, items, times)
+    appended = engine.append(stored, new)
+    expected = engine.score(appended, items, times)
+    torch.testing.assert_close(fused[items > 0], expected[items > 0], atol=1e-5, rtol=0)
+    for got, want in zip(fused_states, appended, strict=True):
+        assert (got.next_position, got.last_timestamp) == (want.next_position, want.last_timestamp)
+        torch.testing.assert_close(got.last_hidden, want.last_hidden, atol=1e-5, rtol=0)
+        for a, b in zip(got.layers, want.layers, strict=True):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+            assert torch.equal(a.positions, b.positions) and torch.equal(a.timestamps, b.timestamps)

@@ -139,3 +139,15 @@ def test_batched_write_benchmark_runs(capsys, benchmark_script):
     assert len(result["lengths"]) == 3 and result["lengths"] == sorted(result["lengths"], reverse=True)
     assert 4 <= min(result["lengths"]) and max(result["lengths"]) <= 40
     assert set(result["batched_s"]) == {"1", "100000"} and result["one_by_one_s"] > 0
+
+
+def test_request_path_benchmark_runs(capsys, benchmark_script):
+    """benchmarks/request_path.py end to end on a short history; bad sizes are argparse errors."""
+    module = benchmark_script("request_path")
+    assert module.main(["--backbones", "hstu", "--lengths", "3", "--candidates", "4", "--repeats", "2",
+                        "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["history_len"] == 3 and row["two_pass_ms_p50"] > 0 and row["one_pass_ms_p50"] > 0
+    assert row["ratio"] == pytest.approx(row["two_pass_ms_p50"] / row["one_pass_ms_p50"])
+    with pytest.raises(SystemExit):
+        module.main(["--repeats", "0"])

@@ -89,7 +89,7 @@ def request_latency_served(engine: Engine, view: CTRView | RetrievalView, split:
                 times = torch.full((1, spec.candidates), int(seqs.timestamps[seqs.offsets[user] + stop]))
 
                 def request(stored=stored, new=new, items=items, times=times) -> torch.Tensor:
-                    return engine.score(engine.append(stored, new), items, times)
+                    return engine.request(stored, new, items, times)[1]
             else:
                 def request(stored=stored, new=new) -> torch.Tensor:
                     return engine.retrieve(engine.append(stored, new))

@@ -92,9 +92,9 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
 
     A stored state is built once by prefilling ``history_len`` random events. Then:
 
-    - cached: ``append`` of ``append_events`` new events to the stored state, then ``score`` of ``candidates``
-      candidates from the extended state; every repeat starts from the same stored state (``append`` returns a
-      new state and leaves the stored one untouched);
+    - cached: ``Engine.request``: ``append_events`` new events appended to the stored state and ``candidates``
+      candidates scored from the extended state (one pass through the layers for Native); every repeat starts from
+      the same stored state (a request returns a new state and leaves the stored one untouched);
     - recompute: ``prefill`` of the whole ``history_len + append_events`` events (in chunks of
       ``prefill_chunk``, so no ``n x n`` attention matrix is built at once), then ``score`` of the same
       candidates.
@@ -124,7 +124,7 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
         stored = engine.prefill(history)
 
         def cached() -> torch.Tensor:
-            return engine.score(engine.append(stored, new), items, times)
+            return engine.request(stored, new, items, times)[1]
 
         def recompute() -> torch.Tensor:
             return engine.score(engine.prefill(events), items, times)

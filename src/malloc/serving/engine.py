@@ -183,12 +183,60 @@ class Engine:
         return torch.cat(logits, dim=1)
 
     @torch.no_grad()
+    def request(self, states: list[UserState], events: Events, items: torch.Tensor, timestamps: torch.Tensor
+                ) -> tuple[list[UserState], torch.Tensor]:
+        """A CTR request per user: append ``events (B, t)``, then score candidates ``items (B, c)`` at ``timestamps
+        (B, c)`` from the states after the append. Returns the new states and the logits ``(B, c)``, equal to
+        ``append`` then ``score``.
+
+        When nothing is compressed on append (the policy keeps everything and every layer stores plain keys and
+        values in the compute dtype, with no tokens of its own) and the request fits one chunk, the events and the
+        candidates go through the layers together, in one pass: a candidate sees the new events as history, as it
+        would see them stored, and no event sees a candidate. Otherwise it is ``append`` then ``score``.
+        """
+        events, items, timestamps = events.to(self.device), items.to(self.device), timestamps.to(self.device)
+        if not self._one_pass(events, items):
+            appended = self.append(states, events)
+            return appended, self.score(appended, items, timestamps)
+        t, count = events.items.shape[1], items.shape[1]
+        next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=self.device)
+        valid, candidate = events.valid, items > 0
+        tokens = TokenBatch(
+            items=torch.cat([events.items, items], dim=1),
+            actions=torch.cat([events.actions, torch.zeros_like(items)], dim=1),
+            positions=torch.cat([next_pos[:, None] + torch.arange(t, device=self.device)[None, :],
+                                 (next_pos + events.lengths)[:, None].expand(-1, count)], dim=1),
+            timestamps=torch.cat([events.timestamps, timestamps], dim=1),
+            is_history=torch.cat([valid, torch.zeros_like(candidate)], dim=1),
+            valid=torch.cat([valid, candidate], dim=1))
+        hidden, blocks, processed = self.model.encode_tokens(tokens, self.caches(states), None)
+        updated = []
+        for b, state in enumerate(states):
+            new_events = int(events.lengths[b])
+            if new_events == 0:
+                updated.append(state)
+                continue
+            layers = tuple(layer.store(stored, layer.new_state(block, processed, b, new_events, self.state_dtype))
+                           for layer, stored, block in zip(self.model.layers, state.layers, blocks, strict=True))
+            updated.append(UserState(layers=layers, last_hidden=hidden[b, new_events - 1].to(self.state_dtype).clone(),
+                                     next_position=state.next_position + new_events,
+                                     last_timestamp=int(events.timestamps[b, new_events - 1])))
+        return updated, self.model.ctr_logits(hidden[:, t:], items)
+
+    @torch.no_grad()
     def retrieve(self, states: list[UserState]) -> torch.Tensor:
         """``(B, num_items + 1)`` next-item logits from each state's last event output."""
         hidden = torch.stack([s.last_hidden.to(self.model.item_embedding.weight.dtype) for s in states])
         return self.model.item_logits(hidden)
 
     # -- the append loop ---------------------------------------------------------------------------------------
+    def _one_pass(self, events: Events, items: torch.Tensor) -> bool:
+        """Whether :meth:`request` may run the events and the candidates in one pass (see there)."""
+        return (self.policy.keeps_everything and not self.renormalise and self.model.cfg.scheme == "native"
+                and all(layer.plain_kv for layer in self.model.layers)
+                and self.state_dtype == self.model.item_embedding.weight.dtype
+                and events.items.shape[1] <= self.prefill_chunk and items.shape[1] <= self.candidate_chunk)
+
     def _context(self, layer: int, user: int, history_len: int) -> LayerContext:
         return LayerContext(layer=layer, num_layers=len(self.model.layers), backbone=self.model.cfg.backbone,
                             history_len=history_len, user=user)
