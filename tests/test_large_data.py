@@ -246,3 +246,19 @@ def test_the_report_merges_shards_written_to_different_folders(tmp_path, capsys)
     assert main(["report", str(folders[0]), "--out", str(alone)]) == 0
     assert ": missing" in (alone / "index.md").read_text()  # one shard alone lacks the other's items
     capsys.readouterr()
+
+
+def test_the_generator_writes_what_the_reader_reads_and_the_benchmark_reports_it(tmp_path, benchmark_script, capsys):
+    make_ratings, large_ratings = benchmark_script("make_ratings"), benchmark_script("large_ratings")
+    file = tmp_path / "ml" / "ratings.csv"
+    assert make_ratings.main([str(file), "--events", "5000", "--movies", "300", "--median-events", "40"]) == 0
+    seqs = movielens.read_movielens("ml-20m", file, cache=False).sequences
+    assert seqs.num_events == 5000 and seqs.lengths.min() >= 20 and seqs.num_items <= 300
+    lines = file.read_text().splitlines()[1:]
+    users = [int(line.split(",")[0]) for line in lines]
+    assert users == sorted(users)  # by user, as MovieLens-20M, not by time
+    capsys.readouterr()
+    assert large_ratings.main([str(file), "--loads", "1", "--json"]) == 0
+    (load,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert load["load"] == 1 and load["events"] == 5000 and load["users"] == seqs.num_users
+    assert load["peak_rss_mib"] >= load["import_rss_mib"] > 0
