@@ -181,7 +181,7 @@ class HSTULayer(AttentionLayer):
             attended, weights = hstu_attention(q, k, v, bias(every), to_query_heads(visible, self.heads),
                                                self.alpha, self.normaliser, scale)
         else:
-            tiles = [slice(start, start + tile) for start in range(0, length, tile)]
+            tiles = [slice(start, start + tile) for start in range(0, length, tile)] or [slice(0, 0)]  # T = 0
             attended = torch.cat([hstu_attention_fused(q[:, :, rows], k, v, bias(rows),
                                                        to_query_heads(visible[:, :, rows], self.heads), self.alpha,
                                                        self.normaliser, scale) for rows in tiles], dim=2)
