@@ -6,18 +6,23 @@ header), the most an uncompressed store ever holds, since states only grow. :fun
 exactly from each user's event count by encoding a zero state of that length (the header depends on the digits of
 the shapes only); ``tests/test_serve.py`` checks it against a Native replay's store.
 
-The uniform allocator at a budget serves every user at the one ratio ``r`` that makes the final total meet it:
-``sum_u (r * NL(n_u) + overhead) = budget``, ``NL`` being Native's layer bytes (an eviction policy stores about
-``r`` times them) and ``overhead`` what compression does not touch (the header, the last hidden state, the
-counters), measured on one real entry of the scheme (:func:`uniform_ratio`).
+The uniform allocator at a budget serves every user at the largest ratio ``r`` whose final total fits it
+(:func:`uniform_ratio`, by bisection): for an eviction policy the total is exact, each user's layers keeping what
+the policy's budget rule keeps for its history (``floor(r n native / kept)`` events, :func:`eviction_bytes`), so the
+floor that leaves a short history nothing at a small ratio is counted; for other schemes it is ``r`` times Native's
+layer bytes (:func:`linear_bytes`). Both add, per entry, what compression does not touch (the header, the last
+hidden state, the counters), measured on one real entry of the scheme.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from malloc.core.state import SCALAR_BYTES, LayerState, UserState
+from malloc.memory.policy import EvictionPolicy, native_token_bytes
 from malloc.serve.options import ServeError
 from malloc.serve.requests import Requests
 from malloc.serving.engine import Engine
@@ -94,28 +99,60 @@ def zero_state_bytes(engine: Engine, events: int) -> int:
     return event_bytes(engine) * events + fixed_bytes(engine)
 
 
-def uniform_ratio(budget: int, events: np.ndarray, native_layers: np.ndarray, overhead: int) -> float:
-    """The one memory ratio at which every user's final entry, ``ratio * native_layers[u] + overhead``, sums to
-    ``budget`` bytes over the users with events; at most 1.
+FinalBytes = Callable[[float], int]
+
+
+def linear_bytes(events: np.ndarray, native_layers: np.ndarray, overhead: int) -> FinalBytes:
+    """Final total at ratio ``r`` when a scheme stores ``r`` times Native's layer bytes (``native_layers (U,)``)
+    plus ``overhead`` per entry (users with ``events > 0``): the model for schemes that do not evict."""
+    held = events > 0
+    users, layers = int(held.sum()), native_layers[held].astype(np.float64)
+    return lambda ratio: int(np.floor(ratio * layers).sum()) + users * overhead
+
+
+def eviction_bytes(events: np.ndarray, policy: EvictionPolicy, layer: LayerState, layers: int,
+                   overhead: int) -> FinalBytes:
+    """Final total at ratio ``r`` of an eviction policy: per user and layer, the events its budget rule keeps for
+    the user's history (``floor(r n native_token_bytes / kept_token_bytes)``, at most ``n``) at their kept bytes,
+    plus ``overhead`` per entry. ``layer`` is one of the policy's stored layers (for the per-event sizes)."""
+    held = events[events > 0].astype(np.float64)
+    native, kept = native_token_bytes(layer), policy.kept_token_bytes(layer)
+
+    def total(ratio: float) -> int:
+        count = np.minimum(held, np.floor(ratio * held * native / kept + 1e-9))
+        return int(count.sum()) * kept * layers + len(held) * overhead
+
+    return total
+
+
+def uniform_ratio(budget: int, final_bytes: FinalBytes, users: int, overhead: int) -> float:
+    """The largest memory ratio (at most 1) whose final total, ``final_bytes(ratio)``, fits ``budget`` (bisection;
+    the total is a non-decreasing step function of the ratio).
 
     Raises:
-        ServeError: a budget below the entries' fixed bytes (naming the least budget that leaves room).
+        ServeError: a budget below the entries' fixed bytes, ``users`` entries of ``overhead`` bytes.
     """
-    users = int((events > 0).sum())
-    room = budget - users * overhead
-    layers = int(native_layers[events > 0].sum())
-    if room <= 0 or layers == 0:
+    if final_bytes(1.0) <= budget:
+        return 1.0
+    if final_bytes(1e-12) > budget:
         raise ServeError(f"--budget of {budget:,} bytes leaves nothing for the states' layers: {users:,} entries of "
                          f"{overhead:,} fixed bytes (header, last hidden state, counters) need {users * overhead:,}; "
                          "choose a larger budget")
-    return min(1.0, room / layers)
+    low, high = 1e-12, 1.0
+    for _ in range(64):
+        middle = (low + high) / 2
+        low, high = (middle, high) if final_bytes(middle) <= budget else (low, middle)
+    return low
 
 
 __all__ = [
+    "FinalBytes",
     "check_plain",
     "event_bytes",
+    "eviction_bytes",
     "final_events",
     "fixed_bytes",
+    "linear_bytes",
     "native_entry_bytes",
     "uniform_ratio",
     "zero_state",

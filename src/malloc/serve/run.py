@@ -28,13 +28,22 @@ from tqdm import tqdm
 
 from malloc.config import RunConfig
 from malloc.configio import config_hash, to_dict
+from malloc.core.state import LayerState
 from malloc.data.batching import events
 from malloc.device import environment
+from malloc.memory.policy import EvictionPolicy
 from malloc.memory.registry import build_policy
 from malloc.results import atomic_file, atomic_write_json, check_writable
 from malloc.runner import load_trained, training_identity
 from malloc.serve.allocator import level_ratio
-from malloc.serve.budget import event_bytes, final_events, native_entry_bytes, uniform_ratio
+from malloc.serve.budget import (
+    event_bytes,
+    eviction_bytes,
+    final_events,
+    linear_bytes,
+    native_entry_bytes,
+    uniform_ratio,
+)
 from malloc.serve.meters import RequestMeters
 from malloc.serve.options import ServeError, ServeOptions
 from malloc.serve.requests import Requests, build_requests
@@ -132,7 +141,12 @@ def _budget(model: Any, options: ServeOptions, model_id: str, requests: Requests
     state = probe.engine(0).write(events(view.sequences, np.array([user]), np.array([requests.log_start[user]]),
                                          np.array([event + 1])))[0]
     overhead = len(encode(state, probe.identity(0))) - sum(layer.nbytes() for layer in state.layers)
-    return native, budget, uniform_ratio(budget, held, event_bytes(native_engine) * held, overhead)
+    policy, layer = probe.engine(0).policy, state.layers[0]
+    if isinstance(policy, EvictionPolicy) and isinstance(layer, LayerState):
+        final = eviction_bytes(held, policy, layer, len(state.layers), overhead)
+    else:
+        final = linear_bytes(held, event_bytes(native_engine) * held, overhead)
+    return native, budget, uniform_ratio(budget, final, int((held > 0).sum()), overhead)
 
 
 def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, command: str = "") -> dict[str, Any]:
@@ -189,7 +203,8 @@ def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, com
     if options.workers > 1 or final < 0:
         with open_store(options.store) as store:
             final = store.nbytes()
-    result = _result(cfg, options, view, requests, parts, native, budget, top, final, wall, run_dir.run_id, command)
+    result = _result(cfg, options, view, requests, parts, native, budget, top, final, wall, run_dir.run_id, command,
+                     threads)
     result["out"] = str(out)
     _write(out, result, requests, parts)
     return result
@@ -216,7 +231,7 @@ def _shares(native: np.ndarray | None, budget: int | None, requests: Requests, w
 
 def _result(cfg: RunConfig, options: ServeOptions, view: Any, requests: Requests, parts: list[WorkerPart],
             native: np.ndarray | None, budget: int | None, top: float, final: int, wall: float, run_id: str,
-            command: str) -> dict[str, Any]:
+            command: str, threads: int) -> dict[str, Any]:
     logits = np.full(len(requests), np.nan)
     ranks = np.zeros(len(requests), dtype=np.int64)
     for part in parts:
@@ -243,7 +258,7 @@ def _result(cfg: RunConfig, options: ServeOptions, view: Any, requests: Requests
         "store_bytes": store_bytes(sizes, requests, counters["peak"],
                                    counters["byte_requests"] / max(counters["requests"], 1), final, native),
         "allocator_counts": {k: counters[k] for k in ("recompressions", "drops", "not_stored")},
-        "environment": {**environment(cfg.device), "threads": torch.get_num_threads()},
+        "environment": {**environment(cfg.device), "threads": threads},
     }
     if options.anchors:
         result["anchors"] = anchors(view, requests, cfg.eval.ks, cfg.eval.mask_history, cfg.train.seed)
