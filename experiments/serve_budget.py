@@ -10,13 +10,16 @@ Native's total bytes on the same replay), it replays the run's validation and te
 - ``adaptive``: each scheme with per-user ratios under the budget (recompressing the user whose next step loses
   the least per byte);
 
-plus Native with no budget (the reference, and the anchors on the same rows). A uniform item whose budget is below
+plus Native with no budget (the reference, and the anchors on the same rows). Each item's AUC (retrieval: NDCG@10)
+is compared with Native's on the same requests, with a paired standard error from a per-user bootstrap (200
+resamples shared by every item). A uniform item whose budget is below
 the entries' fixed bytes (headers, last hidden states) is recorded as unreachable and left out of the curves.
 
 Each item is one ``malloc serve`` result under ``<out>/<item>/`` (reused if there; ``--force`` reruns);
 ``--shard I/N`` runs items ``I, I+N, ...`` so that processes share the sweep. When every item is there, it writes
-``<out>/curves.json`` (one row per item), ``<out>/curves.md`` (the table) and ``<out>/curves.png`` (AUC, GAUC, mean
-request latency and recomputes against the budget), atomically.
+``<out>/curves.json`` (one row per item), ``<out>/curves.md`` (the table) and ``<out>/curves.png`` (AUC, Logloss,
+events recomputed and bytes moved per request against the budget; NDCG@10 and HR@10 for retrieval), atomically.
+Latency is in the table, not the plot: items that run at different times on a shared machine are not comparable.
 
     .venv/bin/python experiments/serve_budget.py --config configs/bench/hstu-ctr.yaml \\
         --set results_dir=results --out results/serve-budget/ml100k
@@ -30,8 +33,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from malloc.config import load_config
 from malloc.errors import MallocError
+from malloc.eval.statistics import (
+    RETRIEVAL_K,
+    UserScores,
+    bootstrap,
+    bootstrap_counts,
+    ctr_user_scores,
+    metrics_with_counts,
+    sample_std,
+)
 from malloc.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 from malloc.serve import ALLOCATORS, ServeError, ServeOptions, parse_fraction, serve
 
@@ -100,32 +114,70 @@ def row(item: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def paired_deltas(out: Path, ids: list[str], task: str, resamples: int = 200, seed: int = 0
+                  ) -> dict[str, dict[str, float]]:
+    """``{item: {"delta", "se"}}``: each item's difference to Native in AUC (retrieval: NDCG@10) over the same
+    requests, with its standard error from a per-user bootstrap whose resamples every item shares (paired)."""
+    def load(item: str) -> dict[str, np.ndarray]:
+        with np.load(out / item / "predictions.npz") as data:
+            return {name: data[name] for name in data.files}
+
+    def scores(served: dict[str, np.ndarray]) -> UserScores:
+        if task == "ctr":
+            return ctr_user_scores(served["user"], served["label"], served["logit"])
+        order = np.argsort(served["user"], kind="stable")
+        return UserScores("retrieval", ranks=served["rank"][order])
+
+    metric = "auc" if task == "ctr" else f"ndcg@{RETRIEVAL_K}"
+    native = load("native")
+    base = scores(native)
+    counts = bootstrap_counts(base.num_users, resamples, seed)
+    native_samples = bootstrap(base, counts)[metric]
+    out_: dict[str, dict[str, float]] = {}
+    for item in ids:
+        served = load(item)
+        if not (np.array_equal(served["user"], native["user"]) and np.array_equal(served["event"], native["event"])):
+            raise MallocError(f"{out / item}: its requests are not Native's; rerun the sweep with --force")
+        mine = scores(served)
+        delta = metrics_with_counts(mine, np.ones(mine.num_users))[metric] - metrics_with_counts(
+            base, np.ones(base.num_users))[metric]
+        out_[item] = {"delta": delta, "se": sample_std(bootstrap(mine, counts)[metric] - native_samples)}
+    return out_
+
+
 def table(rows: list[dict[str, Any]], task: str) -> str:
     """The curves as a Markdown table."""
     metrics = ("auc", "gauc", "logloss") if task == "ctr" else ("ndcg@10", "hr@10")
-    head = ["item", "budget", *metrics, "peak / Native", "request ms mean", "p99", "recomputes",
-            "recompressions", "bytes moved / request"]
+    head = ["item", "budget", *metrics, "Δ to Native (SE)", "test AUC" if task == "ctr" else "test NDCG@10",
+            "peak / Native",
+            "mean / Native", "recomputes", "events recomputed", "recompressions", "bytes moved / request",
+            "request ms mean", "p99"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["id"], r["budget"] or "-", *(f"{r[m]:.4f}" for m in metrics),
-                 f"{r['peak_fraction']:.4f}" if r["peak_fraction"] is not None else "-",
-                 f"{r['request_ms_mean']:.2f}", f"{r['request_ms_p99']:.2f}", f"{r['recomputes']:,}",
-                 f"{r['recompressions']:,}", f"{r['bytes_moved_per_request']:,.0f}"]
+        test = (r["test"] or {}).get("auc" if task == "ctr" else "ndcg@10")
+        fraction = [f"{r[k]:.4f}" if r[k] is not None else "-" for k in ("peak_fraction", "mean_fraction")]
+        paired = r.get("paired") or {}
+        delta = f"{paired['delta']:+.4f} ({paired['se']:.4f})" if paired else "-"
+        cells = [r["id"], r["budget"] or "-", *(f"{r[m]:.4f}" for m in metrics), delta,
+                 f"{test:.4f}" if test is not None else "-", *fraction, f"{r['recomputes']:,}",
+                 f"{r['recomputed_events']:,}", f"{r['recompressions']:,}", f"{r['bytes_moved_per_request']:,.0f}",
+                 f"{r['request_ms_mean']:.2f}", f"{r['request_ms_p99']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], native: dict[str, Any], anchors: dict[str, Any], task: str, path: Path) -> None:
-    """Accuracy (two metrics), mean request latency and recomputes against the budget; one line per allocator
-    and scheme, Native and the anchors as horizontal lines."""
+    """Accuracy (two metrics), events recomputed and bytes moved per request against the budget; one line per
+    allocator and scheme, Native and the anchors as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("auc", "gauc") if task == "ctr" else ("ndcg@10", "hr@10")
-    panels = [*metrics, "request_ms_mean", "recomputes"]
-    titles = {"request_ms_mean": "mean request latency (ms)", "recomputes": "recomputed states"}
+    metrics = ("auc", "logloss") if task == "ctr" else ("ndcg@10", "hr@10")
+    panels = [*metrics, "recomputed_events", "bytes_moved_per_request"]
+    titles = {"bytes_moved_per_request": "bytes read and written per request",
+              "recomputed_events": "events recomputed from the log (all requests)"}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     lines = sorted({(r["allocator"], r["scheme"]) for r in rows if r["budget"] is not None})
     for ax, key in zip(axes, panels, strict=True):
@@ -142,6 +194,8 @@ def plot(rows: list[dict[str, Any]], native: dict[str, Any], anchors: dict[str, 
                     ax.axhline(values[key], color="grey", lw=0.6, ls="-." if name == "mf" else ":",
                                label=f"anchor {name}")
         ax.set_xscale("log", base=2)
+        if key == "bytes_moved_per_request":
+            ax.set_yscale("log")
         ax.set_xlabel("budget (fraction of Native's total bytes)")
         ax.set_title(titles.get(key, key))
     axes[0].legend(fontsize=7)
@@ -192,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                   "written when every item is there")
             return 0
         rows = [row(item, results[item["id"]]) for item in plan if "unreachable" not in results[item["id"]]]
+        deltas = paired_deltas(out, [r["id"] for r in rows[1:]], cfg.task)
+        for r in rows[1:]:
+            r["paired"] = deltas[r["id"]]
         native = rows[0]
         anchors = results["native"].get("anchors", {})
         curves = {"config": args.config, "overrides": args.overrides, "task": cfg.task, "rows": rows,

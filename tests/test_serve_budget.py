@@ -28,10 +28,12 @@ def test_sweep_writes_the_curves_then_reuses_its_items(tmp_path: Path, experimen
                    "lru-native-b1over8", "adaptive-random-b1over8"]
     assert "leaves nothing" in curves["unreachable"]["uniform-random-b1over8"]
     for r in curves["rows"][1:]:
-        assert r["requests"] == 60 and 0 <= r["auc"] <= 1
+        assert r["requests"] == 60 and 0 <= r["auc"] <= 1 and r["paired"]["se"] >= 0
         if r["allocator"] != "uniform":  # the allocators with a cap never exceed it
             assert r["peak_fraction"] <= r["budget_fraction"] + 1e-12
     assert {"mf", "item-mean"} <= set(curves["anchors"])
+    lru = next(r for r in curves["rows"] if r["id"] == "lru-native-b1over2")
+    assert abs(lru["paired"]["delta"]) < 1e-6  # a dropped user is recomputed exactly
     assert (tmp_path / "sweep" / "curves.png").stat().st_size > 0 and "| native |" in (
         tmp_path / "sweep" / "curves.md").read_text()
     before = (tmp_path / "sweep" / "native" / "result.json").stat().st_mtime_ns

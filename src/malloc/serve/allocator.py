@@ -3,14 +3,15 @@
 Three policies, all bookkeeping over dense user indices (the server does the reading, recompressing and deleting):
 
 - ``uniform``: every user's state at one memory ratio (the schemes as the paper runs them); no cap. With a budget,
-  the ratio is chosen so that the replay's final total meets it (:func:`malloc.serve.server.uniform_ratio`).
+  the ratio is chosen so that the replay's final total meets it (:func:`malloc.serve.budget.uniform_ratio`).
 - ``lru``: whole states at one ratio (Native by default); when a put would take the total past the budget, the
   least recently requested users are dropped, and recomputed from their event log on their next request (what
   GPU serving caches of HSTU do: eviction costs compute, not accuracy).
 - ``adaptive``: per-user ratios on a ladder of levels (``ratio = top * 2^(-level/2)``). A requested user is served
   at the top level (its state grows back as events arrive); when the budget is exceeded, the stored user whose next
-  step down loses the least per byte it frees is recompressed one step (:meth:`Allocator.victim`), and only when no
-  user can be compressed further are whole users dropped, least recently requested first.
+  step down loses the least per byte it frees is recompressed (:meth:`Allocator.victim`; the server takes it down
+  as many steps at once as stay the cheapest cut), and only when no user can be compressed further are whole users
+  dropped, least recently requested first.
 
 The adaptive choice. Cutting user ``v`` from ``k`` to ``k'`` kept events frees ``Δb`` bytes and loses
 ``w_v Δloss``, where ``Δloss = log(1 + k) - log(1 + k')`` (diminishing returns: the first events kept matter most,

@@ -11,7 +11,9 @@ The uniform allocator at a budget serves every user at the largest ratio ``r`` w
 the policy's budget rule keeps for its history (``floor(r n native / kept)`` events, :func:`eviction_bytes`), so the
 floor that leaves a short history nothing at a small ratio is counted; for other schemes it is ``r`` times Native's
 layer bytes (:func:`linear_bytes`). Both add, per entry, what compression does not touch (the header, the last
-hidden state, the counters), measured on one real entry of the scheme.
+hidden state, the counters), measured on a real entry of the scheme: the longest user's, at the ratio found (the
+header holds the ratio's and the shapes' digits), so that it bounds the others'. Should the total still pass the
+budget during the replay, the uniform allocator drops the least recently requested users, as LRU does.
 """
 
 from __future__ import annotations

@@ -134,19 +134,24 @@ def _budget(model: Any, options: ServeOptions, model_id: str, requests: Requests
     budget = int(options.budget * int(native.sum()))
     if options.allocator != "uniform":
         return native, budget, ratio
-    # the one ratio whose final entries meet the budget; the bytes compression leaves alone (header, last hidden
-    # state, counters) measured on one real entry of the scheme
-    probe = Levels(model, options.scheme, options.knobs, 0.5, 1, model_id, engine_args)
-    user, event = int(requests.user[0]), int(requests.event[0])
-    state = probe.engine(0).write(events(view.sequences, np.array([user]), np.array([requests.log_start[user]]),
-                                         np.array([event + 1])))[0]
-    overhead = len(encode(state, probe.identity(0))) - sum(layer.nbytes() for layer in state.layers)
-    policy, layer = probe.engine(0).policy, state.layers[0]
-    if isinstance(policy, EvictionPolicy) and isinstance(layer, LayerState):
-        final = eviction_bytes(held, policy, layer, len(state.layers), overhead)
-    else:
-        final = linear_bytes(held, event_bytes(native_engine) * held, overhead)
-    return native, budget, uniform_ratio(budget, final, int((held > 0).sum()), overhead)
+    # the one ratio whose final entries meet the budget. The bytes compression leaves alone (header, last hidden
+    # state, counters) are measured on a real entry: the user with the most events (the most digits in its
+    # shapes), at the ratio found (its digits are in the header too), so the estimate bounds every entry's.
+    user = int(np.argmax(held))
+    written = events(view.sequences, np.array([user]), np.array([requests.log_start[user]]),
+                     np.array([requests.log_start[user] + held[user]]))
+    ratio = 0.5
+    for _ in range(2):
+        probe = Levels(model, options.scheme, options.knobs, ratio, 1, model_id, engine_args)
+        state = probe.engine(0).write(written)[0]
+        overhead = len(encode(state, probe.identity(0))) - sum(layer.nbytes() for layer in state.layers)
+        policy, layer = probe.engine(0).policy, state.layers[0]
+        if isinstance(policy, EvictionPolicy) and isinstance(layer, LayerState):
+            final = eviction_bytes(held, policy, layer, len(state.layers), overhead)
+        else:
+            final = linear_bytes(held, event_bytes(native_engine) * held, overhead)
+        ratio = uniform_ratio(budget, final, int((held > 0).sum()), overhead)
+    return native, budget, ratio
 
 
 def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, command: str = "") -> dict[str, Any]:
