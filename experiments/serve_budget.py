@@ -15,10 +15,20 @@ is compared with Native's on the same requests, with a paired standard error fro
 resamples shared by every item). A uniform item whose budget is below
 the entries' fixed bytes (headers, last hidden states) is recorded as unreachable and left out of the curves.
 
-Each item is one ``malloc serve`` result under ``<out>/<item>/`` (reused if there; ``--force`` reruns);
-``--shard I/N`` runs items ``I, I+N, ...`` so that processes share the sweep. When every item is there, it writes
-``<out>/curves.json`` (one row per item), ``<out>/curves.md`` (the table) and ``<out>/curves.png`` (AUC, Logloss,
-events recomputed and bytes moved per request against the budget; NDCG@10 and HR@10 for retrieval), atomically.
+Each item is one ``malloc serve`` result under ``<out>/<item>/`` (reused if there with the same
+``--max-requests`` and ``--batch``; ``--force`` reruns), with ``code.json``: the git commit of the code that ran it
+(reuse does not check it: an item run before a change of the serving code is stale, and the curves list each
+item's commit so that it shows). ``--shard I/N`` runs items ``I, I+N, ...`` so that processes share the sweep.
+When every item is there, it writes, atomically:
+
+- ``<out>/curves.json``: one row per item, each item's commit, and the replay's temporal locality
+  (:func:`locality`: how many other users come between two requests of a user, how many users a window of
+  consecutive requests holds), which is what an allocator that follows recency can exploit;
+- ``<out>/curves.md``: AUC (retrieval: NDCG@10) and its paired difference to Native, one row per budget and one
+  column per allocator and scheme; then every item's accuracy, bytes, counts and latency; then the locality;
+- ``<out>/curves.png``: AUC, Logloss, events recomputed and bytes moved per request against the budget (NDCG@10
+  and HR@10 for retrieval).
+
 Latency is in the table, not the plot: items that run at different times on a shared machine are not comparable.
 
     .venv/bin/python experiments/serve_budget.py --config configs/bench/hstu-ctr.yaml \\
@@ -35,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from malloc.bench.sweep import git_commit
 from malloc.config import load_config
 from malloc.errors import MallocError
 from malloc.eval.statistics import (
@@ -80,13 +91,17 @@ def run_item(cfg: Any, item: dict[str, Any], out: Path, args: argparse.Namespace
                            budget=None if item["budget"] is None else parse_fraction(item["budget"], "--budgets"),
                            threads=args.threads, batch=args.batch, max_requests=args.max_requests,
                            anchors=item["id"] == "native", out=str(folder))
+    code = git_commit()
     try:
-        return serve(cfg, options, show_progress=not args.quiet, command=" ".join(["serve_budget", item["id"]]))
+        result = serve(cfg, options, show_progress=not args.quiet, command=" ".join(["serve_budget", item["id"]]))
+        atomic_write_json(folder / "code.json", code)
+        return result
     except ServeError as exc:
         if "leaves nothing for the states' layers" not in str(exc):
             raise
         unreachable = {"unreachable": " ".join(str(exc).split()), **settings}
         atomic_write_json(folder / "unreachable.json", unreachable)
+        atomic_write_json(folder / "code.json", code)
         return unreachable
 
 
@@ -145,13 +160,102 @@ def paired_deltas(out: Path, ids: list[str], task: str, resamples: int = 200, se
     return out_
 
 
+def stack_distances(users: np.ndarray) -> np.ndarray:
+    """``(repeats,)`` int64: for each request of ``users`` ``(R,)`` (in serving order) whose user was requested
+    before, the number of distinct other users requested since that user's previous request (its stack distance:
+    an LRU cache of ``K`` equal entries still holds the user iff it is below ``K``). A Fenwick tree marks each
+    user's last position; the distance is the marks between the two requests, ``O(R log R)``."""
+    size = len(users)
+    tree = np.zeros(size + 1, dtype=np.int64)
+
+    def add(position: int, value: int) -> None:
+        position += 1
+        while position <= size:
+            tree[position] += value
+            position += position & -position
+
+    def prefix(position: int) -> int:  # marks at positions 0 .. position
+        total, position = 0, position + 1
+        while position > 0:
+            total += int(tree[position])
+            position -= position & -position
+        return total
+
+    last: dict[int, int] = {}
+    distances = []
+    for i, user in enumerate(users.tolist()):
+        before = last.get(user)
+        if before is not None:
+            distances.append(prefix(i - 1) - prefix(before))
+            add(before, -1)
+        add(i, 1)
+        last[user] = i
+    return np.array(distances, dtype=np.int64)
+
+
+def locality(users: np.ndarray, windows: tuple[int, ...] = (100, 1000)) -> dict[str, Any]:
+    """How soon users come back in a replay of requests of ``users`` ``(R,)``, in serving order:
+    ``{"requests", "users", "repeats", "stack_distance": {"p50", "p90", "p99", "max"}, "share_below": {"1", "10",
+    "100"}, "window_users": {W: {"mean", "max"}}}``, with :func:`stack_distances` over the repeat requests and the
+    distinct users of each block of ``W`` consecutive requests."""
+    gaps = stack_distances(users)
+    size = len(users)
+    blocks = {str(w): [len(np.unique(users[start:start + w])) for start in range(0, size - w + 1, w)]
+              for w in windows if w <= size}
+    return {
+        "requests": size, "users": len(np.unique(users)), "repeats": len(gaps),
+        "stack_distance": {name: float(np.percentile(gaps, q)) if len(gaps) else None
+                           for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        "share_below": {str(k): float((gaps < k).mean()) if len(gaps) else None for k in (1, 10, 100)},
+        "window_users": {w: {"mean": float(np.mean(counts)), "max": int(np.max(counts))}
+                         for w, counts in blocks.items()},
+    }
+
+
+def locality_text(stats: dict[str, Any]) -> str:
+    """:func:`locality` as Markdown lines."""
+    sd, below = stats["stack_distance"], stats["share_below"]
+    text = f"Locality: {stats['requests']:,} requests of {stats['users']:,} users, {stats['repeats']:,} repeats."
+    if stats["repeats"]:
+        text += (f" Other users between two requests of a user (stack distance): p50 {sd['p50']:.0f}, p90 "
+                 f"{sd['p90']:.0f}, p99 {sd['p99']:.0f}, max {sd['max']:.0f}; none for {below['1']:.1%} of repeats, "
+                 f"under 10 for {below['10']:.1%}, under 100 for {below['100']:.1%}.")
+    for w, v in stats["window_users"].items():
+        text += (f"\n\n{int(w):,} consecutive requests hold {v['mean']:.1f} distinct users on average (at most "
+                 f"{v['max']:,}).")
+    return text + "\n"
+
+
+def pivot(rows: list[dict[str, Any]], task: str) -> str:
+    """AUC (retrieval: NDCG@10) with its paired difference to Native and that difference's SE: one row per budget,
+    one column per allocator and scheme, as a Markdown table."""
+    metric = "auc" if task == "ctr" else "ndcg@10"
+    lines = sorted({(r["allocator"], r["scheme"]) for r in rows if r["budget"] is not None},
+                   key=lambda line: (("uniform", "lru", "adaptive").index(line[0]), line[1]))
+    budgets = sorted({r["budget_fraction"] for r in rows if r["budget"] is not None}, reverse=True)
+    cells = {(r["allocator"], r["scheme"], r["budget_fraction"]): r for r in rows if r["budget"] is not None}
+    out = ["| budget | " + " | ".join(f"{a} {s}" for a, s in lines) + " |", "|" + "---|" * (len(lines) + 1)]
+    for budget in budgets:
+        text = next(r["budget"] for r in rows if r["budget_fraction"] == budget)
+        line = []
+        for allocator, scheme in lines:
+            r = cells.get((allocator, scheme, budget))
+            if r is None:
+                line.append("unreachable")
+                continue
+            paired = r.get("paired") or {}
+            delta = f" ({paired['delta']:+.4f} ± {paired['se']:.4f})" if paired else ""
+            line.append(f"{r[metric]:.4f}{delta}")
+        out.append(f"| {text} | " + " | ".join(line) + " |")
+    return "\n".join(out) + "\n"
+
+
 def table(rows: list[dict[str, Any]], task: str) -> str:
     """The curves as a Markdown table."""
     metrics = ("auc", "gauc", "logloss") if task == "ctr" else ("ndcg@10", "hr@10")
     head = ["item", "budget", *metrics, "Δ to Native (SE)", "test AUC" if task == "ctr" else "test NDCG@10",
-            "peak / Native",
-            "mean / Native", "recomputes", "events recomputed", "recompressions", "bytes moved / request",
-            "request ms mean", "p99"]
+            "ratio", "peak / Native", "mean / Native", "recomputes", "events recomputed", "recompressions",
+            "bytes moved / request", "request ms mean", "p99"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         test = (r["test"] or {}).get("auc" if task == "ctr" else "ndcg@10")
@@ -159,7 +263,9 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
         paired = r.get("paired") or {}
         delta = f"{paired['delta']:+.4f} ({paired['se']:.4f})" if paired else "-"
         cells = [r["id"], r["budget"] or "-", *(f"{r[m]:.4f}" for m in metrics), delta,
-                 f"{test:.4f}" if test is not None else "-", *fraction, f"{r['recomputes']:,}",
+                 f"{test:.4f}" if test is not None else "-",
+                 f"{r['memory_ratio']:.4f}" if r["memory_ratio"] is not None else "-", *fraction,
+                 f"{r['recomputes']:,}",
                  f"{r['recomputed_events']:,}", f"{r['recompressions']:,}", f"{r['bytes_moved_per_request']:,.0f}",
                  f"{r['request_ms_mean']:.2f}", f"{r['request_ms_p99']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -251,13 +357,18 @@ def main(argv: list[str] | None = None) -> int:
             r["paired"] = deltas[r["id"]]
         native = rows[0]
         anchors = results["native"].get("anchors", {})
+        with np.load(out / "native" / "predictions.npz") as served:
+            stats = locality(served["user"])
+        code = {item["id"]: (read_json_object(out / item["id"] / "code.json") or {}).get("commit") for item in plan}
         curves = {"config": args.config, "overrides": args.overrides, "task": cfg.task, "rows": rows,
                   "unreachable": {k: v["unreachable"] for k, v in results.items() if "unreachable" in v},
-                  "anchors": anchors, "environment": results["native"]["environment"]}
+                  "anchors": anchors, "environment": results["native"]["environment"], "locality": stats,
+                  "code": code}
+        text = f"{pivot(rows, cfg.task)}\n{table(rows, cfg.task)}\n{locality_text(stats)}"
         atomic_write_json(out / "curves.json", curves)
-        atomic_write_text(out / "curves.md", table(rows, cfg.task))
+        atomic_write_text(out / "curves.md", text)
         plot(rows, native, anchors, cfg.task, out / "curves.png")
-        print(table(rows, cfg.task), end="")
+        print(text, end="")
         print(f"wrote {out / 'curves.json'}, curves.md, curves.png")
     except (MallocError, FileNotFoundError) as exc:
         print(f"serve_budget: {' '.join(str(exc).split())}", file=sys.stderr)
