@@ -138,3 +138,30 @@ def test_one_pass_request_equals_append_then_score(backbone, candidate):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
             torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
             assert torch.equal(a.positions, b.positions) and torch.equal(a.timestamps, b.timestamps)
+
+
+@pytest.mark.parametrize("scheme", ["h2o", "snapkv", "tova"])
+@pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
+def test_observed_write_in_short_chunks_equals_one_chunk(backbone, scheme):
+    """A query-aware policy's write folds each chunk's weights into running sums; chunks shortened so that one
+    user's ``(H, chunk, S)`` weights stay within ``max_scores`` keep the same events with the same keys and values
+    as one chunk of the whole history (float64: no rounding hides a difference)."""
+    from malloc.memory.registry import build_policy
+    from malloc.models import ModelConfig
+    from malloc.profiling.latency import synthetic_events
+    from malloc.serving.engine import Engine
+
+    cfg = ModelConfig(backbone=backbone, dim=16, heads=4, head_dim=4, layers=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 50).double().eval()
+    events = synthetic_events(3, 90, 50, 1)
+    policy = build_policy(scheme, 0.25)
+    with torch.no_grad():
+        whole = Engine(model, policy, prefill_chunk=1024).write(events)
+        short = Engine(model, policy, prefill_chunk=1024, max_scores=4 * 7 * 90).write(events)  # 7-event chunks
+    for a, b in zip(whole, short, strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            ra, rb = la.read(), lb.read()
+            assert torch.equal(ra.positions, rb.positions)
+            torch.testing.assert_close(ra.values, rb.values, atol=1e-12, rtol=0)
+            torch.testing.assert_close(ra.keys, rb.keys, atol=1e-12, rtol=0)

@@ -252,10 +252,19 @@ class Engine:
         """The states after ``events``: ``prefill_chunk`` events at a time, each chunk for the users whose events
         reach it only (the others would only pad its attention), in groups of users whose attention scores stay
         within ``max_scores`` (one huge score tensor is slower than several that fit the caches; each user's
-        result is the same). ``merge`` keeps a layer's stored and new events (None: the layer's own rule)."""
+        result is the same). ``merge`` keeps a layer's stored and new events (None: the layer's own rule).
+
+        Observed chunks are shorter: the observer reads each chunk's ``(H, chunk, S)`` weights of a user and folds
+        them into per-event running sums, so a chunk is at most ``max_scores / (H S)`` events long and no
+        ``(T, S)`` weight, bias or mask tensor of a long history ever exists (an observed write of 16,384 events
+        holds ``(4, 32, 16,384)`` at a time at the default size, not ``(4, 1,024, 16,384)``)."""
         heads = self.model.cfg.heads
-        for start in range(0, events.items.shape[1], self.prefill_chunk):
-            chunk = events.slice(start, start + self.prefill_chunk)
+        step = self.prefill_chunk
+        if observer is not None:
+            most_keys = max((s.num_tokens for s in states), default=0) + events.items.shape[1]
+            step = max(1, min(step, self.max_scores // (heads * max(most_keys, 1))))
+        for start in range(0, events.items.shape[1], step):
+            chunk = events.slice(start, start + step)
             active = torch.nonzero(chunk.lengths > 0).flatten()
             if len(active) == 0:  # events are left-aligned: no later chunk has any either
                 break
