@@ -96,11 +96,6 @@ def fixed_bytes(engine: Engine) -> int:
     return engine.model.cfg.dim * torch.empty(0, dtype=engine.state_dtype).element_size() + SCALAR_BYTES
 
 
-def zero_state_bytes(engine: Engine, events: int) -> int:
-    """``UserState.nbytes()`` of :func:`zero_state` without building it."""
-    return event_bytes(engine) * events + fixed_bytes(engine)
-
-
 FinalBytes = Callable[[float], int]
 
 
@@ -158,5 +153,4 @@ __all__ = [
     "native_entry_bytes",
     "uniform_ratio",
     "zero_state",
-    "zero_state_bytes",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ from malloc.serve.budget import (
 )
 from malloc.serve.meters import RequestMeters
 from malloc.serve.options import ServeError, ServeOptions
-from malloc.serve.requests import Requests, build_requests
-from malloc.serve.result import accuracy, anchors, format_table, meters_result, store_bytes
+from malloc.serve.requests import Requests, build_requests, worker_of
+from malloc.serve.result import accuracy, anchors, meters_result, store_bytes
 from malloc.serve.server import Levels, check_levels
 from malloc.serve.worker import WorkerPart, WorkerTask, run_worker, run_workers
 from malloc.serving.engine import Engine
@@ -216,8 +217,6 @@ def serve(cfg: RunConfig, options: ServeOptions, show_progress: bool = True, com
 
 
 def _with_threads(task: WorkerTask, threads: int) -> WorkerTask:
-    from dataclasses import replace
-
     return replace(task, options=replace(task.options, threads=threads))
 
 
@@ -227,8 +226,6 @@ def _shares(native: np.ndarray | None, budget: int | None, requests: Requests, w
         return [None] * workers
     if workers == 1:
         return [budget]
-    from malloc.serve.requests import worker_of
-
     owner = worker_of(np.arange(requests.num_users), workers)
     total = int(native.sum())
     return [int(budget * int(native[owner == w].sum()) // total) for w in range(workers)]
@@ -281,4 +278,4 @@ def _write(out: Path, result: dict[str, Any], requests: Requests, parts: list[Wo
     atomic_write_json(out / "result.json", result)
 
 
-__all__ = ["file_digest", "format_table", "out_dir", "replay_identity", "serve"]
+__all__ = ["file_digest", "out_dir", "replay_identity", "serve"]

@@ -272,7 +272,6 @@ class Server:
             alloc.recompressions += 1
         return True
 
-
     def _deepest(self, state: UserState, requester: int, victim: int, lower: int, needed: int) -> int:
         """How far down to take ``victim`` in one recompression: while its first ``lower`` step frees less than
         ``needed`` bytes, its further steps are taken as long as each is still the cheapest cut of all
