@@ -4,6 +4,11 @@ For every backbone and history length: a stored state is written by prefilling t
 request (append the new events + score the candidates) and the full recompute (prefill history + new events,
 in chunks of ``--prefill-chunk``, + score) are timed; see :func:`malloc.profiling.request_latency`.
 
+Each point is also put against its roofline on this machine: the time the request's arithmetic (``2 x MACs``,
+:mod:`malloc.models.macs`, at ``--peak-gflops`` per thread) or its state read (the stored bytes at
+``--bandwidth-gbs`` per thread) would take at least, whichever is longer; ``*_x_roofline`` = measured p50 /
+roofline (1 would be the machine's limit). The recompute reads no stored state: its roofline is its arithmetic.
+
     python benchmarks/latency.py                       # aligned table
     python benchmarks/latency.py --json > latency.jsonl  # one JSON object per (backbone, length)
 """
@@ -21,6 +26,7 @@ from malloc.device import environment
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
+from malloc.models.macs import recompute_macs, request_macs
 from malloc.profiling import request_latency
 
 TARGET_LENGTH = 1024
@@ -28,7 +34,9 @@ TARGET_SPEEDUP = 10.0
 # (key, format spec) of the table's columns; each is as wide as the wider of its header and its values.
 COLUMNS = [("backbone", ""), ("history_len", "d"), ("cached_ms_p50", ".2f"), ("cached_ms_p99", ".2f"),
            ("recompute_ms_p50", ".2f"), ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
-           ("state_bytes", "d"), ("repeats_cached", "d"), ("repeats_recompute", "d")]
+           ("state_bytes", "d"), ("cached_roofline_ms", ".3f"), ("cached_x_roofline", ".1f"),
+           ("recompute_roofline_ms", ".2f"), ("recompute_x_roofline", ".1f"), ("repeats_cached", "d"),
+           ("repeats_recompute", "d")]
 WIDTH = 12
 HEADERS = [name for name, _ in COLUMNS]
 
@@ -50,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recompute-warmup", type=int, default=1,
                         help="untimed recompute calls (a 16k-event recompute takes minutes on a CPU)")
     parser.add_argument("--recompute-min-repeats", type=int, default=3, help="timed recompute calls at least")
+    parser.add_argument("--peak-gflops", type=float, default=90.0,
+                        help="arithmetic roofline: fp32 GFLOP/s per thread (the 2-core VM: 90)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=17.0,
+                        help="memory roofline: GB/s per thread for reading the stored state (the 2-core VM: 17)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heap", choices=["retained", "system"], default="retained",
@@ -57,6 +69,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "system: the C library's defaults")
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
+
+
+def roofline(cfg: ModelConfig, point: dict, args: argparse.Namespace) -> dict[str, float]:
+    """The point's MACs, its rooflines (ms) and measured / roofline, at ``point["threads"]`` threads."""
+    threads = point["threads"]
+    flops, bandwidth = 1e9 * args.peak_gflops * threads, 1e9 * args.bandwidth_gbs * threads
+    n, t, c = point["history_len"], args.append_events, args.candidates
+    cached = request_macs(cfg, n, t, c, candidate_chunk=256)  # Engine's default candidate_chunk
+    recompute = recompute_macs(cfg, n, t, c, prefill_chunk=args.prefill_chunk, candidate_chunk=256)
+    cached_ms = 1e3 * max(2 * cached / flops, point["state_bytes"] / bandwidth)
+    recompute_ms = 1e3 * 2 * recompute / flops
+    return {"cached_macs": cached, "recompute_macs": recompute, "cached_roofline_ms": cached_ms,
+            "cached_x_roofline": point["cached_ms_p50"] / cached_ms, "recompute_roofline_ms": recompute_ms,
+            "recompute_x_roofline": point["recompute_ms_p50"] / recompute_ms}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             point = request_latency(model, length, candidates=args.candidates,
                                     append_events=args.append_events, prefill_chunk=args.prefill_chunk,
                                     seed=args.seed, recompute_timing=recompute_timing, **timing)
+            point.update(roofline(cfg, point, args))
             meets = point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH else None
             if meets is not None:
                 verdicts.append((backbone, point["speedup_p50"], meets))
@@ -92,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = {"benchmark": "latency", "backbone": backbone, **point,
                           "target_10x_at_1024_met": meets, "candidates": args.candidates,
                           "append_events": args.append_events, "prefill_chunk": args.prefill_chunk,
+                          "peak_gflops_per_thread": args.peak_gflops, "bandwidth_gbs_per_thread": args.bandwidth_gbs,
                           "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
                           "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
                           **timing, "recompute_warmup": args.recompute_warmup,
