@@ -5,8 +5,9 @@ its peak is its own:
 
 - ``train``: ``--train-steps`` training steps (forward, backward, AdamW) on ``--batch-size`` random full
   windows of ``--max-len`` events (:func:`malloc.profiling.memory.training_workload`);
-- ``serve``: prefill of ``--users`` users x ``--history`` events (``--user-batch`` users at a time), keeping
-  every state, then scoring ``--candidates`` candidates per user
+- ``serve``: write of ``--users`` users x ``--history`` events (``--user-batch`` users at a time) under
+  ``--scheme`` at ``--ratio`` (default Native: every event kept; a query-aware scheme such as ``h2o`` observes
+  the attention of the write), keeping every state, then scoring ``--candidates`` candidates per user
   (:func:`malloc.profiling.memory.serving_workload`); the total stored state bytes of all users are
   reported too.
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, default=100, help="candidates scored per user")
     parser.add_argument("--user-batch", type=int, default=32, help="users prefilled / scored together")
     parser.add_argument("--num-items", type=int, default=10_000, help="item vocabulary size")
+    parser.add_argument("--scheme", default="native", help="training-free scheme of the serve workload's writes")
+    parser.add_argument("--ratio", type=float, default=1.0, help="its memory ratio")
+    parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per write chunk")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per subprocess (default: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.json:
-        print(f"users={args.users} history={args.history} candidates={args.candidates} "
+        print(f"users={args.users} history={args.history} scheme={args.scheme} ratio={args.ratio} "
+              f"candidates={args.candidates} "
               f"user_batch={args.user_batch} train: steps={args.train_steps} batch_size={args.batch_size} "
               f"max_len={args.max_len}; num_items={args.num_items}")
         print(table_line(HEADERS, HEADERS, WIDTH))
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 target = "malloc.profiling.memory:serving_workload"
                 kwargs = {**common, "users": args.users, "history": args.history,
-                          "candidates": args.candidates, "user_batch": args.user_batch}
+                          "candidates": args.candidates, "user_batch": args.user_batch, "scheme": args.scheme,
+                          "memory_ratio": args.ratio, "prefill_chunk": args.prefill_chunk}
             measured = measure_peak_in_subprocess(target, kwargs, timeout=args.timeout)
             result = measured["result"]
             point = {"backbone": backbone, "workload": workload, "import_rss_mb": measured["import_rss_mb"],

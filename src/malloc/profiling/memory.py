@@ -115,17 +115,20 @@ def training_workload(backbone: str, steps: int = 5, batch_size: int = 32, max_l
 
 def serving_workload(backbone: str, users: int = 256, history: int = 512, candidates: int = 100,
                      user_batch: int = 32, num_items: int = 10_000, prefill_chunk: int = 1024,
-                     threads: int = 0, seed: int = 0) -> dict[str, Any]:
-    """Prefill ``users`` histories of ``history`` events (``user_batch`` users at a time) and keep every
-    state, then score ``candidates`` candidates for every user from the stored states.
+                     threads: int = 0, seed: int = 0, scheme: str = "native", memory_ratio: float = 1.0
+                     ) -> dict[str, Any]:
+    """Write ``users`` histories of ``history`` events (``user_batch`` users at a time) under the training-free
+    policy ``scheme`` at ``memory_ratio`` (Native: keep every event) and keep every state, then score
+    ``candidates`` candidates for every user from the stored states. A query-aware scheme (H2O, SnapKV, TOVA)
+    observes the attention of every write.
 
     Returns:
-        ``{"backbone", "users", "history", "candidates", "user_batch", "state_bytes"}`` where ``state_bytes``
-        is the total stored bytes of all users' states.
+        ``{"backbone", "scheme", "memory_ratio", "users", "history", "candidates", "user_batch", "state_bytes"}``
+        where ``state_bytes`` is the total stored bytes of all users' states.
     """
     import torch
 
-    from malloc.memory.registry import build_model_for
+    from malloc.memory.registry import build_model_for, build_policy
     from malloc.models import ModelConfig
     from malloc.profiling.latency import synthetic_events
     from malloc.serving.engine import Engine
@@ -134,18 +137,19 @@ def serving_workload(backbone: str, users: int = 256, history: int = 512, candid
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model_for(ModelConfig(backbone=backbone), num_items).eval()  # type: ignore[arg-type]
-    engine = Engine(model, prefill_chunk=prefill_chunk)
+    engine = Engine(model, build_policy(scheme, memory_ratio), prefill_chunk=prefill_chunk)
     states = []
     with torch.no_grad():
         for start in range(0, users, user_batch):
             count = min(user_batch, users - start)
             events = synthetic_events(count, history, num_items, seed + start)
-            states.extend(engine.prefill(events))
+            states.extend(engine.write(events))
         generator = torch.Generator().manual_seed(seed)
         for start in range(0, users, user_batch):
             part = states[start:start + user_batch]
             items = torch.randint(1, num_items + 1, (len(part), candidates), generator=generator)
             times = torch.tensor([[s.last_timestamp + 1] for s in part]).expand(len(part), candidates)
             engine.score(part, items, times)
-    return {"backbone": backbone, "users": users, "history": history, "candidates": candidates,
+    return {"backbone": backbone, "scheme": scheme, "memory_ratio": memory_ratio, "users": users,
+            "history": history, "candidates": candidates,
             "user_batch": user_batch, "state_bytes": sum(s.nbytes() for s in states)}
