@@ -1,7 +1,9 @@
-"""A real ``redis-server`` for the tests: started on a free loopback port in a temporary folder, stopped after.
+"""A real ``redis-server`` for the tests, and a real Redis Cluster: started on free loopback ports in a temporary
+folder, stopped after (even when the test fails).
 
-No persistence (``--save "" --appendonly no``). Where ``redis-server`` is not installed (``make setup`` installs
-it with apt; without apt it cannot), the tests that need it skip, saying why.
+No persistence (``--save "" --appendonly no``). Where ``redis-server`` (or, for a cluster, ``redis-cli``, Debian's
+``redis-tools``) is not installed (``make setup`` installs both with apt; without apt it cannot), the tests that
+need it skip, saying why.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 START_TIMEOUT = 10.0
+CLUSTER_TIMEOUT = 30.0
 
 
 def free_port() -> int:
@@ -64,3 +69,121 @@ def redis_server(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
                 process.kill()
                 process.wait()
             process.stderr.close()
+
+
+def _cluster_ok(port: int) -> bool:
+    """Whether the node on ``port`` reports ``cluster_state:ok``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"CLUSTER INFO\r\n")
+        reply = b""
+        while b"cluster_state:" not in reply or not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        return b"cluster_state:ok" in reply
+    return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of masters on loopback ports, each with its own cluster bus port and nodes file.
+
+    Attributes:
+        ports: ``(M,)`` each master's client port; url: ``redis+cluster://`` naming every master.
+        processes: ``(M,)`` each master's process (None while stopped).
+    """
+
+    binary: str
+    folder: Path
+    ports: list[int]
+    bus_ports: list[int]
+    processes: list[subprocess.Popen | None] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self, index: int) -> None:
+        """Start master ``index`` (again: same ports and nodes file, so it rejoins as the same node, without its
+        data) and wait until it answers."""
+        port = self.ports[index]
+        process = subprocess.Popen(
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-port", str(self.bus_ports[index]), "--cluster-config-file", f"nodes-{port}.conf",
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder), "--protected-mode", "yes",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.processes[index] = process
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers(port):
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server (cluster node {port}) exited with {process.returncode}: "
+                                   f"{process.stderr.read().decode(errors='replace')[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server (cluster node {port}) did not answer within {START_TIMEOUT} s")
+            time.sleep(0.05)
+
+    def stop(self, index: int, kill: bool = False) -> None:
+        """Stop master ``index``: SIGTERM (then SIGKILL after 10 s), or at once with SIGKILL (a crash)."""
+        process = self.processes[index]
+        if process is not None:
+            if kill:
+                process.kill()
+            _stop(process)
+            self.processes[index] = None
+
+    def wait_ok(self) -> None:
+        """Wait until every running master reports ``cluster_state:ok``."""
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        running = [port for port, process in zip(self.ports, self.processes, strict=True) if process is not None]
+        while not all(_cluster_ok(port) for port in running):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on ports {running} did not reach cluster_state:ok within "
+                                   f"{CLUSTER_TIMEOUT} s")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[LocalCluster]:
+    """A fresh Redis Cluster of ``masters`` masters and no replicas on 127.0.0.1 (``redis-cli --cluster create``),
+    every slot served; every node stopped at the end. Skips the test where redis-server or redis-cli is missing."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        missing = "redis-server" if binary is None else "redis-cli"
+        pytest.skip(f"{missing} is not installed (make setup installs redis-server and redis-tools with apt-get; "
+                    "needs Debian's apt as root)")
+    with tempfile.TemporaryDirectory(prefix="malloc-redis-cluster-") as folder:
+        with contextlib.ExitStack() as sockets:  # distinct free ports: held open until all are chosen
+            held = [sockets.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    for _ in range(2 * masters)]
+            for sock in held:
+                sock.bind(("127.0.0.1", 0))
+            chosen = [sock.getsockname()[1] for sock in held]
+        cluster = LocalCluster(binary, Path(folder), chosen[:masters], chosen[masters:], [None] * masters)
+        try:
+            for index in range(masters):
+                cluster.start(index)
+            nodes = [f"127.0.0.1:{port}" for port in cluster.ports]
+            created = subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0",
+                                      "--cluster-yes"], capture_output=True, text=True, timeout=60)
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed ({created.returncode}): "
+                                   f"{(created.stdout + created.stderr)[-800:]}")
+            cluster.wait_ok()
+            yield cluster
+        finally:
+            for index in range(masters):
+                cluster.stop(index)

@@ -5,7 +5,8 @@
 - :mod:`.base`: the one store interface (get, put, delete, sizes, keys, close, optional byte capacity);
 - backends, opened by :func:`open_store` from a URL: ``memory://`` (:mod:`.memory_store`), ``sqlite:///path``
   (:mod:`.sqlite_store`), ``lmdb:///path`` (:mod:`.lmdb_store`, the default persistent one:
-  :func:`persistent_url`), ``redis://host:port/db`` (:mod:`.redis_store`);
+  :func:`persistent_url`), ``redis://host:port/db`` (:mod:`.redis_store`), ``redis+cluster://host:port,...``
+  (:mod:`.redis_cluster_store`: a Redis Cluster, each user's keys on one slot);
 - :mod:`.states`: :class:`StateStore`, states in and out of a store with unusable entries counted as misses.
 
 docs/SERVING.md, "State store", describes the format, the backends and their measured latency.
