@@ -32,13 +32,14 @@ $(DSLABS):
 	  touch $(DSLABS) && echo "ml-latest-small: r-cran-dslabs unpacked in $(DATA_CACHE)/dslabs"; \
 	else echo "warning: could not fetch r-cran-dslabs (needs Debian's apt); ml-latest-small is unavailable"; fi
 
-# redis-server for the state store's Redis tests (they start their own on a free loopback port, tests/redis_server.py):
-# installed with apt where missing (as root). Without apt this warns and goes on: the Redis tests then skip, saying why.
+# redis-server and redis-cli (Debian's redis-tools; the Redis Cluster tests create their cluster with it) for the state
+# store's Redis tests (they start their own servers on free loopback ports, tests/redis_server.py): installed with apt
+# where missing (as root). Without apt this warns and goes on: the Redis tests then skip, saying why.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
-	  { apt-get install -y -qq redis-server >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; } && \
-	  echo "redis-server installed"; } || \
+	@{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq redis-server redis-tools >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq redis-server redis-tools >/dev/null; }; } && \
+	  echo "redis-server and redis-cli installed"; } || \
 	  echo "warning: could not install redis-server (needs Debian's apt, as root); the Redis store tests will skip"
 
 setup: $(STAMP) $(DSLABS) redis-server
