@@ -2,8 +2,10 @@
 
 Backends (``--backends``, default all): ``memory``, ``sqlite`` (64 KiB pages, the store's setting),
 ``sqlite-4k`` (SQLite's default 4 KiB pages, for comparison) and ``lmdb`` (files in ``--dir``, default a new
-temporary folder, removed after), and ``redis`` (a ``redis-server`` this script starts on a free loopback port
-with no persistence and stops after; ``--redis-url`` uses a running one instead). For each value size
+temporary folder, removed after), ``redis`` (a ``redis-server`` this script starts on a free loopback port
+with no persistence and stops after; ``--redis-url`` uses a running one instead) and ``redis-cluster`` (a Redis
+Cluster of 3 masters without replicas this script starts likewise, created with ``redis-cli --cluster create``;
+``--redis-cluster-url`` uses a running one instead). For each value size
 (``--sizes`` in KiB, default 64, 1024, 16384) ``--repeats`` values of random bytes are put under new keys (each
 put a new user), then got back in a shuffled order; each call is timed alone (``time.perf_counter``) after
 ``--warmup`` untimed puts and gets of other keys, and the store is emptied before the next size. p50 and p99
@@ -21,6 +23,8 @@ The checksum: CRC-32 (zlib, the entry format's) against two cryptographic hashes
     python benchmarks/store.py                                  # both tables
     python benchmarks/store.py --json > store.jsonl             # one JSON object per point
     python benchmarks/store.py --sizes 64 --repeats 20 --lengths 64 --codec-repeats 3   # smoke test
+    python benchmarks/store.py --backends redis,redis-cluster --sizes 4,64,1024 --repeats 300,200,100 \
+        --lengths 64 --codec-repeats 3                          # one server against a cluster
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ from malloc.serving.store import (
 )
 from malloc.serving.store.sqlite_store import SQLiteStore
 
-BACKENDS = ("memory", "sqlite", "sqlite-4k", "lmdb", "redis")
+BACKENDS = ("memory", "sqlite", "sqlite-4k", "lmdb", "redis", "redis-cluster")
+CLUSTER_MASTERS = 3
 NUM_ITEMS = 1000
 STORE_COLUMNS = [("backend", ""), ("value_kib", "d"), ("put_ms_p50", ".3f"), ("put_ms_p99", ".3f"),
                  ("get_ms_p50", ".3f"), ("get_ms_p99", ".3f"), ("put_mb_s", ".0f"), ("get_mb_s", ".0f"),
@@ -86,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=None, help="folder of the sqlite and lmdb files (default: a "
                         "new temporary folder, removed after)")
     parser.add_argument("--redis-url", default=None, help="a running server (default: start redis-server)")
+    parser.add_argument("--redis-cluster-url", default=None, help="a running cluster, redis+cluster://host:port,... "
+                        "(default: start one of 3 masters)")
     parser.add_argument("--lengths", type=int_list, default=[1024, 4096], help="history lengths of the codec")
     parser.add_argument("--codec-repeats", type=int, default=20, help="timed encodes (and decodes) per state")
     parser.add_argument("--checksum-mib", type=int, default=4, help="MiB hashed by the checksum comparison")
@@ -143,11 +150,63 @@ def local_redis(folder: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
-def store_points(args: argparse.Namespace, folder: Path, redis_url: str | None) -> Iterator[dict[str, Any]]:
+def _wait(process: subprocess.Popen, ready: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not ready():
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit(f"store.py: {what} did not start (exit status {process.poll()})")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def local_redis_cluster(folder: Path) -> Iterator[str]:
+    """A Redis Cluster of :data:`CLUSTER_MASTERS` masters without replicas on free 127.0.0.1 ports (each with its
+    own cluster bus port), no persistence, files in ``folder``; created with ``redis-cli --cluster create``, every
+    node stopped after."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise SystemExit("store.py: redis-server and redis-cli are needed for a cluster (make setup installs them); "
+                         "pass --backends without redis-cluster, or --redis-cluster-url")
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(2 * CLUSTER_MASTERS)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in sockets]
+    nodes = [f"127.0.0.1:{port}" for port in ports[:CLUSTER_MASTERS]]
+    processes = []
+    try:
+        for port, bus in zip(ports[:CLUSTER_MASTERS], ports[CLUSTER_MASTERS:], strict=True):
+            processes.append(subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-port",
+                 str(bus), "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no",
+                 "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port, process in zip(ports[:CLUSTER_MASTERS], processes, strict=True):
+            _wait(process, lambda p=port: subprocess.run([cli, "-p", str(p), "ping"], capture_output=True,
+                                                         text=True).stdout.strip() == "PONG", f"redis-server {port}")
+        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port, process in zip(ports[:CLUSTER_MASTERS], processes, strict=True):
+            _wait(process, lambda p=port: "cluster_state:ok" in subprocess.run(
+                [cli, "-p", str(p), "cluster", "info"], capture_output=True, text=True).stdout,
+                f"the cluster (node {port})")
+        yield "redis+cluster://" + ",".join(nodes)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def store_points(args: argparse.Namespace, folder: Path, redis_url: str | None,
+                 cluster_url: str | None = None) -> Iterator[dict[str, Any]]:
     """One point per (backend, size): put and get latency."""
     rng = random.Random(args.seed)
     urls = {"memory": "memory://", "sqlite": f"sqlite://{folder}/bench.db", "lmdb": f"lmdb://{folder}/bench.lmdb",
-            "redis": redis_url}
+            "redis": redis_url, "redis-cluster": cluster_url}
     for backend in args.backends:
         if backend == "sqlite-4k":
             url = f"sqlite://{folder}/bench-4k.db"
@@ -246,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = args.redis_url
         if "redis" in args.backends and redis_url is None:
             redis_url = stack.enter_context(local_redis(folder))
+        cluster_url = args.redis_cluster_url
+        if "redis-cluster" in args.backends and cluster_url is None:
+            cluster_url = stack.enter_context(local_redis_cluster(folder))
         if not args.json:
             print(f"put/get latency per call, files in {folder} (no fsync per commit), values of random bytes")
-        report("store", STORE_COLUMNS, store_points(args, folder, redis_url), args, env)
+        report("store", STORE_COLUMNS, store_points(args, folder, redis_url, cluster_url), args, env)
         if not args.json:
             print("\nencode/decode of one user's state (HSTU D=64, L=2, H=4, d=16, float32)")
         report("codec", CODEC_COLUMNS, codec_points(args), args, env)

@@ -9,6 +9,7 @@ missing. The contract tests of ``tests/test_store.py`` run here unchanged, on a 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -291,3 +292,16 @@ def test_a_master_lost_mid_replay_fails_in_one_line_and_the_resumed_replay_recom
     again, first = predictions({"out": str(out)}), predictions(whole)
     assert np.array_equal(again["user"], first["user"]) and np.array_equal(again["event"], first["event"])
     np.testing.assert_allclose(again["logit"], first["logit"], atol=1e-5, rtol=0)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+def test_benchmark_starts_a_cluster_and_measures_it(benchmark_script, capsys) -> None:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server or redis-cli is not installed (make setup installs both with apt-get)")
+    argv = ["--backends", "redis-cluster", "--sizes", "4,16", "--repeats", "5", "--warmup", "1", "--lengths", "8",
+            "--codec-repeats", "1", "--checksum-mib", "1", "--json"]
+    assert benchmark_script("store").main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    store = [r for r in records if r["kind"] == "store"]
+    assert [(r["backend"], r["value_kib"]) for r in store] == [("redis-cluster", 4), ("redis-cluster", 16)]
+    assert all(0 < r["put_ms_p50"] <= r["put_ms_p99"] and 0 < r["get_ms_p50"] <= r["get_ms_p99"] for r in store)
