@@ -71,7 +71,7 @@ def redis_server(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
             process.stderr.close()
 
 
-def _cluster_ok(port: int) -> bool:
+def cluster_ok(port: int) -> bool:
     """Whether the node on ``port`` reports ``cluster_state:ok``."""
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
         sock.sendall(b"CLUSTER INFO\r\n")
@@ -104,6 +104,7 @@ class LocalCluster:
     Attributes:
         ports: ``(M,)`` each master's client port; url: ``redis+cluster://`` naming every master.
         processes: ``(M,)`` each master's process (None while stopped).
+        options: extra ``redis-server`` command-line options of every master.
     """
 
     binary: str
@@ -111,6 +112,7 @@ class LocalCluster:
     ports: list[int]
     bus_ports: list[int]
     processes: list[subprocess.Popen | None] = field(default_factory=list)
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -124,7 +126,7 @@ class LocalCluster:
             [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-port", str(self.bus_ports[index]), "--cluster-config-file", f"nodes-{port}.conf",
              "--save", "", "--appendonly", "no", "--dir", str(self.folder), "--protected-mode", "yes",
-             "--loglevel", "warning"],
+             "--loglevel", "warning", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes[index] = process
         deadline = time.monotonic() + START_TIMEOUT
@@ -149,7 +151,7 @@ class LocalCluster:
         """Wait until every running master reports ``cluster_state:ok``."""
         deadline = time.monotonic() + CLUSTER_TIMEOUT
         running = [port for port, process in zip(self.ports, self.processes, strict=True) if process is not None]
-        while not all(_cluster_ok(port) for port in running):
+        while not all(cluster_ok(port) for port in running):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Redis Cluster on ports {running} did not reach cluster_state:ok within "
                                    f"{CLUSTER_TIMEOUT} s")
@@ -157,9 +159,10 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[LocalCluster]:
+def redis_cluster(masters: int = 3, *options: str) -> Iterator[LocalCluster]:
     """A fresh Redis Cluster of ``masters`` masters and no replicas on 127.0.0.1 (``redis-cli --cluster create``),
-    every slot served; every node stopped at the end. Skips the test where redis-server or redis-cli is missing."""
+    every slot served, with extra ``redis-server`` ``options`` (e.g. ``--cluster-node-timeout 1000``); every node
+    stopped at the end. Skips the test where redis-server or redis-cli is missing."""
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if binary is None or cli is None:
         missing = "redis-server" if binary is None else "redis-cli"
@@ -172,7 +175,7 @@ def redis_cluster(masters: int = 3) -> Iterator[LocalCluster]:
             for sock in held:
                 sock.bind(("127.0.0.1", 0))
             chosen = [sock.getsockname()[1] for sock in held]
-        cluster = LocalCluster(binary, Path(folder), chosen[:masters], chosen[masters:], [None] * masters)
+        cluster = LocalCluster(binary, Path(folder), chosen[:masters], chosen[masters:], [None] * masters, options)
         try:
             for index in range(masters):
                 cluster.start(index)

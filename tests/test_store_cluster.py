@@ -27,7 +27,7 @@ from malloc.serve.journal import load_checkpoint, read_records
 from malloc.serve.requests import build_requests
 from malloc.serving.store import StoreError, StoreUnavailable, open_store
 from malloc.serving.store.redis_cluster_store import SLOTS, key_slot, slot_tags
-from redis_server import free_port, redis_cluster, redis_server
+from redis_server import cluster_ok, free_port, redis_cluster, redis_server
 from test_scheme_matrix import one_thread  # noqa: F401 (autouse fixture, as in test_store.py)
 from test_serve import SMOKE, overrides, predictions, quiet
 
@@ -157,7 +157,9 @@ def test_single_server_and_cluster_urls_are_not_mixed_up(cluster) -> None:
 
 
 def test_a_master_stopped_mid_use_is_a_clear_error() -> None:
-    with redis_cluster() as running:
+    """Its users' keys fail at once, the others' are served until the cluster marks it failed (after the node
+    timeout, 1 s here): then every key fails, as a cluster that is down."""
+    with redis_cluster(3, "--cluster-node-timeout", "1000") as running:
         store = open_store(f"{running.url}?connect_timeout=1&timeout=2")
         users = [f"u{i}" for i in range(30)]
         for user in users:
@@ -180,6 +182,13 @@ def test_a_master_stopped_mid_use_is_a_clear_error() -> None:
             store.nbytes()
         with pytest.raises(StoreUnavailable):
             open_store(running.url)
+        deadline = time.monotonic() + 30
+        while cluster_ok(running.ports[0]):  # the masters up mark the stopped one failed
+            assert time.monotonic() < deadline, "the cluster never noticed the stopped master"
+            time.sleep(0.1)
+        survivor = next(u for u in users if u not in on_lost)
+        with pytest.raises(StoreUnavailable, match=r"the Redis Cluster is down .*cluster_state:ok"):
+            store.get(survivor)
         store.close()
 
 
