@@ -164,18 +164,19 @@ def replay_ctr(engine: Engine, seqs: Sequences, rows: CTRRows, max_len: int, use
         for k in range(num_steps):
             active = [b for b, s in enumerate(steps) if k < len(s[0])]
             tic = time.perf_counter()
-            if k > 0:
+            picked = [steps[b][1][k] for b in active]
+            items, times = pad([rows.item[p] for p in picked]), pad([rows.timestamp[p] for p in picked])
+            if k > 0:  # one request: append the events since the last step, then score (one pass where exact)
                 prev = np.array([steps[b][0][k - 1] for b in active])
                 cur = np.array([steps[b][0][k] for b in active])
                 window = events(seqs, batch_users[active], prev, cur)
                 if protocol == "blind":
                     window = window.without_labels()
-                appended = engine.append([states[b] for b in active], window)
+                appended, scores = engine.request([states[b] for b in active], window, items, times)
                 for b, state in zip(active, appended, strict=True):
                     states[b] = state
-            picked = [steps[b][1][k] for b in active]
-            scores = engine.score([states[b] for b in active], pad([rows.item[p] for p in picked]),
-                                  pad([rows.timestamp[p] for p in picked]))
+            else:
+                scores = engine.score([states[b] for b in active], items, times)
             synchronize()
             meters.request_seconds.append((time.perf_counter() - tic) / len(active))
             meters.requests += len(active)
