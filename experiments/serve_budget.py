@@ -77,10 +77,12 @@ def items(schemes: list[str], budgets: list[str], allocators: list[str]) -> list
     return out
 
 
-def run_item(cfg: Any, item: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_item(cfg: Any, item: dict[str, Any], out: Path, args: argparse.Namespace, code: dict[str, Any]
+             ) -> dict[str, Any]:
     """The item's ``malloc serve`` result (read back when its folder holds one for the same settings, else run),
     or ``{"unreachable": why}`` for a uniform ratio that cannot meet the budget (the budget is below the entries'
-    fixed bytes), also kept in the item's folder."""
+    fixed bytes), also kept in the item's folder; a run item's folder gets ``code`` (the commit this process
+    imported) as ``code.json``."""
     folder = out / item["id"]
     settings = {"max_requests": args.max_requests, "batch": args.batch}
     for name in ("result.json", "unreachable.json"):
@@ -91,7 +93,6 @@ def run_item(cfg: Any, item: dict[str, Any], out: Path, args: argparse.Namespace
                            budget=None if item["budget"] is None else parse_fraction(item["budget"], "--budgets"),
                            threads=args.threads, batch=args.batch, max_requests=args.max_requests,
                            anchors=item["id"] == "native", out=str(folder))
-    code = git_commit()
     try:
         result = serve(cfg, options, show_progress=not args.quiet, command=" ".join(["serve_budget", item["id"]]))
         atomic_write_json(folder / "code.json", code)
@@ -341,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out)
         plan = items(schemes, budgets, allocators)
+        code = git_commit()  # the checkout as this process imported it (it may move on while the sweep runs)
         for item in plan[int(index)::int(count)]:
-            result = run_item(cfg, item, out, args)
+            result = run_item(cfg, item, out, args, code)
             print(f"{item['id']}: " + (result["unreachable"] if "unreachable" in result else ", ".join(
                 f"{k} {v:.4f}" for k, v in result["metrics"]["all"].items() if isinstance(v, float))), flush=True)
         results = {item["id"]: read_json_object(out / item["id"] / "result.json")
