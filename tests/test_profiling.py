@@ -151,3 +151,32 @@ def test_request_path_benchmark_runs(capsys, benchmark_script):
     assert row["ratio"] == pytest.approx(row["two_pass_ms_p50"] / row["one_pass_ms_p50"])
     with pytest.raises(SystemExit):
         module.main(["--repeats", "0"])
+
+
+def test_latency_benchmark_reports_rooflines(capsys, benchmark_script):
+    """benchmarks/latency.py puts each point against its roofline: the arithmetic (2 x MACs at the given GFLOP/s
+    per thread) or the state read (bytes at the given GB/s per thread), whichever is longer."""
+    module = benchmark_script("latency")
+    assert module.main(["--backbones", "hstu", "--lengths", "8", "--candidates", "4", "--threads", "1",
+                        "--min-repeats", "2", "--min-seconds", "0", "--recompute-min-repeats", "1",
+                        "--peak-gflops", "1e-6", "--bandwidth-gbs", "1e6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["cached_macs"] > 0 and row["recompute_macs"] > row["cached_macs"]
+    # at 1 kFLOP/s and 1 PB/s the arithmetic bounds both
+    assert row["cached_roofline_ms"] == pytest.approx(1e3 * 2 * row["cached_macs"] / 1e3)
+    assert row["cached_x_roofline"] == pytest.approx(row["cached_ms_p50"] / row["cached_roofline_ms"])
+    assert row["recompute_x_roofline"] == pytest.approx(row["recompute_ms_p50"] / row["recompute_roofline_ms"])
+    module.main(["--backbones", "hstu", "--lengths", "8", "--candidates", "4", "--threads", "1", "--min-repeats",
+                 "2", "--min-seconds", "0", "--recompute-min-repeats", "1", "--peak-gflops", "1e9",
+                 "--bandwidth-gbs", "1e-9", "--json"])
+    row = json.loads(capsys.readouterr().out)  # at 1 byte/s the state read bounds the cached request
+    assert row["cached_roofline_ms"] == pytest.approx(1e3 * row["state_bytes"])
+
+
+def test_observed_write_benchmark_runs(capsys, benchmark_script):
+    """benchmarks/observed_write.py end to end on a short history: H2O at 1/4 keeps at most a quarter of the
+    events (its byte budget, floors rounded down)."""
+    module = benchmark_script("observed_write")
+    assert module.main(["--history", "64", "--num-items", "50"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["history"] == 64 and 0 < row["kept_events"] <= 16 and row["peak_rss_mb"] >= row["rss_before_mb"] > 0
