@@ -38,6 +38,19 @@ def _answers(port: int) -> bool:
     return False
 
 
+
+def wait_until_answering(process: subprocess.Popen, port: int, name: str) -> None:
+    """Wait until the server ``process`` answers PING on ``port``; RuntimeError naming ``name`` if it exits first
+    (with the end of its stderr) or does not answer within START_TIMEOUT seconds."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _answers(port):
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}: "
+                               f"{process.stderr.read().decode(errors='replace')[-500:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not answer on port {port} within {START_TIMEOUT} s")
+        time.sleep(0.05)
+
 @contextlib.contextmanager
 def redis_server(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """``(url, process)`` of a fresh ``redis-server`` on 127.0.0.1 with extra command-line ``options`` (e.g.
@@ -52,14 +65,7 @@ def redis_server(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
              "--protected-mode", "yes", "--loglevel", "warning", *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not _answers(port):
-                if process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {process.returncode}: "
-                                       f"{process.stderr.read().decode(errors='replace')[-500:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer on port {port} within {START_TIMEOUT} s")
-                time.sleep(0.05)
+            wait_until_answering(process, port, "redis-server")
             yield f"redis://127.0.0.1:{port}/0", process
         finally:
             process.terminate()
@@ -129,14 +135,7 @@ class LocalCluster:
              "--loglevel", "warning", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes[index] = process
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(port):
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server (cluster node {port}) exited with {process.returncode}: "
-                                   f"{process.stderr.read().decode(errors='replace')[-500:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server (cluster node {port}) did not answer within {START_TIMEOUT} s")
-            time.sleep(0.05)
+        wait_until_answering(process, port, f"redis-server (cluster node {port})")
 
     def stop(self, index: int, kill: bool = False) -> None:
         """Stop master ``index``: SIGTERM (then SIGKILL after 10 s), or at once with SIGKILL (a crash)."""

@@ -435,15 +435,18 @@ def test_redis_down_is_a_clear_error_within_the_timeout():
     assert f"127.0.0.1:{port}" in message and "redis-server" in message and "\n" not in message
 
 
-def test_silent_server_is_a_clear_error_within_the_timeout():
-    """A port that accepts connections and never answers (a hung server): the read timeout ends the wait."""
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0?timeout=1&connect_timeout=1",
+                                 "redis+cluster://127.0.0.1:{port}?timeout=1&connect_timeout=1"])
+def test_silent_server_is_a_clear_error_within_the_timeout(url):
+    """A port that accepts connections and never answers (a hung server, or a hung cluster node): the read timeout
+    ends the wait."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         start = time.monotonic()
         with pytest.raises(StoreUnavailable, match="no answer"):
-            open_store(f"redis://127.0.0.1:{port}/0?timeout=1&connect_timeout=1")
+            open_store(url.format(port=port))
         assert time.monotonic() - start < 5
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -133,18 +132,6 @@ def test_unreachable_cluster_is_a_clear_error_within_the_timeout() -> None:
     message = str(error.value)
     assert "\n" not in message and "Redis Cluster" in message and str(ports[0]) in message
     assert "secret" not in message and "***" in message
-
-
-def test_silent_node_is_a_clear_error_within_the_timeout() -> None:
-    """A port that accepts connections and never answers: the read timeout ends the wait."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        start = time.monotonic()
-        with pytest.raises(StoreUnavailable, match="no answer"):
-            open_store(f"redis+cluster://127.0.0.1:{port}?timeout=1&connect_timeout=1")
-        assert time.monotonic() - start < 5
 
 
 def test_single_server_and_cluster_urls_are_not_mixed_up(cluster) -> None:
