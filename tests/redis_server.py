@@ -68,13 +68,7 @@ def redis_server(*options: str) -> Iterator[tuple[str, subprocess.Popen]]:
             wait_until_answering(process, port, "redis-server")
             yield f"redis://127.0.0.1:{port}/0", process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            process.stderr.close()
+            _stop(process)
 
 
 def cluster_ok(port: int) -> bool:
@@ -92,6 +86,7 @@ def cluster_ok(port: int) -> bool:
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """Stop a server: SIGTERM, then SIGKILL after 10 s; its stderr pipe closed."""
     if process.poll() is None:
         process.terminate()
         try:
