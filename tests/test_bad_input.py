@@ -376,7 +376,8 @@ def test_read_only_run_folder_fails_eval_before_the_replay(shared_tmp):
 
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
     args = [sys.executable, "-m", "malloc", "train", "--config", SMOKE, "--quiet", "--set", f"results_dir={tmp_path}",
-            "--set", "data.synthetic.num_users=600", "--set", "train.epochs=3", "--set", "train.patience=5"]
+            "--set", "data.synthetic.num_users=600", "--set", "train.epochs=20", "--set", "train.patience=20"]
+    # 20 epochs (under a second each on an idle machine): still training when the interrupt comes after epoch 1
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("*/last.pt")) and time.monotonic() < deadline and process.poll() is None:
