@@ -378,7 +378,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
     args = [sys.executable, "-m", "malloc", "train", "--config", SMOKE, "--quiet", "--set", f"results_dir={tmp_path}",
             "--set", "data.synthetic.num_users=600", "--set", "train.epochs=20", "--set", "train.patience=20"]
     # 20 epochs (under a second each on an idle machine): still training when the interrupt comes after epoch 1
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default even where this test runs with it ignored (a background job of a non-interactive shell)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("*/last.pt")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)

@@ -209,10 +209,16 @@ def test_a_replay_killed_mid_way_resumes_with_no_lost_or_repeated_request(traine
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     folder = out / "checkpoints" / "worker-0"
     deadline = time.monotonic() + 300
-    while load_checkpoint(folder) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)  # a few requests past the checkpoint: the store is ahead of it
-    os.kill(process.pid, signal.SIGKILL)
+    while process.poll() is None and time.monotonic() < deadline:
+        # frozen while we look: killed once the store is ahead of its last checkpoint (the epoch's undo log exists)
+        os.kill(process.pid, signal.SIGSTOP)
+        loaded = load_checkpoint(folder)
+        if loaded is not None and (folder / f"undo-{loaded[0]['epoch']}.log").is_file():
+            break
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    if process.poll() is None:  # else the replay ended first: the returncode assertion below says so
+        os.kill(process.pid, signal.SIGKILL)
     process.wait()
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
