@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -20,11 +19,9 @@ import torch
 
 from malloc.memory.registry import build_model_for, build_policy
 from malloc.models import ModelConfig
+from malloc.profiling import peak_rss_mb
 from malloc.profiling.latency import synthetic_events
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from malloc.serving.engine import Engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,21 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-items", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from malloc.serving.engine import Engine
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model_for(ModelConfig(backbone=args.backbone, max_len=args.history), args.num_items).eval()
     engine = Engine(model, build_policy(args.scheme, args.ratio))
     events = synthetic_events(1, args.history, args.num_items, 0)
-    before = rss_mb()
+    before = peak_rss_mb()
     tic = time.perf_counter()
     with torch.no_grad():
         state = engine.write(events)[0]
     print(json.dumps({"benchmark": "observed_write", "backbone": args.backbone, "scheme": args.scheme,
                       "ratio": args.ratio, "history": args.history, "threads": args.threads,
                       "write_seconds": round(time.perf_counter() - tic, 3), "rss_before_mb": round(before, 1),
-                      "peak_rss_mb": round(rss_mb(), 1), "kept_events": state.num_tokens}))
+                      "peak_rss_mb": round(peak_rss_mb(), 1), "kept_events": state.num_tokens}))
     return 0
 
 
