@@ -51,11 +51,10 @@ from malloc.errors import MallocError
 from malloc.eval.statistics import (
     RETRIEVAL_K,
     UserScores,
-    bootstrap,
     bootstrap_counts,
+    bootstrapped,
     ctr_user_scores,
-    metrics_with_counts,
-    sample_std,
+    paired_comparison,
 )
 from malloc.results import atomic_file, atomic_write_json, atomic_write_text, read_json_object
 from malloc.serve import ALLOCATORS, ServeError, ServeOptions, parse_fraction, serve
@@ -148,16 +147,14 @@ def paired_deltas(out: Path, ids: list[str], task: str, resamples: int = 200, se
     native = load("native")
     base = scores(native)
     counts = bootstrap_counts(base.num_users, resamples, seed)
-    native_samples = bootstrap(base, counts)[metric]
+    reference = bootstrapped(base, counts)
     out_: dict[str, dict[str, float]] = {}
     for item in ids:
         served = load(item)
         if not (np.array_equal(served["user"], native["user"]) and np.array_equal(served["event"], native["event"])):
             raise MallocError(f"{out / item}: its requests are not Native's; rerun the sweep with --force")
-        mine = scores(served)
-        delta = metrics_with_counts(mine, np.ones(mine.num_users))[metric] - metrics_with_counts(
-            base, np.ones(base.num_users))[metric]
-        out_[item] = {"delta": delta, "se": sample_std(bootstrap(mine, counts)[metric] - native_samples)}
+        compared = paired_comparison(bootstrapped(scores(served), counts), reference)
+        out_[item] = {"delta": compared["delta"][metric], "se": compared["delta_se"][metric]}
     return out_
 
 

@@ -40,11 +40,11 @@ from malloc.eval.anchors import ANCHORS_VERSION, ctr_anchor_logits, retrieval_an
 from malloc.eval.statistics import (
     RETRIEVAL_K,
     UserScores,
-    bootstrap,
     bootstrap_counts,
+    bootstrapped,
     ctr_user_scores,
     metrics_with_counts,
-    sample_std,
+    paired_comparison,
 )
 from malloc.results import atomic_file, atomic_write_text, cached
 
@@ -226,32 +226,19 @@ def sensitivity(cfg: RunConfig, *, split: str = "test", points: Sequence[Truncat
             written = np.minimum(np.maximum(0, stop - cfg.eval.append_events), cfg.model.max_len)
         num_users = per_point[0][1].num_users
         counts = bootstrap_counts(num_users, resamples, seed)
-        ones = np.ones(num_users)
-        full_samples = bootstrap(per_point[0][1], counts)
+        full = bootstrapped(per_point[0][1], counts)
 
         out_points = []
         for point, scores in per_point:
-            samples = bootstrap(scores, counts)
-            metrics = metrics_with_counts(scores, ones)
-            full_metrics = metrics_with_counts(per_point[0][1], ones)
             kept = point.keep_last(written)
             out_points.append({
                 "label": point.label, "kind": "length" if point.length else "fraction" if point.fraction else "full",
                 "fraction": None if point.fraction is None else 1.0 / point.fraction, "length": point.length,
                 "kept_mean": float(kept.mean()) if len(kept) else 0.0,
-                "metrics": metrics, "se": {k: sample_std(v) for k, v in samples.items()},
-                "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
-                "delta_se": {k: sample_std(samples[k] - full_samples[k]) for k in samples},
+                **paired_comparison(bootstrapped(scores, counts), full),
             })
-        out_anchors = []
-        for name, scores in anchors:
-            samples = bootstrap(scores, counts)
-            metrics = metrics_with_counts(scores, ones)
-            full_metrics = metrics_with_counts(per_point[0][1], ones)
-            out_anchors.append({"label": name, "kind": "anchor", "kept_mean": 0.0, "metrics": metrics,
-                                "se": {k: sample_std(v) for k, v in samples.items()},
-                                "delta": {k: metrics[k] - full_metrics[k] for k in metrics},
-                                "delta_se": {k: sample_std(samples[k] - full_samples[k]) for k in samples}})
+        out_anchors = [{"label": name, "kind": "anchor", "kept_mean": 0.0,
+                        **paired_comparison(bootstrapped(scores, counts), full)} for name, scores in anchors]
         result = {
             "dataset": cfg.data.source if cfg.data.source != "synthetic" else f"synthetic:{cfg.data.synthetic.preset}",
             "task": cfg.task, "backbone": cfg.model.backbone, "run_id": run_dir.run_id, "split": split,

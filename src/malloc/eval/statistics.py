@@ -198,6 +198,28 @@ def bootstrap(scores: UserScores, counts: np.ndarray) -> dict[str, np.ndarray]:
     return {key: np.array([s[key] for s in samples]) for key in (samples[0] if samples else {})}
 
 
+@dataclass(frozen=True)
+class Bootstrapped:
+    """A model's metrics over all users and over every resample of a shared ``counts`` (see :func:`bootstrapped`)."""
+
+    metrics: dict[str, float]
+    samples: dict[str, np.ndarray]
+
+
+def bootstrapped(scores: UserScores, counts: np.ndarray) -> Bootstrapped:
+    """``scores``' metrics over all users once each, and over the resamples ``counts``."""
+    return Bootstrapped(metrics_with_counts(scores, np.ones(scores.num_users)), bootstrap(scores, counts))
+
+
+def paired_comparison(mine: Bootstrapped, reference: Bootstrapped) -> dict[str, dict[str, float]]:
+    """``{"metrics", "se", "delta", "delta_se"}``: ``mine``'s metrics with their bootstrap standard errors, and the
+    difference to ``reference`` on the same users with the standard error of the paired difference (both
+    bootstrapped over the same resamples)."""
+    return {"metrics": mine.metrics, "se": {k: sample_std(v) for k, v in mine.samples.items()},
+            "delta": {k: mine.metrics[k] - reference.metrics[k] for k in mine.metrics},
+            "delta_se": {k: sample_std(mine.samples[k] - reference.samples[k]) for k in mine.samples}}
+
+
 def sample_std(x: np.ndarray) -> float:
     """The standard deviation (ddof 1) of the non-NaN samples: a bootstrap standard error."""
     x = np.asarray(x, dtype=np.float64)
