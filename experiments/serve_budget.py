@@ -124,7 +124,9 @@ def row(item: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         "recomputes": result["counts"]["recomputes"], "dropped_misses": result["counts"]["misses"]["dropped"],
         "recomputed_events": result["counts"]["recomputed_events"],
         "bytes_moved_per_request": result["counts"]["bytes_moved_per_request"]["mean"],
-        "recompressions": result["allocator_counts"]["recompressions"], "drops": result["allocator_counts"]["drops"],
+        "recompressions": result["allocator_counts"]["recompressions"],
+        "requester_cuts": result["allocator_counts"].get("requester_cuts", 0),
+        "drops": result["allocator_counts"]["drops"], "not_stored": result["allocator_counts"]["not_stored"],
         "requests": result["requests"],
     }
 
@@ -253,7 +255,7 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
     metrics = ("auc", "gauc", "logloss") if task == "ctr" else ("ndcg@10", "hr@10")
     head = ["item", "budget", *metrics, "Δ to Native (SE)", "test AUC" if task == "ctr" else "test NDCG@10",
             "ratio", "peak / Native", "mean / Native", "recomputes", "events recomputed", "recompressions",
-            "bytes moved / request", "request ms mean", "p99"]
+            "requester cuts", "not stored", "bytes moved / request", "request ms mean", "p99"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         test = (r["test"] or {}).get("auc" if task == "ctr" else "ndcg@10")
@@ -264,7 +266,8 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
                  f"{test:.4f}" if test is not None else "-",
                  f"{r['memory_ratio']:.4f}" if r["memory_ratio"] is not None else "-", *fraction,
                  f"{r['recomputes']:,}",
-                 f"{r['recomputed_events']:,}", f"{r['recompressions']:,}", f"{r['bytes_moved_per_request']:,.0f}",
+                 f"{r['recomputed_events']:,}", f"{r['recompressions']:,}", f"{r['requester_cuts']:,}",
+                 f"{r['not_stored']:,}", f"{r['bytes_moved_per_request']:,.0f}",
                  f"{r['request_ms_mean']:.2f}", f"{r['request_ms_p99']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -122,6 +122,18 @@ def test_adaptive_keeps_the_budget_by_recompressing(trained, scheme: str) -> Non
     assert result["counts"]["misses"]["stale"] == result["counts"]["misses"]["corrupt"] == 0
 
 
+def test_adaptive_stores_a_requester_larger_than_the_budget_compressed(trained) -> None:
+    """At 1/256 of Native's bytes no user's whole state fits: every requester is stored at the highest level that
+    fits (not left unstored and recomputed at its next request), and later requests decode it at that level."""
+    cfg, _ = trained
+    result = serve(cfg, quiet(allocator="adaptive", budget=1 / 256, scheme="random"), show_progress=False)
+    counts = result["allocator_counts"]
+    assert counts["not_stored"] == 0 and counts["requester_cuts"] == result["requests"]
+    assert result["store_bytes"]["peak"] <= result["budget_bytes"]
+    assert result["counts"]["hits"] > 0
+    assert result["counts"]["misses"]["stale"] == result["counts"]["misses"]["corrupt"] == 0
+
+
 def test_uniform_budget_chooses_one_ratio(trained) -> None:
     cfg, _ = trained
     result = serve(cfg, quiet(allocator="uniform", budget=1 / 2, scheme="recency"), show_progress=False)

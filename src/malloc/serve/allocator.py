@@ -10,8 +10,10 @@ Three policies, all bookkeeping over dense user indices (the server does the rea
 - ``adaptive``: per-user ratios on a ladder of levels (``ratio = top * 2^(-level/2)``). A requested user is served
   at the top level (its state grows back as events arrive); when the budget is exceeded, the stored user whose next
   step down loses the least per byte it frees is recompressed (:meth:`Allocator.victim`; the server takes it down
-  as many steps at once as stay the cheapest cut), and only when no user can be compressed further are whole users
-  dropped, least recently requested first.
+  as many steps at once as stay the cheapest cut); once no other user can be compressed further, the requester is
+  stored at the highest level that fits (a user whose whole state exceeds the budget is stored compressed, not
+  recomputed at its every request), and only when even its bottom level does not fit are whole users dropped,
+  least recently requested first.
 
 The adaptive choice. Cutting user ``v`` from ``k`` to ``k'`` kept events frees ``Δb`` bytes and loses
 ``w_v Δloss``, where ``Δloss = log(1 + k) - log(1 + k')`` (diminishing returns: the first events kept matter most,
@@ -91,6 +93,7 @@ class Allocator:
         self.recompressions = 0
         self.drops = 0
         self.not_stored = 0
+        self.requester_cuts = 0  # requests whose own entry was stored below the top of the ladder
         self._cuts: list[tuple[float, int, int]] = []
         self._drops: list[tuple[int, int, int]] = []
 
@@ -202,7 +205,8 @@ class Allocator:
         return {"count": self.count, "total": self.total, "peak": self.peak, "byte_requests": self.byte_requests,
                 "requests": self.requests, "gap_sum": self.gap_sum, "gap_count": self.gap_count,
                 "heap_decay": self.heap_decay, "rebuild_at": self.rebuild_at, "recompressions": self.recompressions,
-                "drops": self.drops, "not_stored": self.not_stored}
+                "drops": self.drops, "not_stored": self.not_stored,
+                "requester_cuts": self.requester_cuts}
 
     def restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
         """Take the state :meth:`arrays` and :meth:`scalars` saved; the heaps are rebuilt from it."""

@@ -115,7 +115,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"  requests/s {result['requests_per_second']:,.1f}; hits {counts['hits']:,}, recomputes "
                  f"{counts['recomputes']:,} ({', '.join(f'{k} {v:,}' for k, v in counts['misses'].items() if v)}), "
                  f"{counts['recomputed_events']:,} events recomputed; recompressions "
-                 f"{result['allocator_counts']['recompressions']:,}, drops {result['allocator_counts']['drops']:,}")
+                 f"{result['allocator_counts']['recompressions']:,}, requester cuts "
+                 f"{result['allocator_counts']['requester_cuts']:,}, drops {result['allocator_counts']['drops']:,}")
     line = (f"  store bytes: final {bytes_['final']:,}, peak {bytes_['peak']:,}, per stored user "
             f"{bytes_['per_user_mean']:,.0f} mean; moved per request "
             f"{counts['bytes_moved_per_request']['mean']:,.0f} mean")

@@ -241,7 +241,8 @@ def _result(cfg: RunConfig, options: ServeOptions, view: Any, requests: Requests
     meters = RequestMeters.merged([(p.index, p.meters) for p in parts], len(requests))
     sizes = np.sum([p.sizes for p in parts], axis=0)
     counters = {key: sum(int(p.allocator[key]) for p in parts)
-                for key in ("recompressions", "drops", "not_stored", "peak", "byte_requests", "requests")}
+                for key in ("recompressions", "requester_cuts", "drops", "not_stored", "peak", "byte_requests",
+                            "requests")}
     # the loop's time: the slowest worker's (workers run side by side)
     seconds = max(p.seconds for p in parts)
     result: dict[str, Any] = {
@@ -259,7 +260,7 @@ def _result(cfg: RunConfig, options: ServeOptions, view: Any, requests: Requests
         "served_by_this_process": sum(p.served for p in parts),
         "store_bytes": store_bytes(sizes, requests, counters["peak"],
                                    counters["byte_requests"] / max(counters["requests"], 1), final, native),
-        "allocator_counts": {k: counters[k] for k in ("recompressions", "drops", "not_stored")},
+        "allocator_counts": {k: counters[k] for k in ("recompressions", "requester_cuts", "drops", "not_stored")},
         "environment": {**environment(cfg.device), "threads": threads},
     }
     if options.anchors:

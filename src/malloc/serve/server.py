@@ -13,7 +13,9 @@ Requests`, timing every stage into :class:`~malloc.serve.meters.RequestMeters` a
 4. ``append`` the event with its label, with the engine of the serving level (a user stored lower grows back as
    its events arrive; its evicted events stay evicted);
 5. ``encode``, then ``allocate``: while the entry does not fit the budget, recompress or drop the allocator's
-   victim (each read, undo-logged and rewritten or deleted); an entry that does not fit alone is not stored;
+   victim (each read, undo-logged and rewritten or deleted); the adaptive allocator recompresses the requester
+   itself once no other user can be cut (:meth:`Server._make_room`); an entry that does not fit alone is not
+   stored;
 6. ``journal`` the entry's pre-image (persistent stores, :mod:`malloc.serve.journal`), then ``put``.
 
 Recompression (the adaptive allocator) evicts a stored state to a lower ratio with the scheme's own scores,
@@ -189,17 +191,20 @@ class Server:
         entries = [encode(state, levels.identity(level)) for state in appended]
         clock.lap("encode", time.perf_counter())
         for b, i in enumerate(batch):
-            user, key, data = users[b], self.key(users[b]), entries[b]
+            user, key = users[b], self.key(users[b])
             alloc.requested(user, int(r.timestamp[i]), seqs[b])
-            fits = self._make_room(i, user, len(data))
+            placed = self._make_room(i, user, appended[b], level, entries[b])
             clock.lap("allocate", time.perf_counter())
             if self.undo is not None:
                 meters.written[i] += self.undo.record(key, raws[b])
                 clock.lap("journal", time.perf_counter())
-            if fits:
+            if placed is not None:
+                stored_level, state, data = placed
+                alloc.requester_cuts += int(stored_level != level)
                 self.store.put(key, data)
                 meters.written[i] += len(data)
-                alloc.stored(user, level, len(data), levels.next_step(appended[b], level) if self.adaptive else None)
+                alloc.stored(user, stored_level, len(data),
+                             levels.next_step(state, stored_level) if self.adaptive else None)
             else:
                 if raws[b] is not None:
                     self.store.delete(key)
@@ -235,26 +240,39 @@ class Server:
                    if self.mask_history else None)
         self.ranks[batch] = target_ranks(scores, items[:, 0].to(scores.device), exclude)
 
-    def _make_room(self, i: int, user: int, size: int) -> bool:
-        """Cut the allocator's victims until ``user``'s entry of ``size`` bytes fits; False if it cannot."""
+    def _make_room(self, i: int, user: int, state: UserState, level: int, data: bytes
+                   ) -> tuple[int, UserState, bytes] | None:
+        """Cut the allocator's victims until ``user``'s entry fits: ``(level, state, entry)`` to store, None if it
+        cannot be stored. ``state`` is the requester's state at ``level``, ``data`` its entry.
+
+        With the adaptive allocator the requester is cut too, once no other user can be (each is at the bottom of
+        its ladder): to the highest level whose entry fits the budget, or, if none does, to the bottom, and only then
+        are whole users dropped. A user whose whole state exceeds the budget is so stored at the level that fits,
+        rather than recomputed from its log at its every request."""
         alloc, meters = self.allocator, self.meters
-        while not alloc.fits(user, size):
+        while not alloc.fits(user, len(data)):
+            if self.adaptive and alloc.cheapest(user) is None:
+                lower = self._fitting_level(state, user, level, len(data))
+                if lower is not None:
+                    state, level = self.levels.recompress(state, lower), lower
+                    data = encode(state, self.levels.identity(level))
+                    continue
             choice = alloc.victim(user)
             if choice is None:
-                return False
+                return None
             victim, lower = choice
             key = self.key(victim)
             raw = self.store.get(key)
             meters.read[i] += 0 if raw is None else len(raw)
             if self.undo is not None:
                 meters.written[i] += self.undo.record(key, raw)
-            state = None
+            victim_state = None
             if lower is not None and raw is not None:
                 try:
-                    state = decode(raw, self.levels.identity(int(alloc.level[victim])), self.levels.model.device)
+                    victim_state = decode(raw, self.levels.identity(int(alloc.level[victim])), self.levels.model.device)
                 except EntryError:
-                    state = None
-            if state is None:
+                    victim_state = None
+            if victim_state is None:
                 if raw is not None:
                     self.store.delete(key)
                 alloc.dropped(victim)
@@ -262,15 +280,34 @@ class Server:
                 continue
             assert lower is not None
             assert alloc.budget is not None
-            lower = self._deepest(state, user, victim, lower,
-                                  alloc.total - int(alloc.size[user]) + size - alloc.budget)
-            smaller = self.levels.recompress(state, lower)
-            data = encode(smaller, self.levels.identity(lower))
-            self.store.put(key, data)
-            meters.written[i] += len(data)
-            alloc.stored(victim, lower, len(data), self.levels.next_step(smaller, lower))
+            lower = self._deepest(victim_state, user, victim, lower,
+                                  alloc.total - int(alloc.size[user]) + len(data) - alloc.budget)
+            smaller = self.levels.recompress(victim_state, lower)
+            encoded = encode(smaller, self.levels.identity(lower))
+            self.store.put(key, encoded)
+            meters.written[i] += len(encoded)
+            alloc.stored(victim, lower, len(encoded), self.levels.next_step(smaller, lower))
             alloc.recompressions += 1
-        return True
+        return level, state, data
+
+    def _fitting_level(self, state: UserState, user: int, level: int, size: int) -> int | None:
+        """The highest level below ``level`` at which ``user``'s entry (``size`` bytes at ``level``) is estimated to
+        fit the room the other users leave (its layers' bytes scale with the events kept); the bottom level if none
+        does; None if no level below keeps fewer events."""
+        alloc = self.allocator
+        assert alloc.budget is not None
+        room = alloc.budget - (alloc.total - int(alloc.size[user]))
+        stored = state.num_tokens
+        layer_bytes = sum(layer.nbytes() for layer in state.layers)
+        lowest = None
+        for lower in range(level + 1, self.levels.count):
+            after = self.levels.kept_after(state, lower)
+            if after >= stored:
+                continue
+            lowest = lower
+            if size - layer_bytes * (stored - after) / stored <= room:
+                return lower
+        return lowest
 
     def _deepest(self, state: UserState, requester: int, victim: int, lower: int, needed: int) -> int:
         """How far down to take ``victim`` in one recompression: while its first ``lower`` step frees less than
