@@ -51,8 +51,9 @@ class TokenBatch:
     is_history: torch.Tensor
     valid: torch.Tensor
     beacon: torch.Tensor | None = None
-    # what every layer derives alike from these tokens alone (the full forward's mask and relative buckets),
-    # computed by the first layer that needs it; a new batch (slice, to) starts empty
+    # what every layer derives alike from these tokens (the mask and the relative buckets, and against a cache
+    # those of the last cache seen, reused by a layer whose cache holds the same events), computed by the first
+    # layer that needs it; a new batch (slice, to) starts empty
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,10 @@ def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:
     """
     if keys is None and "visible" in query.memo:
         return query.memo["visible"]
+    if keys is not None and "visible-cached" in query.memo:
+        (valid, positions), visible = query.memo["visible-cached"]
+        if _same(valid, keys.valid) and _same(positions, keys.positions):
+            return visible
     length = query.shape[1]
     q_pos = query.positions[:, None, :, None]  # (B, 1, T, 1)
     new_part = (query.is_history[:, None, None, :]
@@ -120,7 +125,16 @@ def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:
         query.memo["visible"] = new_part
         return new_part
     cached_part = keys.valid[:, :, None, :] & (keys.positions[:, :, None, :] < q_pos)  # (B, 1|H, T, n)
-    return torch.cat([cached_part, new_part.expand(-1, cached_part.shape[1], -1, -1)], dim=-1)
+    visible = torch.cat([cached_part, new_part.expand(-1, cached_part.shape[1], -1, -1)], dim=-1)
+    # the next layer's cache usually holds the same events (Native, and every policy that keeps the same events
+    # in every layer): its mask is this one
+    query.memo["visible-cached"] = (keys.valid, keys.positions), visible
+    return visible
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (the same object, or equal shape and values)."""
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def _cat_heads(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

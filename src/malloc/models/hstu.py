@@ -56,8 +56,8 @@ class RelativeBias(nn.Module):
         """
         inputs = (q_pos, q_time, k_pos, k_time)
         kept = None if memo is None else memo.get("buckets")
-        if kept is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(kept[0], inputs,
-                                                                                           strict=True)):
+        if kept is not None and all(a is b or (a.shape == b.shape and torch.equal(a, b))
+                                    for a, b in zip(kept[0], inputs, strict=True)):
             pos, time = kept[1]
         else:
             pos = log_bucket(q_pos[:, None, :, None] - k_pos[:, :, None, :], 4.0, self.pos_buckets)
@@ -172,7 +172,7 @@ class HSTULayer(AttentionLayer):
         tile = max(1, TILE_PAIRS // keys.keys.shape[2])
 
         def bias(rows: slice) -> torch.Tensor:
-            memo = tokens.memo if cache is None and tile >= length else None
+            memo = tokens.memo if tile >= length else None  # one tile: the next layer may reuse the buckets
             return to_query_heads(self.bias(tokens.positions[:, rows], tokens.timestamps[:, rows], keys.positions,
                                             keys.timestamps, memo=memo), self.heads)
 
