@@ -167,6 +167,11 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
     n_max = max(v.keys.shape[1] for v in views)
     sel = max(v.positions.shape[0] for v in views)
     batch, device = len(views), views[0].keys.device
+    if all(v.keys.shape[1] == n_max and v.positions.shape[0] == sel for v in views):  # nothing to pad
+        return KVBlock(torch.stack([v.keys for v in views]).to(compute_dtype),
+                       torch.stack([v.values for v in views]).to(compute_dtype),
+                       torch.stack([v.positions for v in views]), torch.stack([v.timestamps for v in views]),
+                       torch.ones(batch, sel, n_max, dtype=torch.bool, device=device))
     keys = torch.zeros(batch, heads, n_max, key_dim, dtype=compute_dtype, device=device)
     values = torch.zeros(batch, heads, n_max, value_dim, dtype=compute_dtype, device=device)
     positions = torch.zeros(batch, sel, n_max, dtype=torch.int64, device=device)
