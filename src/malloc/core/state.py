@@ -12,11 +12,18 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from malloc.core.tokens import KVBlock
 
 # Bytes of the scalar bookkeeping kept per user: next position (int64) and last timestamp (int64).
 SCALAR_BYTES = 16
+
+
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``: itself when it already is (skips ``Tensor.to``'s dispatch, which per-user loops
+    pay thousands of times a step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def tensor_nbytes(tensor: torch.Tensor | None) -> int:
@@ -86,8 +93,8 @@ class LayerState:
         """This state followed by ``new`` (a shared-selection state of new events; scores are not carried)."""
         sel = self.positions.shape[0]
         return LayerState(
-            keys=torch.cat([self.keys, new.keys.to(self.keys.dtype)], dim=1),
-            values=torch.cat([self.values, new.values.to(self.values.dtype)], dim=1),
+            keys=torch.cat([self.keys, as_dtype(new.keys, self.keys.dtype)], dim=1),
+            values=torch.cat([self.values, as_dtype(new.values, self.values.dtype)], dim=1),
             positions=torch.cat([self.positions, new.positions.expand(sel, -1)], dim=1),
             timestamps=torch.cat([self.timestamps, new.timestamps.expand(sel, -1)], dim=1),
         )
@@ -162,26 +169,22 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
         (H as soon as one user's layer keeps different events per head).
     """
     views = [layer.read() for layer in stored]
-    heads, _, key_dim = views[0].keys.shape
-    value_dim = views[0].values.shape[2]
     n_max = max(v.keys.shape[1] for v in views)
     sel = max(v.positions.shape[0] for v in views)
     batch, device = len(views), views[0].keys.device
     if all(v.keys.shape[1] == n_max and v.positions.shape[0] == sel for v in views):  # nothing to pad
-        return KVBlock(torch.stack([v.keys for v in views]).to(compute_dtype),
-                       torch.stack([v.values for v in views]).to(compute_dtype),
+        return KVBlock(as_dtype(torch.stack([v.keys for v in views]), compute_dtype),
+                       as_dtype(torch.stack([v.values for v in views]), compute_dtype),
                        torch.stack([v.positions for v in views]), torch.stack([v.timestamps for v in views]),
                        torch.ones(batch, sel, n_max, dtype=torch.bool, device=device))
-    keys = torch.zeros(batch, heads, n_max, key_dim, dtype=compute_dtype, device=device)
-    values = torch.zeros(batch, heads, n_max, value_dim, dtype=compute_dtype, device=device)
-    positions = torch.zeros(batch, sel, n_max, dtype=torch.int64, device=device)
-    timestamps = torch.zeros(batch, sel, n_max, dtype=torch.int64, device=device)
-    valid = torch.zeros(batch, sel, n_max, dtype=torch.bool, device=device)
-    for b, view in enumerate(views):
-        n = view.keys.shape[1]
-        keys[b, :, :n] = view.keys
-        values[b, :, :n] = view.values
-        positions[b, :, :n] = view.positions
-        timestamps[b, :, :n] = view.timestamps
-        valid[b, :, :n] = True
+    lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
+
+    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:  # B x (S, n, ...) -> (B, S, n_max, ...), zeros after n
+        return pad_sequence([t.transpose(0, 1) for t in tensors], batch_first=True).transpose(1, 2)
+
+    keys = as_dtype(padded([v.keys for v in views]), compute_dtype)
+    values = as_dtype(padded([v.values for v in views]), compute_dtype)
+    positions = padded([v.positions.expand(sel, -1) for v in views])
+    timestamps = padded([v.timestamps.expand(sel, -1) for v in views])
+    valid = (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :].expand(-1, sel, -1)
     return KVBlock(keys, values, positions, timestamps, valid)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc.core.state import LayerState, StoredLayer, collate_layers
+from malloc.core.state import LayerState, StoredLayer, as_dtype, collate_layers
 from malloc.core.stats import AttentionObserver, ObservedRows
 from malloc.core.tokens import NUM_ACTIONS, KVBlock, TokenBatch, concat_keys
 from malloc.models.config import ModelConfig
@@ -59,7 +59,7 @@ class AttentionLayer(nn.Module):
 
     def new_state(self, new: Any, tokens: TokenBatch, user: int, count: int, dtype: torch.dtype) -> LayerState:
         """What user ``user``'s first ``count`` new tokens add, as a stored layer of their own."""
-        return LayerState(new.keys[user, :, :count].to(dtype), new.values[user, :, :count].to(dtype),
+        return LayerState(as_dtype(new.keys[user, :, :count], dtype), as_dtype(new.values[user, :, :count], dtype),
                           tokens.positions[user, None, :count].to(torch.int32),
                           tokens.timestamps[user, None, :count])
 

@@ -210,17 +210,18 @@ class Engine:
             is_history=torch.cat([valid, torch.zeros_like(candidate)], dim=1),
             valid=torch.cat([valid, candidate], dim=1))
         hidden, blocks, processed = self.model.encode_tokens(tokens, self.caches(states), None)
+        dtype, lengths, times = self.state_dtype, events.lengths.tolist(), events.timestamps.tolist()
         updated = []
         for b, state in enumerate(states):
-            new_events = int(events.lengths[b])
+            new_events = lengths[b]
             if new_events == 0:
                 updated.append(state)
                 continue
-            layers = tuple(layer.store(stored, layer.new_state(block, processed, b, new_events, self.state_dtype))
+            layers = tuple(layer.store(stored, layer.new_state(block, processed, b, new_events, dtype))
                            for layer, stored, block in zip(self.model.layers, state.layers, blocks, strict=True))
-            updated.append(UserState(layers=layers, last_hidden=hidden[b, new_events - 1].to(self.state_dtype).clone(),
+            updated.append(UserState(layers=layers, last_hidden=hidden[b, new_events - 1].to(dtype).clone(),
                                      next_position=state.next_position + new_events,
-                                     last_timestamp=int(events.timestamps[b, new_events - 1])))
+                                     last_timestamp=times[b][new_events - 1]))
         return updated, self.model.ctr_logits(hidden[:, t:], items)
 
     @torch.no_grad()
