@@ -37,8 +37,18 @@ def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Te
     return buckets.long()  # truncation is floor for non-negative values
 
 
+# the longest table of position buckets by integer distance (entries); past it, buckets are computed
+POSITION_TABLE_MAX = 1 << 20
+
+
 class RelativeBias(nn.Module):
-    """Learned bias on relative position (4 buckets per octave) and relative time (2 buckets per octave)."""
+    """Learned bias on relative position (4 buckets per octave) and relative time (2 buckets per octave).
+
+    Position distances are integers, so their buckets are read from a table of every distance up to the one where
+    the last bucket starts (55,109 entries for 64 buckets), built with :func:`log_bucket` itself: the same buckets
+    as computing them, in one gather instead of a logarithm per (query, key) pair. Time distances are not bounded
+    that way and are bucketed as they come.
+    """
 
     def __init__(self, pos_buckets: int, time_buckets: int) -> None:
         super().__init__()
@@ -46,6 +56,17 @@ class RelativeBias(nn.Module):
         self.time_buckets = time_buckets
         self.position_bias = nn.Parameter(torch.zeros(pos_buckets))
         self.time_bias = nn.Parameter(torch.zeros(time_buckets))
+        saturated = math.ceil(2.0 ** ((pos_buckets - 1) / 4.0))  # log_bucket(d) == pos_buckets - 1 from here on
+        table = log_bucket(torch.arange(saturated + 1), 4.0, pos_buckets) if saturated < POSITION_TABLE_MAX else None
+        self.position_table: torch.Tensor | None
+        self.register_buffer("position_table", table, persistent=False)
+
+    def position_buckets(self, distances: torch.Tensor) -> torch.Tensor:
+        """``log_bucket(distances, 4, pos_buckets)`` of int64 ``distances`` (a table read where there is a table)."""
+        table = self.position_table
+        if table is None:
+            return log_bucket(distances, 4.0, self.pos_buckets)
+        return torch.take(table, distances.abs_().clamp_(max=table.shape[0] - 1))
 
     def forward(self, q_pos: torch.Tensor, q_time: torch.Tensor, k_pos: torch.Tensor, k_time: torch.Tensor,
                 memo: dict | None = None) -> torch.Tensor:
@@ -60,7 +81,7 @@ class RelativeBias(nn.Module):
                                     for a, b in zip(kept[0], inputs, strict=True)):
             pos, time = kept[1]
         else:
-            pos = log_bucket(q_pos[:, None, :, None] - k_pos[:, :, None, :], 4.0, self.pos_buckets)
+            pos = self.position_buckets(q_pos[:, None, :, None] - k_pos[:, :, None, :])
             time = log_bucket(q_time[:, None, :, None] - k_time[:, :, None, :], 2.0, self.time_buckets)
             if memo is not None:
                 memo["buckets"] = inputs, (pos, time)
