@@ -33,7 +33,8 @@ TILE_PAIRS = 1 << 20
 
 def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Tensor:
     """Bucketise non-negative distances: ``floor(scale * log2(1 + |x|))``, clamped to ``num_buckets - 1``."""
-    buckets = (scale * torch.log2(1.0 + values.to(torch.float32).abs_())).clamp_(0, num_buckets - 1)
+    # in place on one float copy (the same operations, in the same order, as scale * log2(1 + |x|))
+    buckets = values.to(torch.float32, copy=True).abs_().add_(1.0).log2_().mul_(scale).clamp_(0, num_buckets - 1)
     return buckets.long()  # truncation is floor for non-negative values
 
 
@@ -123,7 +124,9 @@ def hstu_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     masked = bias.masked_fill(~visible, MASKED)
     if key_scale is not None:  # (B, 1, 1, S) per key -> (B, 1, S, 1) per value row
         v = v * key_scale.transpose(-1, -2)
-    weights = F.silu(torch.matmul(q * alpha, k.transpose(-1, -2)) + masked)
+    scores = torch.matmul(q * alpha, k.transpose(-1, -2))
+    scores += masked  # in place: one (H, T, S) tensor per tile, not three (matmul's input needs no copy of it)
+    weights = F.silu(scores, inplace=not torch.is_grad_enabled())  # SiLU's backward needs its input
     return torch.matmul(weights, v) / normaliser
 
 
