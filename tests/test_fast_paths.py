@@ -9,7 +9,7 @@ import torch
 from malloc.config import load_config
 from malloc.data.batching import CTRWindowRows, ctr_training_batch
 from malloc.memory.registry import build_model_for
-from malloc.models.hstu import RelativeBias, hstu_attention, hstu_attention_fused
+from malloc.models.hstu import RelativeBias, hstu_attention, hstu_attention_fused, log_bucket
 from malloc.runner import build_view
 from malloc.train import batch_loss, training_windows
 
@@ -165,3 +165,14 @@ def test_observed_write_in_short_chunks_equals_one_chunk(backbone, scheme):
             assert torch.equal(ra.positions, rb.positions)
             torch.testing.assert_close(ra.values, rb.values, atol=1e-12, rtol=0)
             torch.testing.assert_close(ra.keys, rb.keys, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 32, 64, 80, 100])
+def test_position_bucket_table_equals_the_logarithm(buckets: int) -> None:
+    """Position buckets read from the table (or computed, past its size) equal log_bucket of the distance, for
+    negative, small, saturated and huge distances."""
+    bias = RelativeBias(buckets, 8)
+    distances = torch.cat([torch.arange(-3000, 3000), torch.randint(-10**9, 10**9, (20_000,),
+                                                                    generator=torch.Generator().manual_seed(0))])
+    assert torch.equal(bias.position_buckets(distances.clone()), log_bucket(distances, 4.0, buckets))
+    assert (bias.position_table is None) == (buckets == 100)  # 2^(99/4) distances: too many for a table

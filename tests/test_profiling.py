@@ -180,3 +180,14 @@ def test_observed_write_benchmark_runs(capsys, benchmark_script):
     assert module.main(["--history", "64", "--num-items", "50"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["history"] == 64 and 0 < row["kept_events"] <= 16 and row["peak_rss_mb"] >= row["rss_before_mb"] > 0
+
+
+def test_attention_tiles_benchmark_runs(capsys, benchmark_script):
+    """benchmarks/attention_tiles.py --tiles end to end on a short history (each tile size twice); no mode is an
+    argparse error. (--compile is not run here: inductor takes 15 s or more to compile.)"""
+    module = benchmark_script("attention_tiles")
+    assert module.main(["--tiles", "--length", "40", "--tile-pairs", "64,4096"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["64", "4,096", "64", "4,096"]
+    with pytest.raises(SystemExit):
+        module.main([])

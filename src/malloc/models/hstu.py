@@ -163,6 +163,7 @@ class HSTULayer(AttentionLayer):
         self.output = nn.Linear(width, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.bias = RelativeBias(cfg.pos_buckets, cfg.time_buckets)
+        self.tile_pairs = TILE_PAIRS  # (query, key) pairs per attention tile and batch row
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
@@ -185,7 +186,7 @@ class HSTULayer(AttentionLayer):
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head.
 
-        Without weights, queries are taken in tiles of at most :data:`TILE_PAIRS` (query, key) pairs per batch row:
+        Without weights, queries are taken in tiles of at most ``tile_pairs`` (query, key) pairs per batch row:
         the bias, the mask and the scores of one tile exist at a time, never the whole ``(T, S)``. Pointwise
         attention has no normalisation across keys, so a tile's outputs are final.
         """
@@ -194,7 +195,7 @@ class HSTULayer(AttentionLayer):
         visible = self.visible(tokens, cache, keys)
         k, v = (to_query_heads(x.to(q.dtype), self.heads) for x in (keys.keys, keys.values))
         scale = stored_scale(cache, keys.keys.shape[2], q.dtype)
-        tile = max(1, TILE_PAIRS // keys.keys.shape[2])
+        tile = max(1, self.tile_pairs // keys.keys.shape[2])
 
         def bias(rows: slice) -> torch.Tensor:
             memo = tokens.memo if tile >= length else None  # one tile: the next layer may reuse the buckets
