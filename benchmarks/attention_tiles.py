@@ -2,6 +2,10 @@
 
 - ``--tiles``: one history of ``--length`` random events is prefilled (Native, no gradients) with every layer's
   ``tile_pairs`` set to each of ``--tile-pairs`` in turn, the list run twice; seconds per prefill.
+- ``--gathers``: the relative bias of a tile read four ways from random bucket indices (``--shapes``): two
+  ``torch.take``, two plain indexings, two ``index_select`` of flat indices, and one ``index_select`` from the joint
+  table of every ``position + time`` sum at index ``p * time_buckets + t`` (what ``RelativeBias`` does; the index
+  is computed once per forward); microseconds per call, the values checked equal.
 - ``--compile``: the relative bias and the fused pointwise attention (``RelativeBias`` then
   ``hstu_attention_fused``, the library's own functions) as one function, eager and compiled by inductor with
   dynamic shapes, on each ``(B, T, S)`` of ``--shapes``: milliseconds per call without gradients (a serving tile),
@@ -9,6 +13,7 @@
   printed first.
 
     python benchmarks/attention_tiles.py --tiles
+    python benchmarks/attention_tiles.py --gathers
     python benchmarks/attention_tiles.py --compile
 """
 
@@ -50,6 +55,36 @@ def tiles(args: argparse.Namespace) -> None:
             engine.prefill(events)
             print(f"tile_pairs {pairs:>9,}  prefill of {args.length:,} events  {time.perf_counter() - start:.3f} s",
                   flush=True)
+
+
+def gather_ways(position: torch.Tensor, time_: torch.Tensor, pos: torch.Tensor, tim: torch.Tensor
+                ) -> dict[str, Callable[[], torch.Tensor]]:
+    """Four ways to read ``position[pos] + time_[tim]`` (``pos``, ``tim``: ``(B, 1, T, S)`` bucket indices)."""
+    shape = pos.shape
+    joint = (position[:, None] + time_[None, :]).reshape(-1)
+    index = pos * time_.shape[0] + tim  # RelativeBias computes it once per forward
+    return {
+        "take": lambda: torch.take(position, pos) + torch.take(time_, tim),
+        "indexing": lambda: position[pos] + time_[tim],
+        "index_select": lambda: (position.index_select(0, pos.view(-1))
+                                 + time_.index_select(0, tim.view(-1))).view(shape),
+        "joint": lambda: joint.index_select(0, index.view(-1)).view(shape),
+    }
+
+
+def gathers(args: argparse.Namespace) -> None:
+    generator = torch.Generator().manual_seed(0)
+    position, time_ = torch.randn(BUCKETS, generator=generator), torch.randn(BUCKETS, generator=generator)
+    for batch, length, keys in [*args.shapes, args.train_shape]:
+        pos, tim = (torch.randint(0, BUCKETS, (batch, 1, length, keys), generator=generator) for _ in range(2))
+        ways = gather_ways(position, time_, pos, tim)
+        expected = ways["take"]()
+        repeats = max(3, int(3e6 // pos.numel()))
+        cells = []
+        for name, way in ways.items():
+            assert torch.equal(way(), expected), name
+            cells.append(f"{name} {1e3 * per_call(way, repeats):9.1f} us")
+        print(f"B {batch:>3} T {length:>5} S {keys:>6}  " + "  ".join(cells), flush=True)
 
 
 def attention(bias: RelativeBias, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -108,21 +143,24 @@ def compiled(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", action="store_true", help="prefill time against tile_pairs")
+    parser.add_argument("--gathers", action="store_true", help="four ways to read the bias of a tile")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager")
     parser.add_argument("--length", type=int, default=4096, help="events prefilled (--tiles)")
     parser.add_argument("--tile-pairs", type=int_list, default=[1 << 14, 1 << 16, 1 << 18, 1 << 20])
     parser.add_argument("--shapes", type=shape_list, default=shape_list("1x256x4096,1x64x1024,1x101x257,1x2x200"),
-                        help="BxTxS tiles without gradients (--compile)")
+                        help="BxTxS tiles without gradients (--gathers, --compile)")
     parser.add_argument("--train-shape", type=lambda t: shape_list(t)[0], default=(32, 200, 200),
                         help="BxTxS of the forward and backward (--compile)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if not (args.tiles or args.compile):
-        parser.error("choose --tiles and/or --compile")
+    if not (args.tiles or args.gathers or args.compile):
+        parser.error("choose --tiles, --gathers and/or --compile")
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as the malloc command runs
     if args.tiles:
         tiles(args)
+    if args.gathers:
+        gathers(args)
     if args.compile:
         compiled(args)
     return 0

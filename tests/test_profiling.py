@@ -189,5 +189,9 @@ def test_attention_tiles_benchmark_runs(capsys, benchmark_script):
     assert module.main(["--tiles", "--length", "40", "--tile-pairs", "64,4096"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines] == ["64", "4,096", "64", "4,096"]
+    # the four ways of reading the bias agree (the script asserts it) on a small tile
+    assert module.main(["--gathers", "--shapes", "2x3x5", "--train-shape", "1x2x2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(way in lines[0] for way in ("take", "indexing", "index_select", "joint"))
     with pytest.raises(SystemExit):
         module.main([])
