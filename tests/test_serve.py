@@ -285,6 +285,25 @@ def test_workers_sharing_redis_equal_one_worker(trained) -> None:
             serve(cfg, quiet(store=url, max_requests=10), show_progress=False)
 
 
+# -- the hot tier --------------------------------------------------------------------------------------------------
+def test_hot_tier_changes_no_prediction_and_serves_repeats_from_memory(trained, tmp_path: Path) -> None:
+    """With the adaptive allocator, whose victims are read and rewritten too: the same predictions, entries and
+    counts with the hot tier as without it, and the store ends with the same bytes."""
+    cfg, _ = trained
+    options = {"max_requests": 200, "allocator": "adaptive", "scheme": "h2o", "budget": 1 / 8}
+    cold = serve(cfg, quiet(store=f"lmdb://{tmp_path / 'a.lmdb'}", out=str(tmp_path / "a"), **options),
+                 show_progress=False)
+    hot = serve(cfg, quiet(store=f"lmdb://{tmp_path / 'b.lmdb'}", out=str(tmp_path / "b"), hot_bytes=1 << 20,
+                           **options), show_progress=False)
+    assert np.array_equal(predictions(hot)["logit"], predictions(cold)["logit"])
+    assert hot["counts"] == cold["counts"] and hot["allocator_counts"] == cold["allocator_counts"]
+    assert hot["store_bytes"]["final"] == cold["store_bytes"]["final"]
+    assert cold["hot_tier"] is None
+    tier = hot["hot_tier"]
+    assert tier["bytes"] == 1 << 20 and tier["hits"] > 0 and tier["misses"] > 0
+    assert tier["hits"] + tier["misses"] >= 200  # every request's get, plus the victims' reads
+
+
 # -- bad input -----------------------------------------------------------------------------------------------------
 BAD = [
     (["--budget", "2"], "--budget must be a fraction in (0, 1]"),
@@ -301,6 +320,9 @@ BAD = [
     (["--workers", "2"], "--workers 2 needs a store the processes share"),
     (["--batch", "0"], "--batch must be a whole number in [1, 4096]"),
     (["--resume"], "--resume needs a persistent store"),
+    (["--hot-bytes", "64XB"], "--hot-bytes must be a whole number of bytes with an optional unit"),
+    (["--hot-bytes", "-1"], "--hot-bytes must be a whole number of bytes"),
+    (["--hot-bytes", "64MiB"], "--hot-bytes keeps entries in process in front of a persistent store"),
     (["--scheme", "nope"], "nope"),
     (["--store", "ftp://x"], "unknown scheme 'ftp'"),
 ]

@@ -36,6 +36,7 @@ from malloc.serving.engine import Engine
 from malloc.serving.store import (
     CorruptEntry,
     EntryIdentity,
+    HotTier,
     StaleEntry,
     StateStore,
     StoreError,
@@ -423,6 +424,33 @@ def test_two_connections_share_one_sqlite_file(tmp_path):
     with open_store(url) as first, open_store(url) as second:
         first.put("u", b"12345")
         assert second.get("u") == b"12345" and second.nbytes() == 5
+
+
+def test_hot_tier_keeps_recent_entries_and_writes_through(tmp_path):
+    url = f"lmdb://{tmp_path}/states.lmdb"
+    with HotTier(open_store(url, max_bytes=2500), capacity=1000) as hot:
+        hot.put("a", b"a" * 300)
+        hot.put("b", b"b" * 300)
+        assert hot.get("a") == b"a" * 300 and (hot.hits, hot.misses) == (1, 0)
+        hot.put("c", b"c" * 500)  # 1,100 bytes: "b", the least recently used, leaves memory (not the store)
+        assert hot.hot_bytes == 800
+        assert hot.get("b") == b"b" * 300 and (hot.hits, hot.misses) == (1, 1)  # read back from the store
+        assert hot.hot_bytes == 800  # "b" kept again, "a" out
+        hot.put("big", b"x" * 1001)  # larger than the tier: stored, not kept
+        assert hot.get("big") == b"x" * 1001 and hot.misses == 2 and hot.hot_bytes == 800
+        with pytest.raises(StoreFull):
+            hot.put("c", b"c" * 1000)  # the store refuses it: memory keeps the stored value
+        assert hot.get("c") == b"c" * 500
+        assert hot.delete("c") and hot.get("c") is None and not hot.delete("c")
+        assert hot.nbytes() == 1601 and sorted(hot.keys()) == ["a", "b", "big"] and hot.size("a") == 300
+    with open_store(url) as warm:  # every write reached the store
+        assert warm.get("a") == b"a" * 300 and warm.get("c") is None and warm.nbytes() == 1601
+
+
+@pytest.mark.parametrize("capacity", [0, -1, True, 1.5])
+def test_hot_tier_capacity_must_be_positive_bytes(capacity):
+    with pytest.raises(StoreError, match="capacity must be a whole number of bytes > 0"):
+        HotTier(open_store("memory://"), capacity)
 
 
 def test_redis_down_is_a_clear_error_within_the_timeout():

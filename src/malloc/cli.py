@@ -295,7 +295,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``malloc serve``: a trained run's events replayed over time against a state store (docs/SERVING.md)."""
     from malloc.serve import ServeOptions, parse_fraction, serve
-    from malloc.serve.options import parse_number
+    from malloc.serve.options import parse_bytes, parse_number
     from malloc.serve.result import format_table
 
     options = ServeOptions(
@@ -306,7 +306,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch=parse_number(args.batch, "--batch"),
         checkpoint_every=parse_number(args.checkpoint_every, "--checkpoint-every"),
         max_requests=parse_number(args.max_requests, "--max-requests"), resume=args.resume, force=args.force,
-        anchors=not args.no_anchors, decay=parse_number(args.decay, "--decay", whole=False), out=args.out)
+        anchors=not args.no_anchors, decay=parse_number(args.decay, "--decay", whole=False),
+        hot_bytes=parse_bytes(args.hot_bytes, "--hot-bytes"), out=args.out)
     cfg = _load(args)
     try:
         result = serve(cfg, options, show_progress=not args.quiet, command=" ".join(["malloc", *(args.argv or [])]))
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="F", help="total bytes of all states as a fraction of Native's, e.g. 1/8")
     p.add_argument("--decay", default="0", metavar="SECONDS",
                    help="adaptive: time constant of a user's recency (0: the mean gap between its requests)")
+    p.add_argument("--hot-bytes", default="0", metavar="SIZE",
+                   help="entries kept in each worker's memory in front of a persistent store, e.g. 64MiB (0: none)")
     p.add_argument("--workers", default="1", metavar="N", help="processes sharing the store (users by hash)")
     p.add_argument("--threads", default="0", metavar="N", help="torch threads per worker (0: divided evenly)")
     p.add_argument("--batch", default="1", metavar="N", help="requests of distinct users served together (1)")

@@ -8,6 +8,7 @@ expected, so the command line prints one line and exits with status 2.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,24 @@ def parse_fraction(text: str | float, option: str) -> float:
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise ServeError(f"{option} must be a fraction in (0, 1] such as 0.125 or 1/8, got {text!r}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """A byte count from the command line: a whole number with an optional unit (``B``, ``KiB``, ``MiB``,
+    ``GiB``, ``kB``, ``MB``, ``GB``), e.g. ``64MiB``; its range is checked by :class:`ServeOptions`.
+
+    Raises:
+        ServeError: naming ``option`` and the text.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ServeError(f"{option} must be a whole number of bytes with an optional unit (B, KiB, MiB, GiB, kB, "
+                         f"MB, GB), e.g. 64MiB; got {text!r}")
+    return int(match.group(1)) * _UNITS[unit]
 
 
 def parse_number(text: str, option: str, whole: bool = True) -> float | int:
@@ -80,6 +99,8 @@ class ServeOptions:
         anchors: also score the anchors (no sequence model) on the replayed rows.
         decay: the adaptive allocator's time constant in the data's seconds (0: the mean gap between a user's
             requests, as observed so far).
+        hot_bytes: bytes of entries each worker keeps in process in front of a persistent store, least recently
+            used out, written through (:class:`~malloc.serving.store.hot.HotTier`; 0: none).
         out: the folder of the result and checkpoints (None: ``<run>/serve/<id>/``).
     """
 
@@ -98,6 +119,7 @@ class ServeOptions:
     force: bool = False
     anchors: bool = True
     decay: float = 0.0
+    hot_bytes: int = 0
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,7 +138,8 @@ class ServeOptions:
             raise ServeError("--allocator uniform takes --budget or --memory-ratio, not both (the budget sets the "
                              "ratio)")
         for name, low, high in (("workers", 1, MAX_WORKERS), ("threads", 0, 1024), ("batch", 1, 4096),
-                                ("checkpoint_every", 0, 1 << 40), ("max_requests", 0, 1 << 40)):
+                                ("checkpoint_every", 0, 1 << 40), ("max_requests", 0, 1 << 40),
+                                ("hot_bytes", 0, 1 << 50)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ServeError(f"--{name.replace('_', '-')} must be a whole number in [{low}, {high}], "
@@ -130,6 +153,9 @@ class ServeOptions:
         if self.resume and not persistent:
             raise ServeError(f"--resume needs a persistent store (lmdb://, sqlite:// or redis://): {self.store} "
                              "keeps nothing after the process ends")
+        if self.hot_bytes and not persistent:
+            raise ServeError(f"--hot-bytes keeps entries in process in front of a persistent store; {self.store} "
+                             "is already in process")
         if self.workers > 1 and not persistent:
             raise ServeError(f"--workers {self.workers} needs a store the processes share (redis://, lmdb:// or "
                              f"sqlite://), not {self.store}")
@@ -140,4 +166,4 @@ class ServeOptions:
         return not self.store.startswith("memory:")
 
 
-__all__ = ["ALLOCATORS", "ServeError", "ServeOptions", "parse_fraction", "parse_number"]
+__all__ = ["ALLOCATORS", "ServeError", "ServeOptions", "parse_bytes", "parse_fraction", "parse_number"]

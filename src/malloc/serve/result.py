@@ -124,6 +124,10 @@ def format_table(result: dict[str, Any]) -> str:
         line += (f"; Native's total {bytes_['native_total']:,} (peak {bytes_['peak_fraction']:.4f} of it"
                  + (f", budget {result['budget_bytes']:,}" if result.get("budget_bytes") else "") + ")")
     lines.append(line)
+    hot = result.get("hot_tier")
+    if hot:
+        lines.append(f"  hot tier: {hot['bytes']:,} bytes per worker; {hot['hits']:,} entries read from memory, "
+                     f"{hot['misses']:,} from the store")
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,7 @@ def replay_identity(cfg: RunConfig, options: ServeOptions, model_id: str) -> dic
             "scheme": options.scheme, "knobs": options.knobs, "memory_ratio": options.memory_ratio,
             "allocator": options.allocator, "budget": options.budget, "decay": options.decay,
             "store": shown_url(options.store), "workers": options.workers, "batch": options.batch,
-            "max_requests": options.max_requests}
+            "max_requests": options.max_requests, "hot_bytes": options.hot_bytes}
 
 
 def out_dir(run_root: Path, options: ServeOptions, identity: dict[str, Any]) -> Path:
@@ -261,6 +261,8 @@ def _result(cfg: RunConfig, options: ServeOptions, view: Any, requests: Requests
         "store_bytes": store_bytes(sizes, requests, counters["peak"],
                                    counters["byte_requests"] / max(counters["requests"], 1), final, native),
         "allocator_counts": {k: counters[k] for k in ("recompressions", "requester_cuts", "drops", "not_stored")},
+        "hot_tier": {"bytes": options.hot_bytes, "hits": sum(p.hot_hits for p in parts),
+                     "misses": sum(p.hot_misses for p in parts)} if options.hot_bytes else None,
         "environment": {**environment(cfg.device), "threads": threads},
     }
     if options.anchors:

@@ -34,7 +34,7 @@ from malloc.serve.meters import RequestMeters
 from malloc.serve.options import ServeError, ServeOptions
 from malloc.serve.requests import Requests, worker_of
 from malloc.serve.server import Levels, Server
-from malloc.serving.store import open_store
+from malloc.serving.store import HotTier, open_store
 
 CHECKPOINT_VERSION = 1
 
@@ -74,6 +74,7 @@ class WorkerPart:
         seconds: wall seconds of this process's serving loop; checkpoint_seconds: of its checkpoints.
         served: requests this process served (fewer than ``r`` after a resume).
         store_bytes: the store's own count of its bytes when the worker ended.
+        hot_hits, hot_misses: entries read from the hot tier's memory / from the store (0 without a hot tier).
     """
 
     index: np.ndarray
@@ -86,6 +87,8 @@ class WorkerPart:
     checkpoint_seconds: float
     served: int
     store_bytes: int
+    hot_hits: int = 0
+    hot_misses: int = 0
 
 
 def worker_requests(requests: Requests, worker: int, workers: int) -> np.ndarray:
@@ -156,6 +159,8 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
     try:
         if undo is not None and options.resume:
             undo.restore(store)
+        if options.hot_bytes:
+            store = HotTier(store, options.hot_bytes)
         levels = Levels(model, options.scheme, options.knobs, task.top, task.levels, task.model_id,
                         {"prefill_chunk": cfg.eval.prefill_chunk, "candidate_chunk": cfg.eval.candidate_chunk,
                          "renormalise": cfg.eval.hstu_normaliser == "kept"})
@@ -197,7 +202,9 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
         store.close()
     return WorkerPart(index=index, meters=server.meters, logits=server.logits, ranks=server.ranks,
                       sizes=allocator.size.copy(), allocator=allocator.scalars(), seconds=seconds_before + seconds,
-                      checkpoint_seconds=checkpoint_seconds, served=served, store_bytes=store_bytes)
+                      checkpoint_seconds=checkpoint_seconds, served=served, store_bytes=store_bytes,
+                      hot_hits=store.hits if isinstance(store, HotTier) else 0,
+                      hot_misses=store.misses if isinstance(store, HotTier) else 0)
 
 
 def _check_header(folder: Path, header: dict[str, Any], task: WorkerTask, requests: int) -> None:

@@ -7,6 +7,8 @@
   (:mod:`.sqlite_store`), ``lmdb:///path`` (:mod:`.lmdb_store`, the default persistent one:
   :func:`persistent_url`), ``redis://host:port/db`` (:mod:`.redis_store`), ``redis+cluster://host:port,...``
   (:mod:`.redis_cluster_store`: a Redis Cluster, each user's keys on one slot);
+- :mod:`.hot`: :class:`HotTier`, the most recently used entries kept in process in front of a store, written
+  through;
 - :mod:`.states`: :class:`StateStore`, states in and out of a store with unusable entries counted as misses.
 
 docs/SERVING.md, "State store", describes the format, the backends and their measured latency.
@@ -22,6 +24,7 @@ from malloc.serving.store.errors import (
     StoreFull,
     StoreUnavailable,
 )
+from malloc.serving.store.hot import HotTier
 from malloc.serving.store.identity import entry_identity, model_digest, scheme_identity
 from malloc.serving.store.states import StateStore
 from malloc.serving.store.url import DEFAULT_PERSISTENT, open_store, persistent_url
@@ -31,6 +34,7 @@ __all__ = [
     "CorruptEntry",
     "EntryError",
     "EntryIdentity",
+    "HotTier",
     "StaleEntry",
     "StateStore",
     "Store",
