@@ -3,12 +3,14 @@ interruption, a resumed rerun)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from malloc.bench.suite import SuiteSpec, VariantSpec, _trained_groups, load_suite, plan, settings
+from malloc.bench.sweep import SuiteRunner
 from malloc.cli import main
 from malloc.config import RunConfig
 from malloc.configio import ConfigError, from_dict
@@ -147,3 +149,18 @@ def test_smoke_suite_records_carry_every_meter():
     assert manifest["command"] == "malloc bench --suite smoke" and [i["item"] for i in manifest["items"]] == [
         item.id for item in run.items]
     assert manifest["environment"]["versions"]["torch"]
+
+
+def test_a_changed_suite_config_reruns_the_items_it_changes(tmp_path, caplog):
+    """A record made under another config of its setting is not reused: changing the retrieval task's training
+    marks every retrieval item to rerun (logged with both hashes), and leaves the CTR items done."""
+    run = smoke_run()
+    shutil.copytree(run.folder, tmp_path / "smoke")
+    spec = load_suite("smoke")
+    same = SuiteRunner(spec, tmp_path)
+    done = {item.id for item in same.items if same.is_done(item)}
+    assert done == {item.id for item in same.items if not item.id.endswith("int8-r0.25")}
+    changed = SuiteRunner(replace(spec, tasks={"ctr": {}, "retrieval": {"train": {"epochs": 2}}}), tmp_path)
+    still = {item.id for item in changed.items if changed.is_done(item)}
+    assert still == {i for i in done if "-ctr-" in i}
+    assert "made under another config of its setting" in caplog.text

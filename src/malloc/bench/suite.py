@@ -27,7 +27,7 @@ from typing import Any
 
 from malloc.bench.meters import LatencySpec
 from malloc.config import RunConfig
-from malloc.configio import ConfigError, from_dict, load_yaml
+from malloc.configio import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from malloc.data.fingerprint import input_files
 from malloc.data.sequences import DataError
 from malloc.memory.policy import SchemeError
@@ -214,6 +214,11 @@ class Setting:
     def key(self) -> str:
         return f"{self.dataset}-{self.backbone}-{self.task}-s{self.seed}"
 
+    @property
+    def config_hash(self) -> str:
+        """A hash of the run config, results folder aside: a record made under another config is not reused."""
+        return config_hash({k: v for k, v in to_dict(self.cfg).items() if k != "results_dir"})
+
 
 @dataclass(frozen=True)
 class Item:
@@ -245,7 +250,7 @@ class Item:
                 "family": {"native": REFERENCE, "policy": TRAINING_FREE, "trained": TRAINED_IN}[self.kind],
                 "memory_ratio_target": self.ratios[0], "memory_ratio_targets": list(self.ratios),
                 "dataset": s.dataset, "backbone": s.backbone, "task": s.task, "seed": s.seed,
-                "setting": s.key}
+                "setting": s.key, "config": s.config_hash}
 
 
 def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -410,13 +410,17 @@ def read_suite(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]
 
 
 def record_problem(record: Any, planned: Mapping[str, Any]) -> str | None:
-    """What makes an item record unusable by a report, or None: not an object, another item's record, or (for a
-    done record) a task metric or a meter that is missing, not a number, or out of its range (memory ratio and
-    bytes > 0, MACs and latencies >= 0, metrics in [0, 1] but logloss >= 0)."""
+    """What makes an item record unusable by a report, or None: not an object, another item's record, one made
+    under another config of its setting (the suite file changed: the item reruns), or (for a done record) a task
+    metric or a meter that is missing, not a number, or out of its range (memory ratio and bytes > 0, MACs and
+    latencies >= 0, metrics in [0, 1] but logloss >= 0)."""
     if not isinstance(record, dict):
         return f"expected a JSON object, found {type(record).__name__}"
     if record.get("item") != planned["item"]:
         return f"the record is of item {record.get('item')!r}"
+    if "config" in planned and record.get("config") != planned["config"]:
+        return (f"the record was made under another config of its setting ({record.get('config')!r}, planned "
+                f"{planned['config']!r}): the suite file changed since")
     for key in _PLANNED_KEYS:
         if not isinstance(record.get(key), str):
             return f"{key} is {record.get(key)!r}, expected a string"
