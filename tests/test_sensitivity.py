@@ -188,7 +188,10 @@ def test_config_names_and_presets() -> None:
     assert cfg.name == "synthetic-short-hstu-retrieval" and cfg.task == "retrieval"
     assert cfg.data.synthetic.preset == "short" and cfg.data.synthetic.topic_stickiness == 0.75
     assert cfg.data.synthetic.num_users == 10
-    assert sensitivity_config("ml-100k", "ctr", config=SMOKE).name == "smoke"  # a config file keeps its name
+    # a config file keeps its name for its own data set, not for another one (nor against an override)
+    assert sensitivity_config("synthetic", "ctr", config=SMOKE).name == "smoke"
+    assert sensitivity_config("ml-100k", "ctr", config=SMOKE).name == "ml-100k-hstu-ctr"
+    assert sensitivity_config("ml-100k", "ctr", config=SMOKE, overrides=["name=mine"]).name == "mine"
 
 
 # -- calibration of the synthetic presets ----------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def parse_dataset(name: str) -> tuple[str, str | None]:
 def sensitivity_config(dataset: str, task: str, *, path: str | None = None, config: str | None = None,
                        overrides: Sequence[str] = ()) -> RunConfig:
     """The run config of ``malloc sensitivity``: the config file (default: the built-in defaults) with the data
-    set, path and task set; named ``<data set>-<backbone>-<task>`` unless the file or an override names it.
+    set, path and task set; named ``<data set>-<backbone>-<task>`` unless an override names it, or the file does
+    and its data set is the one asked for.
 
     Raises:
         DataError: unknown data set; ConfigError: unknown task or a bad override.
@@ -155,7 +156,9 @@ def sensitivity_config(dataset: str, task: str, *, path: str | None = None, conf
         if preset is None or "data.synthetic" not in str(exc):
             raise
         raise ConfigError(f"preset {preset!r} does not fit the config's data.synthetic settings ({exc})") from exc
-    if config is None and not any(o.strip().startswith("name=") for o in overrides):
+    named = any(o.strip().startswith("name=") for o in overrides)
+    if not named and (config is None or load_config(config).data.source != source):
+        # a file's name is kept only for its own data set (configs/bench/hstu-ctr.yaml names ml100k runs)
         cfg = replace(cfg, name=f"{dataset.replace(':', '-')}-{cfg.model.backbone}-{task}")
     return cfg
 
