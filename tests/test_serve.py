@@ -298,6 +298,7 @@ def test_hot_tier_changes_no_prediction_and_serves_repeats_from_memory(trained, 
     assert np.array_equal(predictions(hot)["logit"], predictions(cold)["logit"])
     assert hot["counts"] == cold["counts"] and hot["allocator_counts"] == cold["allocator_counts"]
     assert hot["store_bytes"]["final"] == cold["store_bytes"]["final"]
+    assert hot["allocator_counts"]["recompressions"] > 0  # victims were read and rewritten through the tier
     assert cold["hot_tier"] is None
     tier = hot["hot_tier"]
     assert tier["bytes"] == 1 << 20 and tier["hits"] > 0 and tier["misses"] > 0

@@ -196,6 +196,7 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
                             _arrays(server, allocator))
             undo.advance(epoch + 1)
         store_bytes = store.nbytes()
+        hot_hits, hot_misses = (store.hits, store.misses) if isinstance(store, HotTier) else (0, 0)
     finally:
         if undo is not None:
             undo.close()
@@ -203,8 +204,7 @@ def run_worker(task: WorkerTask, model: SequentialRecommender, view: CTRView | R
     return WorkerPart(index=index, meters=server.meters, logits=server.logits, ranks=server.ranks,
                       sizes=allocator.size.copy(), allocator=allocator.scalars(), seconds=seconds_before + seconds,
                       checkpoint_seconds=checkpoint_seconds, served=served, store_bytes=store_bytes,
-                      hot_hits=store.hits if isinstance(store, HotTier) else 0,
-                      hot_misses=store.misses if isinstance(store, HotTier) else 0)
+                      hot_hits=hot_hits, hot_misses=hot_misses)
 
 
 def _check_header(folder: Path, header: dict[str, Any], task: WorkerTask, requests: int) -> None:
