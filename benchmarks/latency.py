@@ -9,8 +9,12 @@ Each point is also put against its roofline on this machine: the time the reques
 ``--bandwidth-gbs`` per thread) would take at least, whichever is longer; ``*_x_roofline`` = measured p50 /
 roofline (1 would be the machine's limit). The recompute reads no stored state: its roofline is its arithmetic.
 
+With ``--users 1,64`` each point is also timed as one request of 64 users at once (one ``Engine.request`` over
+64 stored states): a batch shares the per-call cost, so ``cached_ms_per_user`` (p50 / users) is what a server
+that batches its users pays per user. The roofline scales with the users (their MACs and their state bytes).
+
     python benchmarks/latency.py                       # aligned table
-    python benchmarks/latency.py --json > latency.jsonl  # one JSON object per (backbone, length)
+    python benchmarks/latency.py --json > latency.jsonl  # one JSON object per (backbone, length, users)
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from malloc.profiling import request_latency
 TARGET_LENGTH = 1024
 TARGET_SPEEDUP = 10.0
 # (key, format spec) of the table's columns; each is as wide as the wider of its header and its values.
-COLUMNS = [("backbone", ""), ("history_len", "d"), ("cached_ms_p50", ".2f"), ("cached_ms_p99", ".2f"),
-           ("recompute_ms_p50", ".2f"), ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
+COLUMNS = [("backbone", ""), ("history_len", "d"), ("users", "d"), ("cached_ms_p50", ".2f"),
+           ("cached_ms_p99", ".2f"), ("cached_ms_per_user", ".3f"), ("recompute_ms_p50", ".2f"),
+           ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
            ("state_bytes", "d"), ("cached_roofline_ms", ".3f"), ("cached_x_roofline", ".1f"),
            ("recompute_roofline_ms", ".2f"), ("recompute_x_roofline", ".1f"), ("repeats_cached", "d"),
            ("repeats_recompute", "d")]
@@ -46,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbones", type=name_list, default=["hstu", "sasrec"], help="comma-separated")
     parser.add_argument("--lengths", type=int_list, default=[256, 1024, 4096, 16384],
                         help="history lengths, comma-separated")
+    parser.add_argument("--users", type=int_list, default=[1],
+                        help="users per request (one batched Engine.request), comma-separated")
     parser.add_argument("--candidates", type=int, default=100, help="candidates scored per request")
     parser.add_argument("--append-events", type=int, default=1, help="new events appended per request")
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per prefill chunk")
@@ -72,17 +79,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def roofline(cfg: ModelConfig, point: dict, args: argparse.Namespace) -> dict[str, float]:
-    """The point's MACs, its rooflines (ms) and measured / roofline, at ``point["threads"]`` threads."""
+    """The point's MACs (per user), its rooflines (ms, all ``point["users"]`` users) and measured / roofline, at
+    ``point["threads"]`` threads."""
     threads = point["threads"]
     flops, bandwidth = 1e9 * args.peak_gflops * threads, 1e9 * args.bandwidth_gbs * threads
     n, t, c = point["history_len"], args.append_events, args.candidates
     cached = request_macs(cfg, n, t, c, candidate_chunk=256)  # Engine's default candidate_chunk
     recompute = recompute_macs(cfg, n, t, c, prefill_chunk=args.prefill_chunk, candidate_chunk=256)
-    cached_ms = 1e3 * max(2 * cached / flops, point["state_bytes"] / bandwidth)
-    recompute_ms = 1e3 * 2 * recompute / flops
+    users = point["users"]
+    cached_ms = 1e3 * users * max(2 * cached / flops, point["state_bytes"] / bandwidth)
+    recompute_ms = 1e3 * users * 2 * recompute / flops
     return {"cached_macs": cached, "recompute_macs": recompute, "cached_roofline_ms": cached_ms,
             "cached_x_roofline": point["cached_ms_p50"] / cached_ms, "recompute_roofline_ms": recompute_ms,
             "recompute_x_roofline": point["recompute_ms_p50"] / recompute_ms}
+
+
+def report(backbone: str, cfg: ModelConfig, point: dict, meets: bool | None, timing: dict,
+           args: argparse.Namespace) -> None:
+    """Print one point: a JSON object under ``--json``, else a table row."""
+    if args.json:
+        record = {"benchmark": "latency", "backbone": backbone, **point,
+                  "target_10x_at_1024_met": meets, "candidates": args.candidates,
+                  "append_events": args.append_events, "prefill_chunk": args.prefill_chunk,
+                  "peak_gflops_per_thread": args.peak_gflops, "bandwidth_gbs_per_thread": args.bandwidth_gbs,
+                  "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
+                  "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
+                  **timing, "recompute_warmup": args.recompute_warmup,
+                  "recompute_min_repeats": args.recompute_min_repeats, "heap": args.heap,
+                  **environment(args.device)}
+        print(json.dumps(record), flush=True)
+    else:
+        row = {"backbone": backbone, **point}
+        mark = "  <- target" if meets is not None else ""
+        cells = [format(row[name], spec) for name, spec in COLUMNS]
+        print(table_line(cells, HEADERS, WIDTH) + mark, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,29 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = build_model_for(cfg, args.num_items).to(args.device).eval()
         for length in args.lengths:
-            point = request_latency(model, length, candidates=args.candidates,
-                                    append_events=args.append_events, prefill_chunk=args.prefill_chunk,
-                                    seed=args.seed, recompute_timing=recompute_timing, **timing)
-            point.update(roofline(cfg, point, args))
-            meets = point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH else None
-            if meets is not None:
-                verdicts.append((backbone, point["speedup_p50"], meets))
-            if args.json:
-                record = {"benchmark": "latency", "backbone": backbone, **point,
-                          "target_10x_at_1024_met": meets, "candidates": args.candidates,
-                          "append_events": args.append_events, "prefill_chunk": args.prefill_chunk,
-                          "peak_gflops_per_thread": args.peak_gflops, "bandwidth_gbs_per_thread": args.bandwidth_gbs,
-                          "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
-                          "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
-                          **timing, "recompute_warmup": args.recompute_warmup,
-                          "recompute_min_repeats": args.recompute_min_repeats, "heap": args.heap,
-                          **environment(args.device)}
-                print(json.dumps(record), flush=True)
-            else:
-                row = {"backbone": backbone, **point}
-                mark = "  <- target" if length == TARGET_LENGTH else ""
-                cells = [format(row[name], spec) for name, spec in COLUMNS]
-                print(table_line(cells, HEADERS, WIDTH) + mark, flush=True)
+            for users in args.users:
+                point = request_latency(model, length, candidates=args.candidates, users=users,
+                                        append_events=args.append_events, prefill_chunk=args.prefill_chunk,
+                                        seed=args.seed, recompute_timing=recompute_timing, **timing)
+                point.update(roofline(cfg, point, args))
+                meets = point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH and users == 1 else None
+                if meets is not None:
+                    verdicts.append((backbone, point["speedup_p50"], meets))
+                report(backbone, cfg, point, meets, timing, args)
     if not args.json:
         target = f"target (cached >= {TARGET_SPEEDUP:g}x faster than recompute at {TARGET_LENGTH:,} events)"
         if not verdicts:

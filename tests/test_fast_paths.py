@@ -9,7 +9,7 @@ import torch
 from malloc.config import load_config
 from malloc.data.batching import CTRWindowRows, ctr_training_batch
 from malloc.memory.registry import build_model_for
-from malloc.models.hstu import RelativeBias, hstu_attention, hstu_attention_fused, log_bucket
+from malloc.models.hstu import RelativeBias, hstu_attention, hstu_attention_fused, log_bucket, repeated_queries
 from malloc.runner import build_view
 from malloc.train import batch_loss, training_windows
 
@@ -45,6 +45,38 @@ def test_relative_bias_reuses_buckets_only_for_equal_inputs():
     other = bias(q_pos, q_time, q_pos[:, None] + 1, q_time[:, None], memo=memo)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     torch.testing.assert_close(other, bias(q_pos, q_time, q_pos[:, None] + 1, q_time[:, None]), atol=0, rtol=0)
+
+
+def test_repeated_queries_finds_runs_equal_in_every_row():
+    q_pos = torch.tensor([[3, 4, 4, 4, 5, 5], [7, 8, 8, 8, 9, 9]])
+    q_time = torch.tensor([[1, 2, 2, 2, 3, 3], [1, 2, 2, 2, 3, 4]])  # row 1's last time differs: a run ends
+    firsts, run = repeated_queries(q_pos, q_time)
+    assert firsts.tolist() == [0, 1, 4, 5] and run.tolist() == [0, 1, 1, 1, 2, 3]
+    assert torch.equal(q_pos[:, firsts[run]], q_pos) and torch.equal(q_time[:, firsts[run]], q_time)
+    assert repeated_queries(torch.arange(4)[None], torch.zeros(1, 4, dtype=torch.int64)) is None  # all distinct
+    assert repeated_queries(q_pos[:, :1], q_time[:, :1]) is None
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_relative_bias_of_repeated_queries_equals_every_row_computed(joint):
+    """A request's candidates share one (position, time): their bias row is computed once and copied, with the
+    same values as computing every row; the memo hands the runs to the next layer."""
+    bias = RelativeBias(8, 8)
+    bias.joint = joint
+    with torch.no_grad():
+        bias.position_bias.normal_()
+        bias.time_bias.normal_()
+    g = torch.Generator().manual_seed(0)
+    k_pos = torch.arange(40).repeat(3, 1)[:, None]
+    k_time = torch.randint(0, 10**6, (3, 1, 40), generator=g).sort(dim=-1).values
+    q_pos = torch.cat([torch.tensor([[38, 39]]).repeat(3, 1), torch.full((3, 5), 40)], dim=1)
+    q_time = torch.cat([k_time[:, 0, -2:], torch.full((3, 5), 10**6)], dim=1)
+    expected = torch.cat([bias(q_pos[:, i:i + 1], q_time[:, i:i + 1], k_pos, k_time) for i in range(7)], dim=2)
+    memo: dict = {}
+    got = bias(q_pos, q_time, k_pos, k_time, memo=memo)
+    assert memo["buckets"][3][0].tolist() == [0, 1, 2]  # the 5 candidates are one run
+    assert torch.equal(got, expected) and got.shape == (3, 1, 7, 40)
+    assert torch.equal(bias(q_pos, q_time, k_pos, k_time, memo=memo), expected)
 
 
 @pytest.mark.parametrize("candidate", ["item", "query"])

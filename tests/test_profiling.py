@@ -61,10 +61,11 @@ def test_time_call_repeats_until_min_seconds_and_caps():
 def test_request_latency_tiny(backbone):
     model = tiny_model(backbone)
     point = request_latency(model, 32, candidates=5, append_events=2, **TINY_TIMING)
-    assert set(point) == {"history_len", "cached_ms_p50", "cached_ms_p99", "recompute_ms_p50",
-                          "recompute_ms_p99", "speedup_p50", "state_bytes", "threads", "repeats_cached",
-                          "repeats_recompute"}
-    assert point["history_len"] == 32
+    assert set(point) == {"history_len", "users", "cached_ms_p50", "cached_ms_p99", "recompute_ms_p50",
+                          "recompute_ms_p99", "cached_ms_per_user", "recompute_ms_per_user", "speedup_p50",
+                          "state_bytes", "threads", "repeats_cached", "repeats_recompute"}
+    assert point["history_len"] == 32 and point["users"] == 1
+    assert point["cached_ms_per_user"] == point["cached_ms_p50"]
     assert 0 < point["cached_ms_p50"] <= point["cached_ms_p99"]
     assert 0 < point["recompute_ms_p50"] <= point["recompute_ms_p99"]
     assert point["speedup_p50"] > 0
@@ -82,9 +83,22 @@ def test_request_latency_recompute_timing_overrides():
     assert point["repeats_recompute"] == 1 and point["repeats_cached"] >= 2
 
 
+def test_request_latency_batched_users():
+    """A request of several users is one call over their states: the per-user figures divide the call's p50,
+    and state_bytes stays one user's."""
+    model = tiny_model("hstu")
+    point = request_latency(model, 16, candidates=3, users=4, **TINY_TIMING)
+    assert point["users"] == 4
+    assert point["cached_ms_per_user"] == pytest.approx(point["cached_ms_p50"] / 4)
+    assert point["recompute_ms_per_user"] == pytest.approx(point["recompute_ms_p50"] / 4)
+    assert point["state_bytes"] == Engine(model).prefill(synthetic_events(1, 16, model.num_items, seed=0))[0].nbytes()
+
+
 def test_request_latency_rejects_bad_sizes():
     with pytest.raises(ValueError, match="history_len"):
         request_latency(tiny_model("hstu"), 0, **TINY_TIMING)
+    with pytest.raises(ValueError, match="users"):
+        request_latency(tiny_model("hstu"), 4, users=0, **TINY_TIMING)
 
 
 def test_training_step_updates_parameters():
@@ -171,6 +185,16 @@ def test_latency_benchmark_reports_rooflines(capsys, benchmark_script):
                  "--bandwidth-gbs", "1e-9", "--json"])
     row = json.loads(capsys.readouterr().out)  # at 1 byte/s the state read bounds the cached request
     assert row["cached_roofline_ms"] == pytest.approx(1e3 * row["state_bytes"])
+    # a batched request: one point per users count, the roofline covering every user's bytes
+    module.main(["--backbones", "hstu", "--lengths", "8", "--users", "1,3", "--candidates", "4", "--threads", "1",
+                 "--min-repeats", "2", "--min-seconds", "0", "--recompute-min-repeats", "1", "--peak-gflops", "1e9",
+                 "--bandwidth-gbs", "1e-9", "--json"])
+    one, three = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (one["users"], three["users"]) == (1, 3)
+    assert three["cached_roofline_ms"] == pytest.approx(3 * one["cached_roofline_ms"])
+    assert one["target_10x_at_1024_met"] is None
+    with pytest.raises(SystemExit):
+        module.main(["--users", "0"])
 
 
 def test_observed_write_benchmark_runs(capsys, benchmark_script):

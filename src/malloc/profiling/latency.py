@@ -86,11 +86,11 @@ def _candidates(events: Events, count: int, num_items: int, seed: int) -> tuple[
 
 
 def request_latency(model: SequentialRecommender, history_len: int, *, candidates: int = 100,
-                    append_events: int = 1, prefill_chunk: int = 1024, seed: int = 0,
+                    append_events: int = 1, prefill_chunk: int = 1024, seed: int = 0, users: int = 1,
                     recompute_timing: dict[str, Any] | None = None, **timing: Any) -> dict[str, Any]:
-    """Latency of one user's request (batch 1), cached against full recompute.
+    """Latency of a request of ``users`` users at once (batch 1 by default), cached against full recompute.
 
-    A stored state is built once by prefilling ``history_len`` random events. Then:
+    A stored state per user is built once by prefilling ``history_len`` random events. Then:
 
     - cached: ``Engine.request``: ``append_events`` new events appended to the stored state and ``candidates``
       candidates scored from the extended state (one pass through the layers for Native); every repeat starts from
@@ -101,21 +101,25 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
 
     Args:
         model: the backbone; put in eval mode, everything runs under ``torch.no_grad()``.
+        users: users served by one call (one ``Engine.request`` over a batch of ``users`` states); a batch
+            shares the per-call cost, which ``*_ms_per_user`` divides out.
         recompute_timing: :func:`time_call` keywords for the recompute only, overriding ``timing`` (a
             recompute of a long history takes minutes on a CPU; fewer calls keep runs short).
         timing: keyword arguments of :func:`time_call` (``warmup``, ``min_repeats``, ``min_seconds``,
             ``max_repeats``).
     Returns:
-        ``history_len``, ``cached_ms_p50``, ``cached_ms_p99``, ``recompute_ms_p50``, ``recompute_ms_p99``,
-        ``speedup_p50`` (recompute p50 / cached p50), ``state_bytes`` (stored state of the history, per user),
-        ``threads`` (``torch.get_num_threads()``), ``repeats_cached``, ``repeats_recompute``.
+        ``history_len``, ``users``, ``cached_ms_p50``, ``cached_ms_p99``, ``recompute_ms_p50``,
+        ``recompute_ms_p99`` (per call, all ``users`` together), ``cached_ms_per_user`` and
+        ``recompute_ms_per_user`` (the p50 divided by ``users``), ``speedup_p50`` (recompute p50 / cached p50),
+        ``state_bytes`` (stored state of the history, per user), ``threads`` (``torch.get_num_threads()``),
+        ``repeats_cached``, ``repeats_recompute``.
     """
-    if history_len < 1 or candidates < 1 or append_events < 1:
-        raise ValueError("need history_len, candidates, append_events >= 1; got "
-                         f"{history_len}, {candidates}, {append_events}")
+    if history_len < 1 or candidates < 1 or append_events < 1 or users < 1:
+        raise ValueError("need history_len, candidates, append_events, users >= 1; got "
+                         f"{history_len}, {candidates}, {append_events}, {users}")
     model.eval()
     num_items = model.num_items
-    events = synthetic_events(1, history_len + append_events, num_items, seed)
+    events = synthetic_events(users, history_len + append_events, num_items, seed)
     items, times = (t.to(model.device) for t in _candidates(events, candidates, num_items, seed + 1))
     events = events.to(model.device)
     history, new = events.slice(0, history_len), events.slice(history_len, history_len + append_events)
@@ -134,10 +138,13 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     cached_p50, recompute_p50 = float(np.median(cached_s)), float(np.median(recompute_s))
     return {
         "history_len": history_len,
+        "users": users,
         "cached_ms_p50": 1e3 * cached_p50,
         "cached_ms_p99": 1e3 * float(np.percentile(cached_s, 99)),
         "recompute_ms_p50": 1e3 * recompute_p50,
         "recompute_ms_p99": 1e3 * float(np.percentile(recompute_s, 99)),
+        "cached_ms_per_user": 1e3 * cached_p50 / users,
+        "recompute_ms_per_user": 1e3 * recompute_p50 / users,
         "speedup_p50": recompute_p50 / cached_p50,
         "state_bytes": stored[0].nbytes(),
         "threads": torch.get_num_threads(),
