@@ -31,10 +31,6 @@ HEADERS = [name for name, _ in COLUMNS]
 BATCH_POOL = 4  # distinct batches cycled through, so no step reuses the previous step's inputs
 
 
-
-
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", type=name_list, default=["hstu", "sasrec"], help="comma-separated")
