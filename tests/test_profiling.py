@@ -197,6 +197,21 @@ def test_latency_benchmark_reports_rooflines(capsys, benchmark_script):
         module.main(["--users", "0"])
 
 
+def test_request_profile_benchmark_lists_operators(capsys, benchmark_script):
+    """benchmarks/request_profile.py: the top operators of a request, their shares of the operator time in
+    decreasing order; bad sizes are argparse errors."""
+    module = benchmark_script("request_profile")
+    assert module.main(["--length", "8", "--users", "2", "--candidates", "3", "--repeats", "2", "--top", "4",
+                        "--threads", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 and all(r["users"] == 2 and r["history_len"] == 8 for r in rows)
+    shares = [r["share"] for r in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert all(r["ms_per_request"] > 0 and r["calls_per_request"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        module.main(["--users", "0"])
+
+
 def test_observed_write_benchmark_runs(capsys, benchmark_script):
     """benchmarks/observed_write.py end to end on a short history: H2O at 1/4 keeps at most a quarter of the
     events (its byte budget, floors rounded down)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from malloc.profiling.latency import (
     TrainingBatch,
     request_latency,
+    synthetic_candidates,
     synthetic_events,
     synthetic_training_batch,
     time_call,
@@ -17,6 +18,7 @@ __all__ = [
     "measure_peak_in_subprocess",
     "peak_rss_mb",
     "request_latency",
+    "synthetic_candidates",
     "synthetic_events",
     "synthetic_training_batch",
     "time_call",

@@ -76,7 +76,7 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, min_repeats: int = 5, m
     return np.asarray(samples, dtype=np.float64)
 
 
-def _candidates(events: Events, count: int, num_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_candidates(events: Events, count: int, num_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, count)`` random candidate items and request times just after each user's last event."""
     generator = torch.Generator().manual_seed(seed)
     batch = events.items.shape[0]
@@ -120,7 +120,7 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     model.eval()
     num_items = model.num_items
     events = synthetic_events(users, history_len + append_events, num_items, seed)
-    items, times = (t.to(model.device) for t in _candidates(events, candidates, num_items, seed + 1))
+    items, times = (t.to(model.device) for t in synthetic_candidates(events, candidates, num_items, seed + 1))
     events = events.to(model.device)
     history, new = events.slice(0, history_len), events.slice(history_len, history_len + append_events)
     engine = Engine(model, prefill_chunk=prefill_chunk)

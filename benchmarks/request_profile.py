@@ -1,0 +1,84 @@
+"""Where one cached request's time goes: the top operators of ``Engine.request`` under ``torch.profiler``.
+
+The request is the one ``latency.py`` times (a stored history of ``--length`` random events per user, 1 new event,
+``--candidates`` candidates), for ``--users`` users at once, repeated ``--repeats`` times after a warm-up. Each row
+is one operator: its self CPU time per request and its share of the total.
+
+    python benchmarks/request_profile.py --backbone hstu --length 1024 --users 16 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torch.profiler import profile
+
+from malloc.heap import retain_freed_memory
+from malloc.memory.registry import build_model_for
+from malloc.models import BACKBONES, ModelConfig
+from malloc.profiling import synthetic_candidates, synthetic_events
+from malloc.serving.engine import Engine
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="hstu")
+    parser.add_argument("--length", type=positive, default=1024, help="stored events per user")
+    parser.add_argument("--users", type=positive, default=1, help="users per request")
+    parser.add_argument("--candidates", type=positive, default=100, help="candidates scored per user")
+    parser.add_argument("--repeats", type=positive, default=20, help="profiled requests")
+    parser.add_argument("--top", type=positive, default=15, help="operators listed")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per operator")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    retain_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model_for(ModelConfig(backbone=args.backbone), 10_000).eval()
+    events = synthetic_events(args.users, args.length + 1, model.num_items, seed=0)
+    items, times = synthetic_candidates(events, args.candidates, model.num_items, seed=1)
+    history, new = events.slice(0, args.length), events.slice(args.length, args.length + 1)
+    engine = Engine(model)
+    with torch.no_grad():
+        stored = engine.prefill(history)
+        for _ in range(3):
+            engine.request(stored, new, items, times)
+        with profile() as profiler:
+            for _ in range(args.repeats):
+                engine.request(stored, new, items, times)
+    ops = [op for op in profiler.key_averages() if op.self_cpu_time_total > 0]
+    total = sum(op.self_cpu_time_total for op in ops)
+    ops.sort(key=lambda op: op.self_cpu_time_total, reverse=True)
+    if not args.json:
+        print(f"{args.backbone}, {args.length} stored events, {args.users} users, {args.candidates} candidates, "
+              f"threads={torch.get_num_threads()}: {total / 1e3 / args.repeats:.2f} ms of operator time per request")
+        print(f"{'operator':>28}  {'ms/request':>10}  {'share':>6}  {'calls/request':>13}")
+    for op in ops[:args.top]:
+        row = {"operator": op.key, "ms_per_request": op.self_cpu_time_total / 1e3 / args.repeats,
+               "share": op.self_cpu_time_total / total, "calls_per_request": op.count / args.repeats}
+        if args.json:
+            print(json.dumps({"benchmark": "request_profile", "backbone": args.backbone, "history_len": args.length,
+                              "users": args.users, "candidates": args.candidates, **row}))
+        else:
+            print(f"{row['operator']:>28}  {row['ms_per_request']:10.3f}  {row['share']:6.1%}  "
+                  f"{row['calls_per_request']:13.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
