@@ -12,6 +12,16 @@ def table_line(cells: list[str], headers: list[str], min_width: int) -> str:
     return "  ".join(cell.rjust(max(min_width, len(name))) for cell, name in zip(cells, headers, strict=True))
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]

@@ -16,6 +16,7 @@ import sys
 import torch
 from torch.profiler import profile
 
+from _common import positive_int
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_model_for
 from malloc.models import BACKBONES, ModelConfig
@@ -23,21 +24,14 @@ from malloc.profiling import synthetic_candidates, synthetic_events
 from malloc.serving.engine import Engine
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="hstu")
-    parser.add_argument("--length", type=positive, default=1024, help="stored events per user")
-    parser.add_argument("--users", type=positive, default=1, help="users per request")
-    parser.add_argument("--candidates", type=positive, default=100, help="candidates scored per user")
-    parser.add_argument("--repeats", type=positive, default=20, help="profiled requests")
-    parser.add_argument("--top", type=positive, default=15, help="operators listed")
+    parser.add_argument("--length", type=positive_int, default=1024, help="stored events per user")
+    parser.add_argument("--users", type=positive_int, default=1, help="users per request")
+    parser.add_argument("--candidates", type=positive_int, default=100, help="candidates scored per user")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="profiled requests")
+    parser.add_argument("--top", type=positive_int, default=15, help="operators listed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", action="store_true", help="one JSON object per operator")
     return parser.parse_args(argv)
