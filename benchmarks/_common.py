@@ -37,3 +37,11 @@ def name_list(text: str) -> list[str]:
     if not names or any(name not in BACKBONES for name in names):
         raise argparse.ArgumentTypeError(f"expected backbones among {sorted(BACKBONES)}, got {text!r}")
     return names
+
+
+def switch_list(text: str) -> list[str]:
+    """Comma-separated ``on`` / ``off``, in the given order, each once."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or any(name not in ("on", "off") for name in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected on, off or both comma-separated, got {text!r}")
+    return names

@@ -25,18 +25,19 @@ import sys
 
 import torch
 
-from _common import int_list, name_list, table_line
+from _common import int_list, name_list, switch_list, table_line
 from malloc.device import environment
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
+from malloc.models.hstu import use_kernels
 from malloc.models.macs import recompute_macs, request_macs
 from malloc.profiling import request_latency
 
 TARGET_LENGTH = 1024
 TARGET_SPEEDUP = 10.0
 # (key, format spec) of the table's columns; each is as wide as the wider of its header and its values.
-COLUMNS = [("backbone", ""), ("history_len", "d"), ("users", "d"), ("cached_ms_p50", ".2f"),
+COLUMNS = [("backbone", ""), ("kernel", ""), ("history_len", "d"), ("users", "d"), ("cached_ms_p50", ".2f"),
            ("cached_ms_p99", ".2f"), ("cached_ms_per_user", ".3f"), ("recompute_ms_p50", ".2f"),
            ("recompute_ms_p99", ".2f"), ("speedup_p50", ".1f"),
            ("state_bytes", "d"), ("cached_roofline_ms", ".3f"), ("cached_x_roofline", ".1f"),
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="history lengths, comma-separated")
     parser.add_argument("--users", type=int_list, default=[1],
                         help="users per request (one batched Engine.request), comma-separated")
+    parser.add_argument("--kernels", type=switch_list, default=["on"],
+                        help="HSTU's C attention kernel: on, off, or on,off to time both side by side")
     parser.add_argument("--candidates", type=int, default=100, help="candidates scored per request")
     parser.add_argument("--append-events", type=int, default=1, help="new events appended per request")
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per prefill chunk")
@@ -139,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model_for(cfg, args.num_items).to(args.device).eval()
         for length in args.lengths:
             for users in args.users:
-                point = request_latency(model, length, candidates=args.candidates, users=users,
-                                        append_events=args.append_events, prefill_chunk=args.prefill_chunk,
-                                        seed=args.seed, recompute_timing=recompute_timing, **timing)
-                point.update(roofline(cfg, point, args))
-                meets = point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH and users == 1 else None
-                if meets is not None:
-                    verdicts.append((backbone, point["speedup_p50"], meets))
-                report(backbone, cfg, point, meets, timing, args)
+                for kernel in args.kernels:
+                    if not use_kernels(model, kernel == "on") and kernel == "off":
+                        continue  # no HSTU layer: "off" would time the same thing again
+                    point = request_latency(model, length, candidates=args.candidates, users=users,
+                                            append_events=args.append_events, prefill_chunk=args.prefill_chunk,
+                                            seed=args.seed, recompute_timing=recompute_timing, **timing)
+                    point.update(roofline(cfg, point, args), kernel=kernel)
+                    meets = (point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH and users == 1
+                             else None)
+                    if meets is not None:
+                        verdicts.append((f"{backbone} (kernel {kernel})", point["speedup_p50"], meets))
+                    report(backbone, cfg, point, meets, timing, args)
     if not args.json:
         target = f"target (cached >= {TARGET_SPEEDUP:g}x faster than recompute at {TARGET_LENGTH:,} events)"
         if not verdicts:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
+from malloc.kernels import hstu as kernel
 from malloc.models.base import AttentionLayer, SequentialRecommender
 from malloc.models.config import ModelConfig
 
@@ -36,6 +37,19 @@ def log_bucket(values: torch.Tensor, scale: float, num_buckets: int) -> torch.Te
     # in place on one float copy (the same operations, in the same order, as scale * log2(1 + |x|))
     buckets = values.to(torch.float32, copy=True).abs_().add_(1.0).log2_().mul_(scale).clamp_(0, num_buckets - 1)
     return buckets.long()  # truncation is floor for non-negative values
+
+
+def bucket_thresholds(scale: float, num_buckets: int) -> torch.Tensor:
+    """``(num_buckets,)`` int64: the least integer distance of each :func:`log_bucket` bucket (a binary search on
+    the function itself), so that ``bucket(d)`` is the largest ``c`` with ``thresholds[c] <= d``; a bucket no
+    distance below 2^62 reaches gets 2^62."""
+    target = torch.arange(num_buckets)
+    low, high = torch.zeros(num_buckets, dtype=torch.int64), torch.full((num_buckets,), 1 << 62)
+    while bool((low < high).any()):
+        middle = (low + high) // 2
+        reached = log_bucket(middle, scale, num_buckets) >= target
+        high, low = torch.where(reached, middle, high), torch.where(reached, low, middle + 1)
+    return low
 
 
 # the longest table of position buckets by integer distance (entries); past it, buckets are computed
@@ -56,6 +70,9 @@ class RelativeBias(nn.Module):
     :data:`JOINT_TABLE_MAX` entries.
     """
 
+    POSITION_SCALE = 4  # buckets per octave of distance
+    TIME_SCALE = 2
+
     def __init__(self, pos_buckets: int, time_buckets: int) -> None:
         super().__init__()
         self.pos_buckets = pos_buckets
@@ -63,16 +80,27 @@ class RelativeBias(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(pos_buckets))
         self.time_bias = nn.Parameter(torch.zeros(time_buckets))
         self.joint = pos_buckets * time_buckets <= JOINT_TABLE_MAX
-        saturated = math.ceil(2.0 ** ((pos_buckets - 1) / 4.0))  # log_bucket(d) == pos_buckets - 1 from here on
-        table = log_bucket(torch.arange(saturated + 1), 4.0, pos_buckets) if saturated < POSITION_TABLE_MAX else None
+        # log_bucket(d) == pos_buckets - 1 from here on
+        saturated = math.ceil(2.0 ** ((pos_buckets - 1) / self.POSITION_SCALE))
+        table = (log_bucket(torch.arange(saturated + 1), self.POSITION_SCALE, pos_buckets)
+                 if saturated < POSITION_TABLE_MAX else None)
         self.position_table: torch.Tensor | None
         self.register_buffer("position_table", table, persistent=False)
+        # the C kernel reads buckets from their thresholds
+        self.register_buffer("position_thresholds", bucket_thresholds(self.POSITION_SCALE, pos_buckets),
+                             persistent=False)
+        self.register_buffer("time_thresholds", bucket_thresholds(self.TIME_SCALE, time_buckets), persistent=False)
+
+    def tables(self) -> kernel.BucketTables:
+        """This bias as the C kernel reads it."""
+        return kernel.BucketTables(self.position_bias, self.position_thresholds, self.POSITION_SCALE,
+                                   self.time_bias, self.time_thresholds, self.TIME_SCALE)
 
     def position_buckets(self, distances: torch.Tensor) -> torch.Tensor:
         """``log_bucket(distances, 4, pos_buckets)`` of int64 ``distances`` (a table read where there is a table)."""
         table = self.position_table
         if table is None:
-            return log_bucket(distances, 4.0, self.pos_buckets)
+            return log_bucket(distances, self.POSITION_SCALE, self.pos_buckets)
         return torch.take(table, distances.abs_().clamp_(max=table.shape[0] - 1))
 
     def buckets(self, q_pos: torch.Tensor, q_time: torch.Tensor, k_pos: torch.Tensor, k_time: torch.Tensor
@@ -80,7 +108,7 @@ class RelativeBias(nn.Module):
         """The bucket indices of every (query, key) pair, each ``(B, 1 or H, T, S)`` int64: the joint index
         ``(p * time_buckets + t,)``, or ``(p, t)`` without a joint table."""
         pos = self.position_buckets(q_pos[:, None, :, None] - k_pos[:, :, None, :])
-        time = log_bucket(q_time[:, None, :, None] - k_time[:, :, None, :], 2.0, self.time_buckets)
+        time = log_bucket(q_time[:, None, :, None] - k_time[:, :, None, :], self.TIME_SCALE, self.time_buckets)
         return (pos.mul_(self.time_buckets).add_(time),) if self.joint else (pos, time)
 
     def forward(self, q_pos: torch.Tensor, q_time: torch.Tensor, k_pos: torch.Tensor, k_time: torch.Tensor,
@@ -208,6 +236,7 @@ class HSTULayer(AttentionLayer):
         self.dropout = nn.Dropout(cfg.dropout)
         self.bias = RelativeBias(cfg.pos_buckets, cfg.time_buckets)
         self.tile_pairs = TILE_PAIRS  # (query, key) pairs per attention tile and batch row
+        self.use_kernel = True  # the C kernel where it applies (:meth:`kernel_applies`); False: PyTorch alone
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:
@@ -227,16 +256,33 @@ class HSTULayer(AttentionLayer):
         """Which of ``keys = [cache; new]`` each new token sees: ``(B, 1 or H, T, n + T)`` bool."""
         return visibility(tokens, cache)
 
+    def kernel_applies(self, q: torch.Tensor, tokens: TokenBatch, need_weights: bool) -> bool:
+        """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``): no weights and no gradients asked
+        for, float32 on the CPU, integer times, this class's mask (a scheme that changes :meth:`visible` keeps
+        the PyTorch path), and the kernel built."""
+        return (self.use_kernel and not need_weights and not torch.is_grad_enabled() and q.device.type == "cpu"
+                and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
+                and type(self).visible is HSTULayer.visible and kernel.available())
+
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head.
 
-        Without weights, queries are taken in tiles of at most ``tile_pairs`` (query, key) pairs per batch row:
-        the bias, the mask and the scores of one tile exist at a time, never the whole ``(T, S)``. Pointwise
-        attention has no normalisation across keys, so a tile's outputs are final.
+        Where :meth:`kernel_applies`, the C kernel reads each (query, key) pair once. Otherwise, without weights,
+        queries are taken in tiles of at most ``tile_pairs`` (query, key) pairs per batch row: the bias, the mask
+        and the scores of one tile exist at a time, never the whole ``(T, S)``. Pointwise attention has no
+        normalisation across keys, so a tile's outputs are final.
         """
         batch, _, length, _ = q.shape
         keys = concat_keys(cache, new)
+        if self.kernel_applies(q, tokens, need_weights):
+            stored = 0 if cache is None else cache.keys.shape[2]
+            scale = None if cache is None or cache.scale is None else cache.scale.reshape(batch)
+            attended = kernel.pointwise_attention(
+                q, keys.keys.to(q.dtype), keys.values.to(q.dtype), tokens.positions, tokens.timestamps,
+                keys.positions, keys.timestamps, keys.valid, stored, scale, self.bias.tables(), self.alpha,
+                self.normaliser)
+            return attended.view(batch, length, -1), None
         visible = self.visible(tokens, cache, keys)
         k, v = (to_query_heads(x.to(q.dtype), self.heads) for x in (keys.keys, keys.values))
         scale = stored_scale(cache, keys.keys.shape[2], q.dtype)
@@ -259,6 +305,15 @@ class HSTULayer(AttentionLayer):
             weights = None
         attended = attended.transpose(1, 2).reshape(batch, length, -1)
         return attended, group_mean(weights, self.kv_heads) if need_weights else None
+
+
+def use_kernels(model: nn.Module, enabled: bool) -> int:
+    """Let every HSTU layer of ``model`` run the C kernel where it applies (``enabled``), or PyTorch alone;
+    returns how many layers were set."""
+    layers = [module for module in model.modules() if isinstance(module, HSTULayer)]
+    for layer in layers:
+        layer.use_kernel = enabled
+    return len(layers)
 
 
 class HSTU(SequentialRecommender):

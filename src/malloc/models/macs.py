@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from malloc.kernels import hstu as kernel
 from malloc.models.config import ModelConfig
 
 
@@ -105,10 +106,17 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * batch * heads * queries * keys * (key_dim + value_dim)
 
 
+def _hstu_kernel_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """HSTU's C kernel (:mod:`malloc.kernels.hstu`) counts as the reference's ``q k^T`` and ``a v``."""
+    batch, heads, queries, key_dim = query_shape
+    return 2 * batch * heads * queries * key_shape[2] * (key_dim + value_shape[3])
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (matrix products;
-    the CPU fused attention kernel included), to cross-check the analytic MACs (``FLOPs = 2 MACs``)."""
-    mapping = {}
+    the CPU fused attention kernel and HSTU's C kernel included), to cross-check the analytic MACs
+    (``FLOPs = 2 MACs``)."""
+    mapping = {kernel.OPERATOR: _hstu_kernel_flops}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:

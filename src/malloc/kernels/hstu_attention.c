@@ -1,0 +1,228 @@
+/* HSTU pointwise attention, forward only, float32, one pass over the keys of each query (no (T, S) tensor).
+ *
+ * For query i of batch row b and head h, over keys j = [cached (n); new (T)]:
+ *
+ *     visible(i, j) = (key_valid[j] && key_pos[j] < query_pos[i]) || j == n + i
+ *     s_ij          = alpha * q_i . k_j + position_bias[pb(|query_pos[i] - key_pos[j]|)]
+ *                                       + time_bias[tb(|query_time[i] - key_time[j]|)]
+ *     out_i         = sum over visible j of  SiLU(s_ij) * inv_norm * scale_j * v_j
+ *
+ * scale_j is key_scale[b] on batch row b's n cached keys and 1 on new keys (1 everywhere when key_scale is
+ * NULL). pb and tb are the log buckets of the Python reference (malloc.models.hstu.log_bucket), read from their
+ * thresholds: bucket(d) is the largest c with thresholds[c] <= d, which is the reference's bucket exactly, since
+ * the reference is monotone in d.
+ *
+ * Layouts (all contiguous): q (B, H, T, dk); keys_t (B, Hk, dk, S), keys transposed; values (B, Hk, S, dv);
+ * query_pos, query_time (B, T) int64; key_pos, key_time (B, Hm, S) int64; key_valid (B, Hm, S) uint8 (or bool);
+ * key_scale (B) float or NULL; out (B, T, H, dv). Query head h reads key head h * Hk / H and metadata head
+ * h * Hm / H (Hk and Hm divide H).
+ *
+ * Compiled with -ffinite-math-only (so that the min, max and floor of exp_clamped vectorise): nothing here
+ * relies on infinities or NaN; a masked key gets bias 0 and mask 0, so its score stays finite.
+ *
+ * The work is split by query rows: this call computes the (b, i) rows in [row_begin, row_end) of the B * T rows,
+ * so that callers can run disjoint ranges on several threads. Returns 0, or -1 when its buffers could not be
+ * allocated (then out is not written).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KEY_BLOCK 256
+
+/* exp(x) for x in [-87, 88] (clamped outside), relative error about 2e-7: a Cephes-style reduction
+ * x = n ln2 + r and a degree-6 polynomial, in plain arithmetic so that the compiler vectorises its loop */
+static inline float exp_clamped(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+/* the largest c < buckets with thresholds[c] <= d (thresholds[0] == 0, non-decreasing). The guess
+ * per_octave * floor(log2(1 + d)) plus one comparison per bucket of that octave is exact but for float rounding
+ * at octave ends, which the two loops (almost never entered) correct. */
+static inline int bucket_of(int64_t d, const int64_t *thresholds, int buckets, int per_octave) {
+    int base = per_octave * (63 - __builtin_clzll((uint64_t)d + 1));
+    if (base > buckets - 1) base = buckets - 1;
+    int c = base;
+    for (int step = 1; step < per_octave && base + step < buckets; step++) c += thresholds[base + step] <= d;
+    while (c + 1 < buckets && thresholds[c + 1] <= d) c++;
+    while (c > 0 && thresholds[c] > d) c--;
+    return c;
+}
+
+/* bucket_of(d) from the bucket c of a nearby distance: history keys come in time order, so along a row of keys
+ * the distances shrink and the bucket moves down by a step now and then; any order gives the same buckets */
+static inline int bucket_near(int64_t d, const int64_t *thresholds, int buckets, int c) {
+    while (c > 0 && thresholds[c] > d) c--;
+    while (c + 1 < buckets && thresholds[c + 1] <= d) c++;
+    return c;
+}
+
+static inline int64_t distance(int64_t a, int64_t b) { return a > b ? a - b : b - a; }
+
+static inline float silu(float s) { return s / (1.0f + exp_clamped(-s)); }
+
+/* eight floats; memcpy loads and stores them from unaligned addresses (GCC's vector extension: whatever SIMD
+ * the target has) */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
+
+static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
+
+/* scores[j] = bias[j] + sum_d qs[d] * keys_t[d * S + j] for j < width: 32 keys at a time on four independent
+ * v8f sums (one sum alone would wait on each multiply-add's latency), the rest one by one */
+static inline __attribute__((always_inline)) void block_scores(
+    const int64_t DK, int64_t S, int64_t width, const float *qs, const float *keys_t, const float *bias,
+    float *scores)
+{
+    int64_t j = 0;
+    for (; j + 32 <= width; j += 32) {
+        v8f s0 = load8(bias + j), s1 = load8(bias + j + 8), s2 = load8(bias + j + 16), s3 = load8(bias + j + 24);
+        for (int64_t d = 0; d < DK; d++) {
+            const float *column = keys_t + d * S + j;
+            v8f qd = (v8f){0} + qs[d];
+            s0 += qd * load8(column);
+            s1 += qd * load8(column + 8);
+            s2 += qd * load8(column + 16);
+            s3 += qd * load8(column + 24);
+        }
+        store8(scores + j, s0); store8(scores + j + 8, s1); store8(scores + j + 16, s2); store8(scores + j + 24, s3);
+    }
+    for (; j < width; j++) {
+        float s = bias[j];
+        for (int64_t d = 0; d < DK; d++) s += qs[d] * keys_t[d * S + j];
+        scores[j] = s;
+    }
+}
+
+/* acc[d] += sum_j scores[j] * values[j * DV + d] for j < width. With DV a multiple of 8: four keys at a time on
+ * four independent sets of v8f sums, added at the end. */
+static inline __attribute__((always_inline)) void block_values(
+    const int64_t DV, int64_t width, const float *scores, const float *values, float *acc)
+{
+    int64_t j = 0;
+    if (DV % 8 == 0) {
+        v8f sums[4][DV / 8 > 0 ? DV / 8 : 1];
+        for (int r = 0; r < 4; r++)
+            for (int64_t c = 0; c < DV / 8; c++) sums[r][c] = (v8f){0};
+        for (; j + 4 <= width; j += 4)
+            for (int r = 0; r < 4; r++) {
+                v8f w = (v8f){0} + scores[j + r];
+                for (int64_t c = 0; c < DV / 8; c++) sums[r][c] += w * load8(values + (j + r) * DV + 8 * c);
+            }
+        for (int64_t c = 0; c < DV / 8; c++) {
+            v8f total = (sums[0][c] + sums[1][c]) + (sums[2][c] + sums[3][c]);
+            v8f before = load8(acc + 8 * c);
+            store8(acc + 8 * c, before + total);
+        }
+    }
+    for (; j < width; j++)
+        for (int64_t d = 0; d < DV; d++) acc[d] += scores[j] * values[j * DV + d];
+}
+
+/* one query head's output over the keys [first, last] of a bias row, plus the query's own (diagonal) key.
+ * DK and DV are compile-time constants where the dispatch below can make them so (the loops then unroll). */
+static inline __attribute__((always_inline)) void head_row(
+    const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *qi, float alpha,
+    const float *keys_t, const float *values, const float *bias, const float *mask, int64_t self,
+    float self_bias, float inv_norm, float *scores, float *out)
+{
+    float qs[DK], acc[DV];
+    for (int64_t d = 0; d < DK; d++) qs[d] = alpha * qi[d];
+    for (int64_t d = 0; d < DV; d++) acc[d] = 0.0f;
+    for (int64_t start = first; start <= last; start += KEY_BLOCK) {
+        int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
+        block_scores(DK, S, width, qs, keys_t + start, bias + start, scores);
+        const float *mb = mask + start;
+        for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
+        block_values(DV, width, scores, values + start * DV, acc);
+    }
+    float s = self_bias;  /* the diagonal: every query sees itself */
+    for (int64_t d = 0; d < DK; d++) s += qs[d] * keys_t[d * S + self];
+    float w = inv_norm * silu(s);
+    for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * values[self * DV + d];
+}
+
+int hstu_attention_rows(
+    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    const float *q, const float *keys_t, const float *values,
+    const int64_t *query_pos, const int64_t *query_time,
+    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
+    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
+    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
+{
+    (void)B;
+    /* the bias and mask rows of each metadata head, reused while consecutive queries share (b, position, time) */
+    float *bias = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
+    float *mask = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
+    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)Hm), *lasts = malloc(sizeof(int64_t) * (size_t)Hm);
+    float *scores = malloc(sizeof(float) * KEY_BLOCK);
+    if (!bias || !mask || !firsts || !lasts || !scores) {
+        free(bias); free(mask); free(firsts); free(lasts); free(scores);
+        return -1;
+    }
+    int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
+    int64_t row_b = -1, row_pos = 0, row_time = 0;  /* what the rows hold */
+    float self_bias = position_bias[0] + time_bias[0];  /* distance 0 in position and time */
+
+    for (int64_t row = row_begin; row < row_end; row++) {
+        int64_t b = row / T, i = row % T;
+        int64_t qp = query_pos[b * T + i], qt = query_time[b * T + i];
+        if (b != row_b || qp != row_pos || qt != row_time) {
+            row_b = b; row_pos = qp; row_time = qt;
+            for (int64_t m = 0; m < Hm; m++) {
+                const int64_t *kp = key_pos + (b * Hm + m) * S, *kt = key_time + (b * Hm + m) * S;
+                const uint8_t *kv = key_valid + (b * Hm + m) * S;
+                float *bm = bias + m * S, *mm = mask + m * S;
+                int64_t first = S, last = -1;
+                int pb = 0, tb = 0;
+                for (int64_t j = 0; j < S; j++) {
+                    if (!(kv[j] && kp[j] < qp)) { bm[j] = 0.0f; mm[j] = 0.0f; continue; }
+                    int64_t dp = distance(qp, kp[j]), dt = distance(qt, kt[j]);
+                    if (first == S) {
+                        first = j;
+                        pb = bucket_of(dp, position_thresholds, (int)position_buckets, (int)position_octave);
+                        tb = bucket_of(dt, time_thresholds, (int)time_buckets, (int)time_octave);
+                    } else {
+                        pb = bucket_near(dp, position_thresholds, (int)position_buckets, pb);
+                        tb = bucket_near(dt, time_thresholds, (int)time_buckets, tb);
+                    }
+                    last = j;
+                    bm[j] = position_bias[pb] + time_bias[tb];
+                    mm[j] = inv_norm * (key_scale != NULL && j < n ? key_scale[b] : 1.0f);
+                }
+                firsts[m] = first; lasts[m] = last;
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            int64_t m = h / heads_per_meta, kh = h / heads_per_key;
+            const float *qi = q + ((b * H + h) * T + i) * dk;
+            const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
+            float *o = out + ((b * T + i) * H + h) * dv;
+            const float *bm = bias + m * S, *mm = mask + m * S;
+            if (dk == 16 && dv == 16)
+                head_row(16, 16, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
+                         inv_norm, scores, o);
+            else
+                head_row(dk, dv, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
+                         inv_norm, scores, o);
+        }
+    }
+    free(bias); free(mask); free(firsts); free(lasts); free(scores);
+    return 0;
+}
