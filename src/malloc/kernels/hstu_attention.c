@@ -63,14 +63,6 @@ static inline int bucket_of(int64_t d, const int64_t *thresholds, int buckets, i
     return c;
 }
 
-/* bucket_of(d) from the bucket c of a nearby distance: history keys come in time order, so along a row of keys
- * the distances shrink and the bucket moves down by a step now and then; any order gives the same buckets */
-static inline int bucket_near(int64_t d, const int64_t *thresholds, int buckets, int c) {
-    while (c > 0 && thresholds[c] > d) c--;
-    while (c + 1 < buckets && thresholds[c + 1] <= d) c++;
-    return c;
-}
-
 static inline int64_t distance(int64_t a, int64_t b) { return a > b ? a - b : b - a; }
 
 static inline float silu(float s) { return s / (1.0f + exp_clamped(-s)); }
@@ -157,6 +149,83 @@ static inline __attribute__((always_inline)) void head_row(
     for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * values[self * DV + d];
 }
 
+/* one layer's bucket thresholds and bias tables */
+typedef struct {
+    const float *position_bias, *time_bias;
+    const int64_t *position_thresholds, *time_thresholds;
+    int position_buckets, time_buckets, position_octave, time_octave;
+} Tables;
+
+/* the first index in [j, end) whose value exceeds limit, in values non-decreasing on [j, end): a galloping search
+ * from j (the answer is usually a few keys on, near the query, where buckets are narrow) */
+static int64_t first_above(const int64_t *values, int64_t j, int64_t end, int64_t limit) {
+    int64_t low = j, step = 1;
+    while (low + step < end && values[low + step] <= limit) { low += step; step *= 2; }
+    int64_t high = low + step < end ? low + step : end;  /* values[low] <= limit (or low == j); answer in (low, high] */
+    if (values[low] > limit) return low;
+    while (high - low > 1) {
+        int64_t middle = low + (high - low) / 2;
+        if (values[middle] <= limit) low = middle; else high = middle;
+    }
+    return high;
+}
+
+/* the starts of the runs of keys whose positions and times are both non-decreasing: starts[0] = 0, then each j with
+ * kp[j] < kp[j - 1] or kt[j] < kt[j - 1], then S; returns the number of runs */
+static int64_t monotone_runs(int64_t S, const int64_t *kp, const int64_t *kt, int64_t *starts) {
+    int64_t runs = 0;
+    starts[runs++] = 0;
+    for (int64_t j = 1; j < S; j++)
+        if (kp[j] < kp[j - 1] || kt[j] < kt[j - 1]) starts[runs++] = j;
+    starts[runs] = S;
+    return runs - (S == 0);
+}
+
+/* a key seen by a query: its bias, and its weight multiplier (inv_norm, times key_scale on cached keys) */
+static inline void one_key(int64_t j, int64_t qp, int64_t qt, const int64_t *kp, const int64_t *kt,
+                           const uint8_t *kv, const Tables *t, float weight_cached, float weight_new, int64_t n,
+                           float *bias, float *mask) {
+    if (!(kv[j] && kp[j] < qp)) { bias[j] = 0.0f; mask[j] = 0.0f; return; }
+    int pb = bucket_of(distance(qp, kp[j]), t->position_thresholds, t->position_buckets, t->position_octave);
+    int tb = bucket_of(distance(qt, kt[j]), t->time_thresholds, t->time_buckets, t->time_octave);
+    bias[j] = t->position_bias[pb] + t->time_bias[tb];
+    mask[j] = j < n ? weight_cached : weight_new;
+}
+
+/* The bias and mask rows of query (qp, qt) over S keys (the diagonal excluded: the caller adds it), and the first
+ * and last key it sees (first = S when none). Within a monotone run, the keys before the query (kp < qp, kt <= qt)
+ * are a prefix whose distances shrink along the run, so both buckets are step functions of j: each step is
+ * bucketed once and its end found by a search on positions and times. The rest of a run is done key by key. */
+static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt, const uint8_t *kv,
+                     const int64_t *starts, int64_t runs, int64_t qp, int64_t qt, const Tables *t,
+                     float weight_cached, float weight_new, float *bias, float *mask, int64_t *first, int64_t *last) {
+    for (int64_t r = 0; r < runs; r++) {
+        int64_t low = starts[r], high = starts[r + 1];
+        int64_t end = first_above(kp, low, high, qp - 1);  /* kp < qp before end */
+        int64_t end_time = first_above(kt, low, end, qt);   /* and kt <= qt */
+        end = end_time < end ? end_time : end;
+        for (int64_t j = low; j < end;) {
+            int pb = bucket_of(qp - kp[j], t->position_thresholds, t->position_buckets, t->position_octave);
+            int tb = bucket_of(qt - kt[j], t->time_thresholds, t->time_buckets, t->time_octave);
+            /* the buckets hold while qp - kp >= threshold and qt - kt >= threshold */
+            int64_t stop = first_above(kp, j, end, qp - t->position_thresholds[pb]);
+            int64_t stop_time = first_above(kt, j, stop, qt - t->time_thresholds[tb]);
+            stop = stop_time < stop ? stop_time : stop;
+            float value = t->position_bias[pb] + t->time_bias[tb];
+            for (int64_t k = j; k < stop; k++) bias[k] = value;
+            j = stop;
+        }
+        for (int64_t k = low; k < end; k++) mask[k] = kv[k] ? (k < n ? weight_cached : weight_new) : 0.0f;
+        for (int64_t k = end; k < high; k++) one_key(k, qp, qt, kp, kt, kv, t, weight_cached, weight_new, n, bias, mask);
+    }
+    int64_t j = 0;
+    while (j < S && mask[j] == 0.0f) j++;
+    *first = j;
+    j = S - 1;
+    while (j >= 0 && mask[j] == 0.0f) j--;
+    *last = j;
+}
+
 int hstu_attention_rows(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
     const float *q, const float *keys_t, const float *values,
@@ -171,43 +240,34 @@ int hstu_attention_rows(
     float *bias = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
     float *mask = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
     int64_t *firsts = malloc(sizeof(int64_t) * (size_t)Hm), *lasts = malloc(sizeof(int64_t) * (size_t)Hm);
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(Hm * (S + 1))), *runs = malloc(sizeof(int64_t) * (size_t)Hm);
     float *scores = malloc(sizeof(float) * KEY_BLOCK);
-    if (!bias || !mask || !firsts || !lasts || !scores) {
-        free(bias); free(mask); free(firsts); free(lasts); free(scores);
+    if (!bias || !mask || !firsts || !lasts || !starts || !runs || !scores) {
+        free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
         return -1;
     }
+    Tables tables = {position_bias, time_bias, position_thresholds, time_thresholds, (int)position_buckets,
+                     (int)time_buckets, (int)position_octave, (int)time_octave};
     int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
-    int64_t row_b = -1, row_pos = 0, row_time = 0;  /* what the rows hold */
+    int64_t row_b = -1, row_pos = 0, row_time = 0, runs_b = -1;  /* what the rows and the runs hold */
     float self_bias = position_bias[0] + time_bias[0];  /* distance 0 in position and time */
 
     for (int64_t row = row_begin; row < row_end; row++) {
         int64_t b = row / T, i = row % T;
         int64_t qp = query_pos[b * T + i], qt = query_time[b * T + i];
+        if (b != runs_b) {
+            runs_b = b;
+            for (int64_t m = 0; m < Hm; m++)
+                runs[m] = monotone_runs(S, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S,
+                                        starts + m * (S + 1));
+        }
         if (b != row_b || qp != row_pos || qt != row_time) {
             row_b = b; row_pos = qp; row_time = qt;
-            for (int64_t m = 0; m < Hm; m++) {
-                const int64_t *kp = key_pos + (b * Hm + m) * S, *kt = key_time + (b * Hm + m) * S;
-                const uint8_t *kv = key_valid + (b * Hm + m) * S;
-                float *bm = bias + m * S, *mm = mask + m * S;
-                int64_t first = S, last = -1;
-                int pb = 0, tb = 0;
-                for (int64_t j = 0; j < S; j++) {
-                    if (!(kv[j] && kp[j] < qp)) { bm[j] = 0.0f; mm[j] = 0.0f; continue; }
-                    int64_t dp = distance(qp, kp[j]), dt = distance(qt, kt[j]);
-                    if (first == S) {
-                        first = j;
-                        pb = bucket_of(dp, position_thresholds, (int)position_buckets, (int)position_octave);
-                        tb = bucket_of(dt, time_thresholds, (int)time_buckets, (int)time_octave);
-                    } else {
-                        pb = bucket_near(dp, position_thresholds, (int)position_buckets, pb);
-                        tb = bucket_near(dt, time_thresholds, (int)time_buckets, tb);
-                    }
-                    last = j;
-                    bm[j] = position_bias[pb] + time_bias[tb];
-                    mm[j] = inv_norm * (key_scale != NULL && j < n ? key_scale[b] : 1.0f);
-                }
-                firsts[m] = first; lasts[m] = last;
-            }
+            float weight_cached = inv_norm * (key_scale != NULL ? key_scale[b] : 1.0f);
+            for (int64_t m = 0; m < Hm; m++)
+                fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, key_valid + (b * Hm + m) * S,
+                         starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + m * S,
+                         mask + m * S, firsts + m, lasts + m);
         }
         for (int64_t h = 0; h < H; h++) {
             int64_t m = h / heads_per_meta, kh = h / heads_per_key;
@@ -223,6 +283,6 @@ int hstu_attention_rows(
                          inv_norm, scores, o);
         }
     }
-    free(bias); free(mask); free(firsts); free(lasts); free(scores);
+    free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
     return 0;
 }
