@@ -5,6 +5,7 @@ every event, backward and an AdamW step (:func:`malloc.profiling.training_step`)
 timing and reused in turn; ``--warmup-steps`` untimed steps come first.
 
     python benchmarks/throughput.py
+    python benchmarks/throughput.py --kernels on,off   # HSTU with its C kernel and without, side by side
     python benchmarks/throughput.py --json > throughput.jsonl
 """
 
@@ -19,12 +20,13 @@ import sys
 import numpy as np
 import torch
 
-from _common import name_list, table_line
+from _common import name_list, switch_list, table_line
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
+from malloc.models.hstu import use_kernels
 from malloc.profiling import synthetic_training_batch, time_call, training_step
 
-COLUMNS = [("backbone", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
+COLUMNS = [("backbone", ""), ("kernel", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
            ("ms_per_step_p50", ".1f"), ("ms_per_step_p99", ".1f"), ("steps", "d"), ("parameters", "d")]
 WIDTH = 10
 HEADERS = [name for name, _ in COLUMNS]
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--kernels", type=switch_list, default=["on"],
+                        help="HSTU's C attention kernel: on, off, or on,off to time both side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
@@ -56,17 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     batches = [synthetic_training_batch(args.batch_size, args.max_len, args.num_items, args.seed + i)
                for i in range(BATCH_POOL)]
     events_per_step = batches[0].num_events
-    for backbone in args.backbones:
+    for backbone, kernel in itertools.product(args.backbones, args.kernels):
         cfg = ModelConfig(backbone=backbone, max_len=args.max_len)
         torch.manual_seed(args.seed)
         model = build_model_for(cfg, args.num_items)
+        if not use_kernels(model, kernel == "on") and kernel == "off":
+            continue  # no HSTU layer: "off" would time the same thing again
         optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
         cycle = itertools.cycle(batches)
         seconds = time_call(lambda: training_step(model, optimiser, next(cycle)),  # noqa: B023
                             warmup=args.warmup_steps, min_repeats=args.steps, min_seconds=0.0,
                             max_repeats=args.steps)
         point = {
-            "backbone": backbone, "max_len": args.max_len, "batch_size": args.batch_size,
+            "backbone": backbone, "kernel": kernel, "max_len": args.max_len, "batch_size": args.batch_size,
             # Total events over total time: the rate a training epoch would see.
             "events_per_s": events_per_step * len(seconds) / float(seconds.sum()),
             "ms_per_step_p50": 1e3 * float(np.median(seconds)),

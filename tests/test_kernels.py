@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from malloc.kernels import build
 from malloc.kernels import hstu as kernel
@@ -16,7 +17,7 @@ from malloc.memory.schemes import POLICIES
 from malloc.models import ModelConfig
 from malloc.models.hstu import RelativeBias, bucket_thresholds, hstu_attention, log_bucket, use_kernels
 from malloc.models.macs import count_flops
-from malloc.profiling.latency import synthetic_events
+from malloc.profiling.latency import synthetic_events, synthetic_training_batch
 from malloc.serving.engine import Engine
 
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C compiler here: the kernel is not built")
@@ -112,6 +113,52 @@ def test_kernel_equals_the_reference(name, scaled):
         got = kernel.pointwise_attention(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale,
                                          bias.tables(), 0.3, 50.0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_gradients_equal_the_reference(name):
+    """q, keys, values and both bias tables, for a random output gradient."""
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name) + 1, **CASES[name])
+    cached = k.shape[2] - q.shape[2]
+    key_scale = torch.rand(q.shape[0]) * 3 if cached else None
+    grads = []
+    for path in ("reference", "kernel"):
+        bias = relative_bias(len(name), 64, 32)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        args = (*leaves, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale)
+        out = (reference(*args, bias, 0.3, 50.0) if path == "reference"
+               else kernel.pointwise_attention(*args, bias.tables(), 0.3, 50.0))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)))
+        grads.append([x.grad for x in leaves] + [bias.position_bias.grad, bias.time_bias.grad])
+    for expected, got, what in zip(*grads, ["q", "keys", "values", "position bias", "time bias"], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=what)
+
+
+def test_a_training_step_through_the_kernel_equals_pytorch_alone():
+    """Loss and every parameter's gradient of a click loss over a batch of windows (the last rows padded),
+    kernel on against PyTorch alone; dropout off so that both see the same network."""
+    cfg = ModelConfig(backbone="hstu", dim=16, layers=2, heads=4, head_dim=8, max_len=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 40).train()
+    batch = synthetic_training_batch(4, 50, 40, seed=3)
+    batch.tokens.valid[2:, 41:] = False  # padding at the end of two windows
+    batch.tokens.is_history &= batch.tokens.valid
+    results = []
+    for enabled in (True, False):
+        use_kernels(model, enabled)
+        model.zero_grad()
+        hidden = model(batch.tokens)
+        valid = batch.tokens.valid
+        loss = F.binary_cross_entropy_with_logits(model.ctr_logits(hidden, batch.tokens.items)[valid],
+                                                  batch.labels[valid])
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                         if p.grad is not None}))
+    (fast_loss, fast), (slow_loss, slow) = results
+    torch.testing.assert_close(fast_loss, slow_loss, atol=1e-6, rtol=1e-6)
+    assert fast.keys() == slow.keys() and any("time_bias" in name for name in fast)
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_kernel_splits_rows_over_threads_with_the_same_outputs():

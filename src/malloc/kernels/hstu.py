@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,9 +22,15 @@ SOURCE = "hstu_attention.c"
 # below this many (query, key, head) triples a call runs on the calling thread alone
 PARALLEL_MIN_WORK = 1 << 21
 
-_ARGTYPES = ([ctypes.c_int64] * 9 + [ctypes.c_void_p] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_void_p] * 4
-             + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2
-             + [ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
+# the C signatures: sizes, tensors, positions and times, key metadata and scale, tables, alpha, 1 / N, outputs, range
+_SIGNATURES = {
+    "hstu_attention_rows": [_INT] * 9 + [_POINTER] * 3 + [_POINTER] * 6 + _TABLES
+                           + [_FLOAT, _FLOAT, _POINTER, _INT, _INT],
+    "hstu_attention_backward_rows": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
+                                    + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT, _INT],
+}
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ def available() -> bool:
 def _library() -> ctypes.CDLL | None:
     library = load(SOURCE)
     if library is not None and library.hstu_attention_rows.argtypes is None:
-        library.hstu_attention_rows.argtypes = _ARGTYPES
-        library.hstu_attention_rows.restype = ctypes.c_int
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, ctypes.c_int
     return library
 
 
@@ -84,8 +93,78 @@ def pointwise_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     _check(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, cached, tables)
     return OPERATOR(
         q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, cached, key_scale,
-        tables.position_bias.detach(), tables.position_thresholds, tables.position_octave,
-        tables.time_bias.detach(), tables.time_thresholds, tables.time_octave, alpha, normaliser)
+        tables.position_bias, tables.position_thresholds, tables.position_octave,
+        tables.time_bias, tables.time_thresholds, tables.time_octave, alpha, normaliser)
+
+
+def _split(count: int, work: int, run: Callable[[int, int, int], int]) -> None:
+    """Run ``run(worker, begin, end)`` over ``[0, count)`` split in ranges over up to ``torch.get_num_threads()``
+    threads (one range per :data:`PARALLEL_MIN_WORK` of ``work``); the calling thread takes the first range. The C
+    code releases the GIL (ctypes does), so the ranges run at once."""
+    workers = _workers(count, work)
+    bounds = [count * w // workers for w in range(workers + 1)]
+    statuses = [0] * workers
+
+    def task(w: int) -> None:
+        statuses[w] = run(w, bounds[w], bounds[w + 1])
+
+    pool = [threading.Thread(target=task, args=(w,)) for w in range(1, workers)]
+    for thread in pool:
+        thread.start()
+    task(0)
+    for thread in pool:
+        thread.join()
+    if any(statuses):
+        raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
+
+
+def _workers(count: int, work: int) -> int:
+    return max(1, min(torch.get_num_threads(), count, work // PARALLEL_MIN_WORK or 1))
+
+
+@dataclass
+class _Call:
+    """One call's tensors as the C code reads them (contiguous, float32 tables), and its sizes."""
+
+    q: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    query_pos: torch.Tensor
+    query_time: torch.Tensor
+    key_pos: torch.Tensor
+    key_time: torch.Tensor
+    key_valid: torch.Tensor
+    scale: torch.Tensor | None
+    position_bias: torch.Tensor
+    position_thresholds: torch.Tensor
+    time_bias: torch.Tensor
+    time_thresholds: torch.Tensor
+
+    @classmethod
+    def of(cls, *tensors: torch.Tensor | None) -> _Call:
+        (q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, scale, position_bias,
+         position_thresholds, time_bias, time_thresholds) = tensors
+        return cls(*(None if t is None else t.detach().contiguous() for t in (
+            q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
+            None if scale is None else scale.to(torch.float32), position_bias.to(torch.float32),
+            position_thresholds, time_bias.to(torch.float32), time_thresholds)))
+
+    def sizes(self, cached: int) -> tuple[int, ...]:
+        """``B, H, Hk, Hm, T, S, n, d_k, d_v``."""
+        batch, heads, length, key_dim = self.q.shape
+        return (batch, heads, self.values.shape[1], self.key_pos.shape[1], length, self.keys.shape[2], cached,
+                key_dim, self.values.shape[3])
+
+    def metadata(self) -> tuple[int | None, ...]:
+        """Pointers of the positions, times, key metadata and scale."""
+        return (self.query_pos.data_ptr(), self.query_time.data_ptr(), self.key_pos.data_ptr(),
+                self.key_time.data_ptr(), self.key_valid.data_ptr(),
+                None if self.scale is None else self.scale.data_ptr())
+
+    def tables(self, position_octave: int, time_octave: int) -> tuple[int, ...]:
+        return (self.position_bias.data_ptr(), self.position_thresholds.data_ptr(), self.position_bias.shape[0],
+                position_octave, self.time_bias.data_ptr(), self.time_thresholds.data_ptr(),
+                self.time_bias.shape[0], time_octave)
 
 
 @torch.library.custom_op("malloc::hstu_pointwise_attention", mutates_args=())
@@ -97,54 +176,91 @@ def _operator(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_p
     library = _library()
     if library is None:
         raise RuntimeError(f"the C kernel {SOURCE} is not available")
-    batch, heads, length, key_dim = q.shape
-    key_heads, width, value_dim = values.shape[1], keys.shape[2], values.shape[3]
-    meta_heads = key_pos.shape[1]
-    q, values = q.contiguous(), values.contiguous()
-    keys_t = keys.transpose(-1, -2).contiguous()
-    query_pos, query_time = query_pos.contiguous(), query_time.contiguous()
-    key_pos, key_time, key_valid = key_pos.contiguous(), key_time.contiguous(), key_valid.contiguous()
-    scale = None if key_scale is None else key_scale.to(torch.float32).contiguous()
-    position_bias, time_bias = (t.to(torch.float32).contiguous() for t in (position_bias, time_bias))
-    position_thresholds, time_thresholds = position_thresholds.contiguous(), time_thresholds.contiguous()
+    call = _Call.of(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, key_scale, position_bias,
+                    position_thresholds, time_bias, time_thresholds)
+    sizes = call.sizes(cached)
+    batch, heads, _, _, length, width, _, _, value_dim = sizes
+    keys_t = call.keys.transpose(-1, -2).contiguous()
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
-
-    def rows(begin: int, end: int) -> int:
-        return library.hstu_attention_rows(
-            batch, heads, key_heads, meta_heads, length, width, cached, key_dim, value_dim,
-            q.data_ptr(), keys_t.data_ptr(), values.data_ptr(), query_pos.data_ptr(), query_time.data_ptr(),
-            key_pos.data_ptr(), key_time.data_ptr(), key_valid.data_ptr(), None if scale is None else scale.data_ptr(),
-            position_bias.data_ptr(), position_thresholds.data_ptr(), position_bias.shape[0], position_octave,
-            time_bias.data_ptr(), time_thresholds.data_ptr(), time_bias.shape[0], time_octave, alpha,
-            1.0 / normaliser, out.data_ptr(), begin, end)
-
-    total = batch * length
-    workers = max(1, min(torch.get_num_threads(), total, (total * width * heads) // PARALLEL_MIN_WORK or 1))
-    bounds = [total * w // workers for w in range(workers + 1)]
-    statuses = [0] * workers
-
-    def run(w: int) -> None:
-        statuses[w] = rows(bounds[w], bounds[w + 1])
-
-    pool = [threading.Thread(target=run, args=(w,)) for w in range(1, workers)]
-    for thread in pool:
-        thread.start()
-    run(0)  # the calling thread takes the first range
-    for thread in pool:
-        thread.join()
-    if any(statuses):
-        raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
+    head = (call.q.data_ptr(), keys_t.data_ptr(), call.values.data_ptr())
+    tail = (*call.metadata(), *call.tables(position_octave, time_octave), alpha, 1.0 / normaliser, out.data_ptr())
+    _split(batch * length, batch * length * width * heads,
+           lambda _, begin, end: library.hstu_attention_rows(*sizes, *head, *tail, begin, end))
     return out
 
 
-# the operator as the dispatcher knows it (profiler and flop counter key on it)
+@torch.library.custom_op("malloc::hstu_pointwise_attention_backward", mutates_args=())
+def _backward_operator(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       query_pos: torch.Tensor, query_time: torch.Tensor, key_pos: torch.Tensor,
+                       key_time: torch.Tensor, key_valid: torch.Tensor, cached: int, key_scale: torch.Tensor | None,
+                       position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
+                       time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int, alpha: float,
+                       normaliser: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+    """The gradients of :func:`_operator` in q, keys, values, position_bias and time_bias, given ``grad`` of its
+    output. Batch rows are split over threads (each row's key and value gradients are its own); each thread sums
+    the bias gradients in float64, and the threads' sums are added at the end."""
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the C kernel {SOURCE} is not available")
+    call = _Call.of(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, key_scale, position_bias,
+                    position_thresholds, time_bias, time_thresholds)
+    sizes = call.sizes(cached)
+    batch, heads, _, _, length, width, _, _, _ = sizes
+    grad = grad.detach().to(torch.float32).contiguous()
+    keys_t, values_t = (x.transpose(-1, -2).contiguous() for x in (call.keys, call.values))
+    dq, dkeys, dvalues = torch.empty_like(call.q), torch.zeros_like(call.keys), torch.zeros_like(call.values)
+    workers = _workers(batch, batch * length * width * heads)
+    dposition = torch.zeros(workers, call.position_bias.shape[0], dtype=torch.float64)
+    dtime = torch.zeros(workers, call.time_bias.shape[0], dtype=torch.float64)
+    head = (call.q.data_ptr(), keys_t.data_ptr(), call.keys.data_ptr(), values_t.data_ptr(), call.values.data_ptr())
+    tail = (*call.metadata(), *call.tables(position_octave, time_octave), alpha, 1.0 / normaliser, grad.data_ptr(),
+            dq.data_ptr(), dkeys.data_ptr(), dvalues.data_ptr())
+    _split(batch, batch * length * width * heads,
+           lambda w, begin, end: library.hstu_attention_backward_rows(
+               *sizes, *head, *tail, dposition[w].data_ptr(), dtime[w].data_ptr(), begin, end))
+    return (dq, dkeys, dvalues, dposition.sum(0).to(position_bias.dtype), dtime.sum(0).to(time_bias.dtype))
+
+
+# the operators as the dispatcher knows them (profiler and flop counter key on them)
 OPERATOR = torch.ops.malloc.hstu_pointwise_attention
+BACKWARD = torch.ops.malloc.hstu_pointwise_attention_backward
 
 
 @_operator.register_fake
 def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *args: object) -> torch.Tensor:
     batch, heads, length, _ = q.shape
     return q.new_empty(batch, length, heads, values.shape[3])
+
+
+@_backward_operator.register_fake
+def _(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *args: object
+      ) -> tuple[torch.Tensor, ...]:
+    position_bias, time_bias = args[7], args[10]
+    return (torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values), torch.empty_like(position_bias),
+            torch.empty_like(time_bias))
+
+
+_INPUTS = ("q", "keys", "values", "query_pos", "query_time", "key_pos", "key_time", "key_valid", "cached",
+           "key_scale", "position_bias", "position_thresholds", "position_octave", "time_bias", "time_thresholds",
+           "time_octave", "alpha", "normaliser")
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    """Keep the inputs: the backward recomputes the scores from them, so nothing of ``(T, S)`` size is kept."""
+    ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
+    ctx.numbers = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    inputs = [number if tensor is None else tensor for tensor, number in zip(ctx.saved_tensors, ctx.numbers,
+                                                                              strict=True)]
+    dq, dkeys, dvalues, dposition, dtime = BACKWARD(grad, *inputs)
+    grads = {"q": dq, "keys": dkeys, "values": dvalues, "position_bias": dposition, "time_bias": dtime}
+    return tuple(grads.get(name) for name in _INPUTS)
+
+
+_operator.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,

@@ -75,15 +75,17 @@ static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return
 
 static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
 
-/* scores[j] = bias[j] + sum_d qs[d] * keys_t[d * S + j] for j < width: 32 keys at a time on four independent
- * v8f sums (one sum alone would wait on each multiply-add's latency), the rest one by one */
+/* scores[j] = bias[j] + sum_d qs[d] * keys_t[d * S + j] for j < width (bias NULL: 0): 32 keys at a time on four
+ * independent v8f sums (one sum alone would wait on each multiply-add's latency), then 8 at a time, the rest one
+ * by one */
 static inline __attribute__((always_inline)) void block_scores(
     const int64_t DK, int64_t S, int64_t width, const float *qs, const float *keys_t, const float *bias,
     float *scores)
 {
     int64_t j = 0;
     for (; j + 32 <= width; j += 32) {
-        v8f s0 = load8(bias + j), s1 = load8(bias + j + 8), s2 = load8(bias + j + 16), s3 = load8(bias + j + 24);
+        v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        if (bias) { s0 = load8(bias + j); s1 = load8(bias + j + 8); s2 = load8(bias + j + 16); s3 = load8(bias + j + 24); }
         for (int64_t d = 0; d < DK; d++) {
             const float *column = keys_t + d * S + j;
             v8f qd = (v8f){0} + qs[d];
@@ -95,7 +97,7 @@ static inline __attribute__((always_inline)) void block_scores(
         store8(scores + j, s0); store8(scores + j + 8, s1); store8(scores + j + 16, s2); store8(scores + j + 24, s3);
     }
     for (; j < width; j++) {
-        float s = bias[j];
+        float s = bias ? bias[j] : 0.0f;
         for (int64_t d = 0; d < DK; d++) s += qs[d] * keys_t[d * S + j];
         scores[j] = s;
     }
@@ -184,21 +186,28 @@ static int64_t monotone_runs(int64_t S, const int64_t *kp, const int64_t *kt, in
 /* a key seen by a query: its bias, and its weight multiplier (inv_norm, times key_scale on cached keys) */
 static inline void one_key(int64_t j, int64_t qp, int64_t qt, const int64_t *kp, const int64_t *kt,
                            const uint8_t *kv, const Tables *t, float weight_cached, float weight_new, int64_t n,
-                           float *bias, float *mask) {
-    if (!(kv[j] && kp[j] < qp)) { bias[j] = 0.0f; mask[j] = 0.0f; return; }
+                           float *bias, float *mask, int32_t *buckets) {
+    if (!(kv[j] && kp[j] < qp)) {
+        bias[j] = 0.0f; mask[j] = 0.0f;
+        if (buckets) buckets[2 * j] = buckets[2 * j + 1] = 0;
+        return;
+    }
     int pb = bucket_of(distance(qp, kp[j]), t->position_thresholds, t->position_buckets, t->position_octave);
     int tb = bucket_of(distance(qt, kt[j]), t->time_thresholds, t->time_buckets, t->time_octave);
     bias[j] = t->position_bias[pb] + t->time_bias[tb];
     mask[j] = j < n ? weight_cached : weight_new;
+    if (buckets) { buckets[2 * j] = pb; buckets[2 * j + 1] = tb; }
 }
 
 /* The bias and mask rows of query (qp, qt) over S keys (the diagonal excluded: the caller adds it), and the first
  * and last key it sees (first = S when none). Within a monotone run, the keys before the query (kp < qp, kt <= qt)
  * are a prefix whose distances shrink along the run, so both buckets are step functions of j: each step is
- * bucketed once and its end found by a search on positions and times. The rest of a run is done key by key. */
+ * bucketed once and its end found by a search on positions and times. The rest of a run is done key by key.
+ * buckets: where each key's (position, time) buckets go (2 S entries; 0 for unseen keys), or NULL. */
 static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt, const uint8_t *kv,
                      const int64_t *starts, int64_t runs, int64_t qp, int64_t qt, const Tables *t,
-                     float weight_cached, float weight_new, float *bias, float *mask, int64_t *first, int64_t *last) {
+                     float weight_cached, float weight_new, float *bias, float *mask, int32_t *buckets,
+                     int64_t *first, int64_t *last) {
     for (int64_t r = 0; r < runs; r++) {
         int64_t low = starts[r], high = starts[r + 1];
         int64_t end = first_above(kp, low, high, qp - 1);  /* kp < qp before end */
@@ -213,10 +222,13 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
             stop = stop_time < stop ? stop_time : stop;
             float value = t->position_bias[pb] + t->time_bias[tb];
             for (int64_t k = j; k < stop; k++) bias[k] = value;
+            if (buckets)
+                for (int64_t k = j; k < stop; k++) { buckets[2 * k] = pb; buckets[2 * k + 1] = tb; }
             j = stop;
         }
         for (int64_t k = low; k < end; k++) mask[k] = kv[k] ? (k < n ? weight_cached : weight_new) : 0.0f;
-        for (int64_t k = end; k < high; k++) one_key(k, qp, qt, kp, kt, kv, t, weight_cached, weight_new, n, bias, mask);
+        for (int64_t k = end; k < high; k++)
+            one_key(k, qp, qt, kp, kt, kv, t, weight_cached, weight_new, n, bias, mask, buckets);
     }
     int64_t j = 0;
     while (j < S && mask[j] == 0.0f) j++;
@@ -267,7 +279,7 @@ int hstu_attention_rows(
             for (int64_t m = 0; m < Hm; m++)
                 fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, key_valid + (b * Hm + m) * S,
                          starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + m * S,
-                         mask + m * S, firsts + m, lasts + m);
+                         mask + m * S, NULL, firsts + m, lasts + m);
         }
         for (int64_t h = 0; h < H; h++) {
             int64_t m = h / heads_per_meta, kh = h / heads_per_key;
@@ -284,5 +296,140 @@ int hstu_attention_rows(
         }
     }
     free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
+    return 0;
+}
+
+/* rows[j * D + d] += coefficients[j] * vector[d] for j < width: the vector held in v8f registers when D is a
+ * multiple of 8 (one pass of loads and stores over the rows, no reload of the vector) */
+static inline __attribute__((always_inline)) void outer_update(
+    const int64_t D, int64_t width, const float *coefficients, const float *vector, float *rows)
+{
+    if (D % 8 == 0) {
+        v8f held[D / 8 > 0 ? D / 8 : 1];
+        for (int64_t c = 0; c < D / 8; c++) held[c] = load8(vector + 8 * c);
+        for (int64_t j = 0; j < width; j++) {
+            v8f x = (v8f){0} + coefficients[j];
+            for (int64_t c = 0; c < D / 8; c++) store8(rows + j * D + 8 * c, load8(rows + j * D + 8 * c) + x * held[c]);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < width; j++)
+        for (int64_t d = 0; d < D; d++) rows[j * D + d] += coefficients[j] * vector[d];
+}
+
+/* the gradient of one query head's row (head_row's inputs, plus dout_i, the gradient of its output):
+ *     w_j = mask_j SiLU(s_j), s_j = qs . k_j + bias_j,  out_i = sum_j w_j v_j (+ the diagonal, mask inv_norm)
+ *     dv_j += w_j dout_i;  ds_j = (dout_i . v_j) mask_j SiLU'(s_j);  dk_j += ds_j qs;  dq_i = alpha sum_j ds_j k_j
+ * and ds_j is added to dsum[j] (the bias gradient of the row, summed over the heads that share it). Returns the
+ * diagonal's ds (the gradient of the distance-0 bias). dk and dv are (S, DK) and (S, DV), accumulated. */
+static inline __attribute__((always_inline)) float head_row_backward(
+    const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *qi, float alpha,
+    const float *keys_t, const float *keys, const float *values_t, const float *values, const float *bias,
+    const float *mask, int64_t self, float self_bias, float inv_norm, const float *dout, float *weights,
+    float *dscores, float *dsum, float *dq, float *dk, float *dv)
+{
+    float qs[DK], acc[DK];
+    for (int64_t d = 0; d < DK; d++) { qs[d] = alpha * qi[d]; acc[d] = 0.0f; }
+    for (int64_t start = first; start <= last; start += KEY_BLOCK) {
+        int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
+        block_scores(DK, S, width, qs, keys_t + start, bias + start, weights);
+        block_scores(DV, S, width, dout, values_t + start, NULL, dscores);  /* dout . v_j */
+        const float *mb = mask + start;
+        for (int64_t j = 0; j < width; j++) {
+            float x = weights[j], sig = 1.0f / (1.0f + exp_clamped(-x));
+            weights[j] = mb[j] * x * sig;
+            dscores[j] *= mb[j] * sig * (1.0f + x * (1.0f - sig));
+        }
+        for (int64_t j = 0; j < width; j++) dsum[start + j] += dscores[j];
+        outer_update(DV, width, weights, dout, dv + start * DV);  /* dv_j += w_j dout */
+        outer_update(DK, width, dscores, qs, dk + start * DK);    /* dk_j += ds_j qs */
+        block_values(DK, width, dscores, keys + start * DK, acc);
+    }
+    float x = self_bias, dw = 0.0f;  /* the diagonal */
+    for (int64_t d = 0; d < DK; d++) x += qs[d] * keys[self * DK + d];
+    for (int64_t d = 0; d < DV; d++) dw += dout[d] * values[self * DV + d];
+    float sig = 1.0f / (1.0f + exp_clamped(-x)), w = inv_norm * x * sig;
+    float ds = dw * inv_norm * sig * (1.0f + x * (1.0f - sig));
+    for (int64_t d = 0; d < DV; d++) dv[self * DV + d] += w * dout[d];
+    for (int64_t d = 0; d < DK; d++) { dk[self * DK + d] += ds * qs[d]; acc[d] += ds * keys[self * DK + d]; }
+    for (int64_t d = 0; d < DK; d++) dq[d] = alpha * acc[d];
+    return ds;
+}
+
+/* The gradients of hstu_attention_rows for the batch rows [batch_begin, batch_end), given dout (B, T, H, dv):
+ * dq (B, H, T, dk) written; dk (B, Hk, S, dk) and dv (B, Hk, S, dv) accumulated (zero them first);
+ * dposition (position_buckets) and dtime (time_buckets) accumulated in double. Other arguments as
+ * hstu_attention_rows, plus keys (B, Hk, S, dk) and values_t (B, Hk, dv, S) in the other layout. Returns 0,
+ * or -1 when its buffers could not be allocated. */
+int hstu_attention_backward_rows(
+    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    const float *q, const float *keys_t, const float *keys, const float *values_t, const float *values,
+    const int64_t *query_pos, const int64_t *query_time,
+    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
+    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
+    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    float alpha, float inv_norm, const float *dout, float *dq, float *dkeys, float *dvalues, double *dposition,
+    double *dtime, int64_t batch_begin, int64_t batch_end)
+{
+    (void)B;
+    float *bias = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
+    float *mask = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
+    float *dsum = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
+    int32_t *buckets = malloc(sizeof(int32_t) * (size_t)(2 * Hm * S > 0 ? 2 * Hm * S : 1));
+    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)Hm), *lasts = malloc(sizeof(int64_t) * (size_t)Hm);
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(Hm * (S + 1))), *runs = malloc(sizeof(int64_t) * (size_t)Hm);
+    float *weights = malloc(sizeof(float) * KEY_BLOCK), *dscores = malloc(sizeof(float) * KEY_BLOCK);
+    if (!bias || !mask || !dsum || !buckets || !firsts || !lasts || !starts || !runs || !weights || !dscores) {
+        free(bias); free(mask); free(dsum); free(buckets); free(firsts); free(lasts); free(starts); free(runs);
+        free(weights); free(dscores);
+        return -1;
+    }
+    Tables tables = {position_bias, time_bias, position_thresholds, time_thresholds, (int)position_buckets,
+                     (int)time_buckets, (int)position_octave, (int)time_octave};
+    int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
+    float self_bias = position_bias[0] + time_bias[0];
+    double self_grad = 0.0;
+    for (int64_t b = batch_begin; b < batch_end; b++) {
+        float weight_cached = inv_norm * (key_scale != NULL ? key_scale[b] : 1.0f);
+        for (int64_t m = 0; m < Hm; m++)
+            runs[m] = monotone_runs(S, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, starts + m * (S + 1));
+        for (int64_t i = 0; i < T; i++) {
+            int64_t qp = query_pos[b * T + i], qt = query_time[b * T + i];
+            for (int64_t m = 0; m < Hm; m++) {
+                fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, key_valid + (b * Hm + m) * S,
+                         starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + m * S,
+                         mask + m * S, buckets + 2 * m * S, firsts + m, lasts + m);
+                for (int64_t j = firsts[m]; j <= lasts[m]; j++) dsum[m * S + j] = 0.0f;
+            }
+            for (int64_t h = 0; h < H; h++) {
+                int64_t m = h / heads_per_meta, kh = h / heads_per_key, head = b * Hk + kh;
+                const float *qi = q + ((b * H + h) * T + i) * dk, *gi = dout + ((b * T + i) * H + h) * dv;
+                float *dqi = dq + ((b * H + h) * T + i) * dk;
+                const float *bm = bias + m * S, *mm = mask + m * S;
+                float *dk_head = dkeys + head * S * dk, *dv_head = dvalues + head * S * dv, *ds = dsum + m * S;
+                if (dk == 16 && dv == 16)
+                    self_grad += head_row_backward(16, 16, S, firsts[m], lasts[m], qi, alpha, keys_t + head * dk * S,
+                                                   keys + head * S * dk, values_t + head * dv * S,
+                                                   values + head * S * dv, bm, mm, n + i, self_bias, inv_norm, gi,
+                                                   weights, dscores, ds, dqi, dk_head, dv_head);
+                else
+                    self_grad += head_row_backward(dk, dv, S, firsts[m], lasts[m], qi, alpha, keys_t + head * dk * S,
+                                                   keys + head * S * dk, values_t + head * dv * S,
+                                                   values + head * S * dv, bm, mm, n + i, self_bias, inv_norm, gi,
+                                                   weights, dscores, ds, dqi, dk_head, dv_head);
+            }
+            for (int64_t m = 0; m < Hm; m++) {
+                const int32_t *bk = buckets + 2 * m * S;
+                for (int64_t j = firsts[m]; j <= lasts[m]; j++) {
+                    dposition[bk[2 * j]] += dsum[m * S + j];
+                    dtime[bk[2 * j + 1]] += dsum[m * S + j];
+                }
+            }
+        }
+    }
+    dposition[0] += self_grad;  /* the diagonal's bias: distance 0, bucket 0 of both tables */
+    dtime[0] += self_grad;
+    free(bias); free(mask); free(dsum); free(buckets); free(firsts); free(lasts); free(starts); free(runs);
+    free(weights); free(dscores);
     return 0;
 }

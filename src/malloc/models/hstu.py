@@ -257,10 +257,10 @@ class HSTULayer(AttentionLayer):
         return visibility(tokens, cache)
 
     def kernel_applies(self, q: torch.Tensor, tokens: TokenBatch, need_weights: bool) -> bool:
-        """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``): no weights and no gradients asked
-        for, float32 on the CPU, integer times, this class's mask (a scheme that changes :meth:`visible` keeps
-        the PyTorch path), and the kernel built."""
-        return (self.use_kernel and not need_weights and not torch.is_grad_enabled() and q.device.type == "cpu"
+        """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``, forward and backward): no weights
+        asked for, float32 on the CPU, integer times, this class's mask (a scheme that changes :meth:`visible`
+        keeps the PyTorch path), and the kernel built."""
+        return (self.use_kernel and not need_weights and q.device.type == "cpu"
                 and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
                 and type(self).visible is HSTULayer.visible and kernel.available())
 
