@@ -1,7 +1,8 @@
 """HSTU's attention tiles on this CPU: prefill time against the tile size, and ``torch.compile`` against eager.
 
-- ``--tiles``: one history of ``--length`` random events is prefilled (Native, no gradients) with every layer's
-  ``tile_pairs`` set to each of ``--tile-pairs`` in turn, the list run twice; seconds per prefill.
+- ``--tiles``: one history of ``--length`` random events is prefilled (Native, no gradients, the PyTorch path:
+  the C kernel, which has no tiles, turned off) with every layer's ``tile_pairs`` set to each of
+  ``--tile-pairs`` in turn, the list run twice; seconds per prefill.
 - ``--gathers``: the relative bias of a tile read four ways from random bucket indices (``--shapes``): two
   ``torch.take``, two plain indexings, two ``index_select`` of flat indices, and one ``index_select`` from the joint
   table of every ``position + time`` sum at index ``p * time_buckets + t`` (what ``RelativeBias`` does; the index
@@ -29,7 +30,7 @@ from _common import int_list
 from malloc.heap import retain_freed_memory
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
-from malloc.models.hstu import HSTULayer, RelativeBias, hstu_attention_fused
+from malloc.models.hstu import HSTULayer, RelativeBias, hstu_attention_fused, use_kernels
 from malloc.profiling.latency import synthetic_events
 from malloc.serving.engine import Engine
 
@@ -43,6 +44,7 @@ def shape_list(text: str) -> list[tuple[int, int, int]]:
 
 def tiles(args: argparse.Namespace) -> None:
     model = build_model_for(ModelConfig(backbone="hstu"), 10_000).eval()
+    use_kernels(model, False)  # tiles are the PyTorch path's
     events = synthetic_events(1, args.length, 10_000, 0)
     engine = Engine(model)
     with torch.no_grad():

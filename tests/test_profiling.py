@@ -197,6 +197,29 @@ def test_latency_benchmark_reports_rooflines(capsys, benchmark_script):
         module.main(["--users", "0"])
 
 
+def test_latency_benchmark_times_the_kernel_on_and_off(capsys, benchmark_script):
+    """--kernels on,off: one HSTU point per setting, side by side; SASRec (no HSTU layer) only once; a bad
+    setting is an argparse error."""
+    module = benchmark_script("latency")
+    assert module.main(["--backbones", "hstu,sasrec", "--lengths", "8", "--candidates", "4", "--threads", "1",
+                        "--min-repeats", "2", "--min-seconds", "0", "--recompute-min-repeats", "1",
+                        "--kernels", "on,off", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["backbone"], r["kernel"]) for r in rows] == [("hstu", "on"), ("hstu", "off"), ("sasrec", "on")]
+    for bad in ("maybe", "on,on", ""):
+        with pytest.raises(SystemExit):
+            module.main(["--kernels", bad])
+
+
+def test_throughput_benchmark_times_the_kernel_on_and_off(capsys, benchmark_script):
+    module = benchmark_script("throughput")
+    assert module.main(["--backbones", "hstu", "--max-len", "12", "--batch-size", "2", "--num-items", "50",
+                        "--warmup-steps", "1", "--steps", "2", "--threads", "1", "--kernels", "off,on",
+                        "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kernel"] for r in rows] == ["off", "on"] and all(r["events_per_s"] > 0 for r in rows)
+
+
 def test_request_profile_benchmark_lists_operators(capsys, benchmark_script):
     """benchmarks/request_profile.py: the top operators of a request, their shares of the operator time in
     decreasing order; bad sizes are argparse errors."""

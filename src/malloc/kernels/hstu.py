@@ -1,9 +1,9 @@
-"""HSTU's pointwise attention as one compiled CPU kernel (forward only, float32): ``hstu_attention.c``.
+"""HSTU's pointwise attention as one compiled CPU kernel, forward and backward, float32: ``hstu_attention.c``.
 
 It computes the outputs of ``malloc.models.hstu.hstu_attention`` with its default mask (a key is seen when it is
 valid and earlier, and each query sees itself) and its relative bias, reading every ``(query, key)`` pair once: no
-``(T, S)`` bias, mask or score tensor exists. The reference stays the oracle (tests/test_kernels.py) and the path
-for gradients, other dtypes, other masks and attention weights.
+``(T, S)`` bias, mask or score tensor exists. Its gradients recompute the scores. The reference stays the oracle
+(tests/test_kernels.py) and the path for other dtypes, other masks, attention weights and GPUs.
 """
 
 from __future__ import annotations
