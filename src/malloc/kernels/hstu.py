@@ -167,18 +167,23 @@ class _Call:
                 self.time_bias.shape[0], time_octave)
 
 
+def _prepare(cached: int, *tensors: torch.Tensor | None) -> tuple[ctypes.CDLL, _Call, tuple[int, ...]]:
+    """The loaded library, the call's tensors as the C code reads them, and its sizes (:meth:`_Call.sizes`)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"the C kernel {SOURCE} is not available")
+    call = _Call.of(*tensors)
+    return library, call, call.sizes(cached)
+
+
 @torch.library.custom_op("malloc::hstu_pointwise_attention", mutates_args=())
 def _operator(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,
               query_time: torch.Tensor, key_pos: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
               cached: int, key_scale: torch.Tensor | None, position_bias: torch.Tensor,
               position_thresholds: torch.Tensor, position_octave: int, time_bias: torch.Tensor,
               time_thresholds: torch.Tensor, time_octave: int, alpha: float, normaliser: float) -> torch.Tensor:
-    library = _library()
-    if library is None:
-        raise RuntimeError(f"the C kernel {SOURCE} is not available")
-    call = _Call.of(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, key_scale, position_bias,
-                    position_thresholds, time_bias, time_thresholds)
-    sizes = call.sizes(cached)
+    library, call, sizes = _prepare(cached, q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
+                                    key_scale, position_bias, position_thresholds, time_bias, time_thresholds)
     batch, heads, _, _, length, width, _, _, value_dim = sizes
     keys_t = call.keys.transpose(-1, -2).contiguous()
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
@@ -200,12 +205,8 @@ def _backward_operator(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, 
     """The gradients of :func:`_operator` in q, keys, values, position_bias and time_bias, given ``grad`` of its
     output. Batch rows are split over threads (each row's key and value gradients are its own); each thread sums
     the bias gradients in float64, and the threads' sums are added at the end."""
-    library = _library()
-    if library is None:
-        raise RuntimeError(f"the C kernel {SOURCE} is not available")
-    call = _Call.of(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, key_scale, position_bias,
-                    position_thresholds, time_bias, time_thresholds)
-    sizes = call.sizes(cached)
+    library, call, sizes = _prepare(cached, q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
+                                    key_scale, position_bias, position_thresholds, time_bias, time_thresholds)
     batch, heads, _, _, length, width, _, _, _ = sizes
     grad = grad.detach().to(torch.float32).contiguous()
     keys_t, values_t = (x.transpose(-1, -2).contiguous() for x in (call.keys, call.values))
