@@ -99,26 +99,21 @@ def recompute_macs(cfg: ModelConfig, history_len: int, new_events: int, candidat
     return macs + request_macs(cfg, total, 0, candidates, candidate_chunk, catalogue)
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """PyTorch's CPU flash attention (SASRec's fused path) has no formula in the counter: ``q k^T`` + ``a v``."""
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Operators the counter has no formula for, counted as ``q k^T`` + ``a v``: PyTorch's CPU flash attention
+    (SASRec's fused path) and HSTU's C kernel (:mod:`malloc.kernels.hstu`)."""
     batch, heads, queries, key_dim = query_shape
     keys, value_dim = key_shape[2], value_shape[3]
     return 2 * batch * heads * queries * keys * (key_dim + value_dim)
-
-
-def _hstu_kernel_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """HSTU's C kernel (:mod:`malloc.kernels.hstu`) counts as the reference's ``q k^T`` and ``a v``."""
-    batch, heads, queries, key_dim = query_shape
-    return 2 * batch * heads * queries * key_shape[2] * (key_dim + value_shape[3])
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (matrix products;
     the CPU fused attention kernel and HSTU's C kernel included), to cross-check the analytic MACs
     (``FLOPs = 2 MACs``)."""
-    mapping = {kernel.OPERATOR: _hstu_kernel_flops}
+    mapping = {kernel.OPERATOR: _attention_flops}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+        mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _attention_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
