@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # -ffinite-math-only and -fno-signed-zeros let min, max and floor vectorise; the kernels rely on no infinity or NaN
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
          "-shared", "-fPIC")
+# tried first: OpenMP, whose runtime (libgomp.so.1) is then the one PyTorch has already loaded, so the kernels'
+# threads are PyTorch's; where the compiler has no OpenMP, the build without it runs on one thread
+OPENMP = ("-fopenmp",)
 BUILD_TIMEOUT_S = 120
 
 
@@ -58,32 +61,37 @@ def _version(compiler: str) -> str:
 
 @functools.cache
 def load(source: str) -> ctypes.CDLL | None:
-    """The library built from ``malloc/kernels/<source>``, or None (logged once) where it cannot be built."""
+    """The library built from ``malloc/kernels/<source>`` (with OpenMP where the compiler has it), or None
+    (logged once) where it cannot be built."""
     compiler = _compiler()
     if compiler is None:
         log.warning("no C compiler (cc, gcc or $CC) found: %s is not built; the PyTorch path runs instead", source)
         return None
     code = resources.files("malloc.kernels").joinpath(source).read_bytes()
-    try:
-        key = hashlib.sha256(b"\0".join([code, " ".join(FLAGS).encode(), _version(compiler).encode(),
-                                         _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"{Path(source).stem}-{key}.so"
-        if not target.exists():
-            _build(compiler, code, source, target)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("could not build or load the C kernel %s (%s); the PyTorch path runs instead", source, error)
-        return None
+    errors = []
+    for flags in ((*FLAGS, *OPENMP), FLAGS):
+        try:
+            key = hashlib.sha256(b"\0".join([code, " ".join(flags).encode(), _version(compiler).encode(),
+                                             _cpu_identity().encode(), platform.machine().encode()])).hexdigest()
+            target = cache_dir() / f"{Path(source).stem}-{key[:16]}.so"
+            if not target.exists():
+                _build(compiler, flags, code, source, target)
+            return ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as error:
+            errors.append(str(error))
+    log.warning("could not build or load the C kernel %s (%s); the PyTorch path runs instead", source,
+                "; without OpenMP: ".join(errors))
+    return None
 
 
-def _build(compiler: str, code: bytes, source: str, target: Path) -> None:
+def _build(compiler: str, flags: tuple[str, ...], code: bytes, source: str, target: Path) -> None:
     """Compile ``code`` into ``target`` through a temporary file in the same folder, renamed when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as work:
         src = Path(work) / source
         src.write_bytes(code)
         built = Path(work) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(src), "-o", str(built)], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S, check=False)
         if done.returncode != 0:
             raise OSError(f"{compiler} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")

@@ -9,8 +9,6 @@ valid and earlier, and each query sees itself) and its relative bias, reading ev
 from __future__ import annotations
 
 import ctypes
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +18,16 @@ from malloc.kernels.build import load
 
 SOURCE = "hstu_attention.c"
 # below this many (query, key, head) triples a call runs on the calling thread alone
-PARALLEL_MIN_WORK = 1 << 21
+PARALLEL_MIN_WORK = 1 << 18
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
-# the C signatures: sizes, tensors, positions and times, key metadata and scale, tables, alpha, 1 / N, outputs, range
+# the C signatures: sizes, tensors, positions and times, key metadata and scale, tables, alpha, 1 / N, outputs,
+# threads
 _SIGNATURES = {
-    "hstu_attention_rows": [_INT] * 9 + [_POINTER] * 3 + [_POINTER] * 6 + _TABLES
-                           + [_FLOAT, _FLOAT, _POINTER, _INT, _INT],
-    "hstu_attention_backward_rows": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
-                                    + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT, _INT],
+    "hstu_attention": [_INT] * 9 + [_POINTER] * 3 + [_POINTER] * 6 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
+    "hstu_attention_backward": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
+                               + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT],
 }
 
 
@@ -59,7 +57,7 @@ def available() -> bool:
 
 def _library() -> ctypes.CDLL | None:
     library = load(SOURCE)
-    if library is not None and library.hstu_attention_rows.argtypes is None:
+    if library is not None and library.hstu_attention.argtypes is None:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, ctypes.c_int
@@ -73,8 +71,8 @@ def pointwise_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     """HSTU attention of new tokens over ``[cached; new]`` keys with the default mask, by the C kernel.
 
     It runs as the operator ``torch.ops.malloc.hstu_pointwise_attention`` (with its gradient), so that the
-    profiler names it and :func:`malloc.models.macs.count_flops` counts it. The query rows are split over
-    ``torch.get_num_threads()`` threads when the call is large enough.
+    profiler names it and :func:`malloc.models.macs.count_flops` counts it. The query rows are split over up to
+    ``torch.get_num_threads()`` threads when the call is large enough (:func:`_workers`).
 
     Args:
         q: ``(B, H, T, d_k)`` queries of the ``T`` new tokens.
@@ -97,28 +95,11 @@ def pointwise_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         tables.time_bias, tables.time_thresholds, tables.time_octave, alpha, normaliser)
 
 
-def _split(count: int, work: int, run: Callable[[int, int, int], int]) -> None:
-    """Run ``run(worker, begin, end)`` over ``[0, count)`` split in ranges over up to ``torch.get_num_threads()``
-    threads (one range per :data:`PARALLEL_MIN_WORK` of ``work``); the calling thread takes the first range. The C
-    code releases the GIL (ctypes does), so the ranges run at once."""
-    workers = _workers(count, work)
-    bounds = [count * w // workers for w in range(workers + 1)]
-    statuses = [0] * workers
-
-    def task(w: int) -> None:
-        statuses[w] = run(w, bounds[w], bounds[w + 1])
-
-    pool = [threading.Thread(target=task, args=(w,)) for w in range(1, workers)]
-    for thread in pool:
-        thread.start()
-    task(0)
-    for thread in pool:
-        thread.join()
-    if any(statuses):
-        raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
-
-
 def _workers(count: int, work: int) -> int:
+    """Threads for a call of ``count`` rows and ``work`` (query, key, head) triples: up to
+    ``torch.get_num_threads()``, one per :data:`PARALLEL_MIN_WORK` of work. The C code runs them as an OpenMP team
+    of PyTorch's own runtime (threads of a separate pool would compete with PyTorch's, which spin between its
+    operators)."""
     return max(1, min(torch.get_num_threads(), count, work // PARALLEL_MIN_WORK or 1))
 
 
@@ -198,10 +179,12 @@ def _forward_impl(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, que
     batch, heads, _, _, length, width, _, _, value_dim = sizes
     keys_t = call.keys.transpose(-1, -2).contiguous()
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
-    head = (call.q.data_ptr(), keys_t.data_ptr(), call.values.data_ptr())
-    tail = (*call.metadata(), *call.tables(position_octave, time_octave), alpha, 1.0 / normaliser, out.data_ptr())
-    _split(batch * length, batch * length * width * heads,
-           lambda _, begin, end: library.hstu_attention_rows(*sizes, *head, *tail, begin, end))
+    status = library.hstu_attention(*sizes, call.q.data_ptr(), keys_t.data_ptr(), call.values.data_ptr(),
+                                    *call.metadata(), *call.tables(position_octave, time_octave), alpha,
+                                    1.0 / normaliser, out.data_ptr(),
+                                    _workers(batch * length, batch * length * width * heads))
+    if status:
+        raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return out
 
 
@@ -224,12 +207,13 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, valu
     workers = _workers(batch, batch * length * width * heads)
     dposition = torch.zeros(workers, call.position_bias.shape[0], dtype=torch.float64)
     dtime = torch.zeros(workers, call.time_bias.shape[0], dtype=torch.float64)
-    head = (call.q.data_ptr(), keys_t.data_ptr(), call.keys.data_ptr(), values_t.data_ptr(), call.values.data_ptr())
-    tail = (*call.metadata(), *call.tables(position_octave, time_octave), alpha, 1.0 / normaliser, grad.data_ptr(),
-            dq.data_ptr(), dkeys.data_ptr(), dvalues.data_ptr())
-    _split(batch, batch * length * width * heads,
-           lambda w, begin, end: library.hstu_attention_backward_rows(
-               *sizes, *head, *tail, dposition[w].data_ptr(), dtime[w].data_ptr(), begin, end))
+    status = library.hstu_attention_backward(
+        *sizes, call.q.data_ptr(), keys_t.data_ptr(), call.keys.data_ptr(), values_t.data_ptr(),
+        call.values.data_ptr(), *call.metadata(), *call.tables(position_octave, time_octave), alpha,
+        1.0 / normaliser, grad.data_ptr(), dq.data_ptr(), dkeys.data_ptr(), dvalues.data_ptr(),
+        dposition.data_ptr(), dtime.data_ptr(), workers)
+    if status:
+        raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return (dq, dkeys, dvalues, dposition.sum(0).to(position_bias.dtype), dtime.sum(0).to(time_bias.dtype))
 
 

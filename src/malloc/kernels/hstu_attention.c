@@ -20,14 +20,17 @@
  * Compiled with -ffinite-math-only (so that the min, max and floor of exp_clamped vectorise): nothing here
  * relies on infinities or NaN; a masked key gets bias 0 and mask 0, so its score stays finite.
  *
- * The work is split by query rows: this call computes the (b, i) rows in [row_begin, row_end) of the B * T rows,
- * so that callers can run disjoint ranges on several threads. Returns 0, or -1 when its buffers could not be
- * allocated (then out is not written).
+ * hstu_attention_rows computes the (b, i) rows in [row_begin, row_end) of the B * T rows; hstu_attention (at the
+ * end) runs one range per thread. Returns 0, or -1 when its buffers could not be allocated (then out is not
+ * written).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define KEY_BLOCK 256
 
@@ -238,7 +241,7 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
     *last = j;
 }
 
-int hstu_attention_rows(
+static int hstu_attention_rows(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
     const float *q, const float *keys_t, const float *values,
     const int64_t *query_pos, const int64_t *query_time,
@@ -361,7 +364,7 @@ static inline __attribute__((always_inline)) float head_row_backward(
  * dposition (position_buckets) and dtime (time_buckets) accumulated in double. Other arguments as
  * hstu_attention_rows, plus keys (B, Hk, S, dk) and values_t (B, Hk, dv, S) in the other layout. Returns 0,
  * or -1 when its buffers could not be allocated. */
-int hstu_attention_backward_rows(
+static int hstu_attention_backward_rows(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
     const float *q, const float *keys_t, const float *keys, const float *values_t, const float *values,
     const int64_t *query_pos, const int64_t *query_time,
@@ -432,4 +435,67 @@ int hstu_attention_backward_rows(
     free(bias); free(mask); free(dsum); free(buckets); free(firsts); free(lasts); free(starts); free(runs);
     free(weights); free(dscores);
     return 0;
+}
+
+/* The exported entry points: the rows (forward) or batch rows (backward) split into one contiguous range per
+ * thread of an OpenMP team of `threads` (built with -fopenmp, this is the OpenMP runtime PyTorch already loaded,
+ * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range. The
+ * backward's thread w accumulates its bias gradients into dposition + w * position_buckets and
+ * dtime + w * time_buckets. Return 0, or -1 when some thread could not allocate its buffers. */
+int hstu_attention(
+    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    const float *q, const float *keys_t, const float *values,
+    const int64_t *query_pos, const int64_t *query_time,
+    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
+    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
+    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    float alpha, float inv_norm, float *out, int64_t threads)
+{
+    int failed = 0;
+    int64_t total = B * T;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
+    {
+        int64_t w = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    {
+        int64_t w = 0, count = 1;
+        (void)threads;
+#endif
+        failed |= hstu_attention_rows(B, H, Hk, Hm, T, S, n, dk, dv, q, keys_t, values, query_pos, query_time,
+                                      key_pos, key_time, key_valid, key_scale, position_bias, position_thresholds,
+                                      position_buckets, position_octave, time_bias, time_thresholds, time_buckets,
+                                      time_octave, alpha, inv_norm, out, total * w / count,
+                                      total * (w + 1) / count) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+int hstu_attention_backward(
+    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    const float *q, const float *keys_t, const float *keys, const float *values_t, const float *values,
+    const int64_t *query_pos, const int64_t *query_time,
+    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
+    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
+    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    float alpha, float inv_norm, const float *dout, float *dq, float *dkeys, float *dvalues, double *dposition,
+    double *dtime, int64_t threads)
+{
+    int failed = 0;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
+    {
+        int64_t w = omp_get_thread_num(), count = omp_get_num_threads();
+#else
+    {
+        int64_t w = 0, count = 1;
+        (void)threads;
+#endif
+        failed |= hstu_attention_backward_rows(
+            B, H, Hk, Hm, T, S, n, dk, dv, q, keys_t, keys, values_t, values, query_pos, query_time, key_pos,
+            key_time, key_valid, key_scale, position_bias, position_thresholds, position_buckets, position_octave,
+            time_bias, time_thresholds, time_buckets, time_octave, alpha, inv_norm, dout, dq, dkeys, dvalues,
+            dposition + w * position_buckets, dtime + w * time_buckets, B * w / count, B * (w + 1) / count) != 0;
+    }
+    return failed ? -1 : 0;
 }
