@@ -5,6 +5,7 @@ HSTU scheme served through the engine. Plus its build (cache, fallback without a
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -278,3 +279,19 @@ def test_build_with_a_failing_compiler_names_its_error(tmp_path, monkeypatch, ca
         assert build.load.__wrapped__(kernel.SOURCE) is None
     assert "exited with 3: cc: fatal error: no space left" in caplog.text
     assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_build_without_openmp_gives_a_one_thread_library(tmp_path, monkeypatch):
+    """A compiler that refuses -fopenmp: the build is retried without it, and that library loads."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    log = tmp_path / "calls"
+    compiler = tmp_path / "cc"
+    compiler.write_text(f'#!/bin/sh\necho "$*" >> {log}\n'
+                        f'for a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MALLOC_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
+    library = build.load.__wrapped__(kernel.SOURCE)
+    builds = [line for line in log.read_text().splitlines() if "-shared" in line]
+    assert library is not None and len(list((tmp_path / "cache").glob("*.so"))) == 1
+    assert len(builds) == 2 and "-fopenmp" in builds[0] and "-fopenmp" not in builds[1]
