@@ -1,4 +1,5 @@
-/* HSTU pointwise attention, forward only, float32, one pass over the keys of each query (no (T, S) tensor).
+/* HSTU pointwise attention, float32, forward and backward, one pass over the keys of each query (no (T, S)
+ * tensor).
  *
  * For query i of batch row b and head h, over keys j = [cached (n); new (T)]:
  *
@@ -20,9 +21,9 @@
  * Compiled with -ffinite-math-only (so that the min, max and floor of exp_clamped vectorise): nothing here
  * relies on infinities or NaN; a masked key gets bias 0 and mask 0, so its score stays finite.
  *
- * hstu_attention_rows computes the (b, i) rows in [row_begin, row_end) of the B * T rows; hstu_attention (at the
- * end) runs one range per thread. Returns 0, or -1 when its buffers could not be allocated (then out is not
- * written).
+ * hstu_attention_rows computes the (b, i) rows in [row_begin, row_end) of the B * T rows, and
+ * hstu_attention_backward_rows the gradients of whole batch rows; the exported hstu_attention and
+ * hstu_attention_backward (at the end) run one range per thread.
  */
 #include <math.h>
 #include <stdint.h>
@@ -241,6 +242,8 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
     *last = j;
 }
 
+/* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header). Returns 0, or -1 when its
+ * buffers could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
     const float *q, const float *keys_t, const float *values,
