@@ -35,6 +35,19 @@
 
 #define KEY_BLOCK 256
 
+/* the parameter lists every entry point shares (the header gives their layouts), and the same as arguments */
+#define SIZE_PARAMS int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, \
+    int64_t dv
+#define META_PARAMS const int64_t *query_pos, const int64_t *query_time, const int64_t *key_pos, \
+    const int64_t *key_time, const uint8_t *key_valid, const float *key_scale
+#define TABLE_PARAMS const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, \
+    int64_t position_octave, const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, \
+    int64_t time_octave
+#define SIZE_ARGS B, H, Hk, Hm, T, S, n, dk, dv
+#define META_ARGS query_pos, query_time, key_pos, key_time, key_valid, key_scale
+#define TABLE_ARGS position_bias, position_thresholds, position_buckets, position_octave, time_bias, \
+    time_thresholds, time_buckets, time_octave
+
 /* exp(x) for x in [-87, 88] (clamped outside), relative error about 2e-7: a Cephes-style reduction
  * x = n ln2 + r and a degree-6 polynomial, in plain arithmetic so that the compiler vectorises its loop */
 static inline float exp_clamped(float x) {
@@ -245,12 +258,10 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
 /* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header). Returns 0, or -1 when its
  * buffers could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
-    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    SIZE_PARAMS,
     const float *q, const float *keys_t, const float *values,
-    const int64_t *query_pos, const int64_t *query_time,
-    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
-    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
-    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    META_PARAMS,
+    TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
 {
     (void)B;
@@ -368,12 +379,10 @@ static inline __attribute__((always_inline)) float head_row_backward(
  * hstu_attention_rows, plus keys (B, Hk, S, dk) and values_t (B, Hk, dv, S) in the other layout. Returns 0,
  * or -1 when its buffers could not be allocated. */
 static int hstu_attention_backward_rows(
-    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    SIZE_PARAMS,
     const float *q, const float *keys_t, const float *keys, const float *values_t, const float *values,
-    const int64_t *query_pos, const int64_t *query_time,
-    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
-    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
-    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    META_PARAMS,
+    TABLE_PARAMS,
     float alpha, float inv_norm, const float *dout, float *dq, float *dkeys, float *dvalues, double *dposition,
     double *dtime, int64_t batch_begin, int64_t batch_end)
 {
@@ -440,65 +449,65 @@ static int hstu_attention_backward_rows(
     return 0;
 }
 
+/* this thread's place in its OpenMP team, and the team's size (0 of 1 without OpenMP, where the parallel pragmas
+ * below are ignored) */
+static inline int64_t team_member(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int64_t team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* The exported entry points: the rows (forward) or batch rows (backward) split into one contiguous range per
  * thread of an OpenMP team of `threads` (built with -fopenmp, this is the OpenMP runtime PyTorch already loaded,
  * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range. The
  * backward's thread w accumulates its bias gradients into dposition + w * position_buckets and
  * dtime + w * time_buckets. Return 0, or -1 when some thread could not allocate its buffers. */
 int hstu_attention(
-    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    SIZE_PARAMS,
     const float *q, const float *keys_t, const float *values,
-    const int64_t *query_pos, const int64_t *query_time,
-    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
-    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
-    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    META_PARAMS,
+    TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t threads)
 {
     int failed = 0;
     int64_t total = B * T;
-#ifdef _OPENMP
+    (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
     {
-        int64_t w = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    {
-        int64_t w = 0, count = 1;
-        (void)threads;
-#endif
-        failed |= hstu_attention_rows(B, H, Hk, Hm, T, S, n, dk, dv, q, keys_t, values, query_pos, query_time,
-                                      key_pos, key_time, key_valid, key_scale, position_bias, position_thresholds,
-                                      position_buckets, position_octave, time_bias, time_thresholds, time_buckets,
-                                      time_octave, alpha, inv_norm, out, total * w / count,
-                                      total * (w + 1) / count) != 0;
+        int64_t w = team_member(), count = team_size();
+        failed |= hstu_attention_rows(SIZE_ARGS, q, keys_t, values, META_ARGS, TABLE_ARGS, alpha, inv_norm, out,
+                                      total * w / count, total * (w + 1) / count) != 0;
     }
     return failed ? -1 : 0;
 }
 
 int hstu_attention_backward(
-    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, int64_t dv,
+    SIZE_PARAMS,
     const float *q, const float *keys_t, const float *keys, const float *values_t, const float *values,
-    const int64_t *query_pos, const int64_t *query_time,
-    const int64_t *key_pos, const int64_t *key_time, const uint8_t *key_valid, const float *key_scale,
-    const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, int64_t position_octave,
-    const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, int64_t time_octave,
+    META_PARAMS,
+    TABLE_PARAMS,
     float alpha, float inv_norm, const float *dout, float *dq, float *dkeys, float *dvalues, double *dposition,
     double *dtime, int64_t threads)
 {
     int failed = 0;
-#ifdef _OPENMP
+    (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
     {
-        int64_t w = omp_get_thread_num(), count = omp_get_num_threads();
-#else
-    {
-        int64_t w = 0, count = 1;
-        (void)threads;
-#endif
+        int64_t w = team_member(), count = team_size();
         failed |= hstu_attention_backward_rows(
-            B, H, Hk, Hm, T, S, n, dk, dv, q, keys_t, keys, values_t, values, query_pos, query_time, key_pos,
-            key_time, key_valid, key_scale, position_bias, position_thresholds, position_buckets, position_octave,
-            time_bias, time_thresholds, time_buckets, time_octave, alpha, inv_norm, dout, dq, dkeys, dvalues,
-            dposition + w * position_buckets, dtime + w * time_buckets, B * w / count, B * (w + 1) / count) != 0;
+            SIZE_ARGS, q, keys_t, keys, values_t, values, META_ARGS, TABLE_ARGS, alpha, inv_norm, dout, dq, dkeys,
+            dvalues, dposition + w * position_buckets, dtime + w * time_buckets, B * w / count,
+            B * (w + 1) / count) != 0;
     }
     return failed ? -1 : 0;
 }
