@@ -143,6 +143,7 @@ class _Call:
                 None if self.scale is None else self.scale.data_ptr())
 
     def tables(self, position_octave: int, time_octave: int) -> tuple[int, ...]:
+        """Pointers and sizes of the bias tables and their thresholds."""
         return (self.position_bias.data_ptr(), self.position_thresholds.data_ptr(), self.position_bias.shape[0],
                 position_octave, self.time_bias.data_ptr(), self.time_thresholds.data_ptr(),
                 self.time_bias.shape[0], time_octave)
@@ -186,7 +187,6 @@ def _forward_impl(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, que
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return out
-
 
 
 def _backward_impl(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
