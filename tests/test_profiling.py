@@ -257,3 +257,20 @@ def test_attention_tiles_benchmark_runs(capsys, benchmark_script):
     assert len(lines) == 2 and all(way in lines[0] for way in ("take", "indexing", "index_select", "joint"))
     with pytest.raises(SystemExit):
         module.main([])
+
+
+def test_attention_kernel_benchmark_times_each_point(capsys, benchmark_script):
+    """benchmarks/attention_kernel.py: the matmul yardstick and three kernel calls per thread count, in order,
+    the forward calls with their time per pair; a bad thread list is an argparse error."""
+    module = benchmark_script("attention_kernel")
+    if not module.kernel.available():
+        pytest.skip("no C compiler here: the kernel is not built")
+    assert module.main(["--threads", "1", "--batch", "2", "--length", "12", "--stored", "20", "--candidates", "3",
+                        "--repeats", "2", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["point"] for r in rows] == ["matmul", "training forward", "training forward+backward",
+                                          "request forward"]
+    assert rows[0]["gflops"] > 0 and all(r["ms_p50"] > 0 for r in rows[1:])
+    assert rows[1]["ns_per_pair"] > 0 and rows[2]["ns_per_pair"] is None and rows[3]["new"] == 4
+    with pytest.raises(SystemExit):
+        module.main(["--threads", "0"])

@@ -159,7 +159,7 @@ def _prepare(cached: int, *tensors: torch.Tensor | None) -> tuple[ctypes.CDLL, _
 
 
 # The operators, defined with torch.library's plain registration API (torch.library.custom_op would import
-# torch._dynamo on the first call: 2.7 s), so that the profiler names them and the flop counter sees them.
+# torch._dynamo on the first call: seconds), so that the profiler names them and the flop counter sees them.
 _ARGUMENTS = ("Tensor q, Tensor keys, Tensor values, Tensor query_pos, Tensor query_time, Tensor key_pos, "
               "Tensor key_time, Tensor key_valid, int cached, Tensor? key_scale, Tensor position_bias, "
               "Tensor position_thresholds, int position_octave, Tensor time_bias, Tensor time_thresholds, "
