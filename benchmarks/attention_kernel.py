@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from _common import int_list, positive_int
+from malloc.core.tokens import KVBlock
 from malloc.kernels import hstu as kernel
 from malloc.models.hstu import RelativeBias
 from malloc.profiling import time_call
@@ -54,12 +55,14 @@ def call(batch: int, cached: int, new: int, candidates: int, grad: bool) -> Call
         positions[..., width - candidates:] = width - candidates
         times[..., width - candidates:] = times[..., width - candidates - 1:width - candidates] + 60
         valid[..., width - candidates:] = False
-    tables = RelativeBias(64, 64).tables()
-    args = (q, k, v, positions[:, 0, cached:], times[:, 0, cached:], positions, times, valid, cached, None, tables,
-            0.25, 200.0)
+    bias = RelativeBias(64, 64)
+    bias.requires_grad_(grad)
+    stored = KVBlock(*(x[:, :, :cached] for x in (k, v, positions, times, valid))) if cached else None
+    args = (q, k[:, :, cached:], v[:, :, cached:], positions[:, 0, cached:], times[:, 0, cached:],
+            valid[:, 0, cached:], bias.tables(), 0.25, 200.0)
     if not grad:
-        return lambda: kernel.pointwise_attention(*args)
-    return lambda: kernel.pointwise_attention(*args).sum().backward()
+        return lambda: kernel.pointwise_attention(*args, cached=stored)
+    return lambda: kernel.pointwise_attention(*args, cached=stored).sum().backward()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from malloc.core.tokens import KVBlock
 from malloc.kernels import build
 from malloc.kernels import hstu as kernel
 from malloc.memory.registry import WRAPPERS, build_model_for, build_policy, scheme_names
@@ -73,8 +75,22 @@ def case(seed, *, batch=3, heads=4, key_heads=4, meta_heads=1, length=9, cached=
         q_pos[:, -candidates:] = q_pos[:, -candidates - 1:-candidates] + 1
         q_time[:, -candidates:] = q_time[:, -candidates - 1:-candidates] + 7
         valid[..., -candidates:] = False
+    # the new keys are the queries' tokens: their metadata, and one validity (is history) for every head
     positions[..., cached:], times[..., cached:] = q_pos[:, None], q_time[:, None]
+    valid[..., cached:] = valid[:, :1, cached:]
     return q, k, v, q_pos, q_time, positions, times, valid
+
+
+def split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached):
+    """A :func:`case` as the kernel takes it: the stored keys (or None) apart from the new tokens'."""
+    stored = None if cached == 0 else KVBlock(*(x[:, :, :cached] for x in (k, v, k_pos, k_time, k_valid)))
+    return (q, k[:, :, cached:], v[:, :, cached:], q_pos, q_time, k_valid[:, 0, cached:]), stored
+
+
+def run_kernel(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, tables, alpha, normaliser):
+    """The kernel on a :func:`case`'s joined arguments (the reference's)."""
+    args, stored = split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached)
+    return kernel.pointwise_attention(*args, tables, alpha, normaliser, cached=stored, key_scale=key_scale)
 
 
 def relative_bias(seed, pos_buckets=64, time_buckets=64):
@@ -111,8 +127,8 @@ def test_kernel_equals_the_reference(name, scaled):
     bias = relative_bias(len(name), 64, 32)
     with torch.no_grad():
         expected = reference(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, bias, 0.3, 50.0)
-        got = kernel.pointwise_attention(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale,
-                                         bias.tables(), 0.3, 50.0)
+        got = run_kernel(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, bias.tables(), 0.3,
+                         50.0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -131,7 +147,7 @@ def test_kernel_gradients_equal_the_reference(name):
         scale = None if key_scale is None else key_scale.to(dtype)
         args = (*leaves, q_pos, q_time, k_pos, k_time, k_valid, cached, scale)
         out = (reference(*args, bias, 0.3, 50.0) if dtype == torch.float64
-               else kernel.pointwise_attention(*args, bias.tables(), 0.3, 50.0))
+               else run_kernel(*args, bias.tables(), 0.3, 50.0))
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
         grads.append([x.grad.float() for x in leaves] + [bias.position_bias.grad.float(), bias.time_bias.grad.float()])
     for expected, got, what in zip(*grads, ["q", "keys", "values", "position bias", "time bias"], strict=True):
@@ -173,19 +189,19 @@ def test_kernel_splits_rows_over_threads_with_the_same_outputs():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = kernel.pointwise_attention(*args)
+        alone = run_kernel(*args)
         torch.set_num_threads(3)
-        split = kernel.pointwise_attention(*args)
+        threaded = run_kernel(*args)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(split, alone)
+    assert torch.equal(threaded, alone)
 
 
 def test_kernel_counts_as_the_reference_products_in_the_flop_counter():
     q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(4)
     bias = relative_bias(4)
-    flops = count_flops(lambda: kernel.pointwise_attention(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, 30,
-                                                           None, bias.tables(), 0.25, 64.0))
+    flops = count_flops(lambda: run_kernel(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, 30, None, bias.tables(),
+                                           0.25, 64.0))
     batch, heads, length, key_dim = q.shape
     assert flops == 2 * batch * heads * length * k.shape[2] * (key_dim + v.shape[3])
 
@@ -193,25 +209,24 @@ def test_kernel_counts_as_the_reference_products_in_the_flop_counter():
 @pytest.mark.parametrize(("argument", "change", "message"), [
     ("q", lambda a: a.double(), "q: expected a CPU torch.float32 tensor"),
     ("query_pos", lambda a: a.int(), "query_pos: expected a CPU torch.int64 tensor"),
-    ("key_valid", lambda a: a.long(), "key_valid: expected a CPU torch.bool tensor"),
-    ("keys", lambda a: a[:, :, 1:], "keys: expected a CPU torch.float32 tensor of shape"),
-    ("key_time", lambda a: a[..., 1:], "key_time: expected a CPU torch.int64 tensor of shape"),
+    ("is_history", lambda a: a.long(), "is_history: expected a CPU torch.bool tensor"),
+    ("new_keys", lambda a: a[:, :, 1:], "new_keys: expected a CPU torch.float32 tensor of shape"),
+    ("cached.keys", lambda a: a[:, :, 1:], r"cached.keys: expected .* shape \(3, 4, 29, 16\), got .* \(3, 4, 28"),
+    ("cached.timestamps", lambda a: a[..., 1:], "cached.timestamps: expected a CPU torch.int64 tensor of shape"),
+    ("cached.valid", lambda a: a.long(), "cached.valid: expected a CPU torch.bool tensor"),
 ])
 def test_kernel_refuses_what_it_cannot_read(argument, change, message):
-    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(5)
-    args = {"q": q, "keys": k, "values": v, "query_pos": q_pos, "query_time": q_time, "key_pos": k_pos,
-            "key_time": k_time, "key_valid": k_valid}
-    args[argument] = change(args[argument])
+    (q, new_keys, new_values, q_pos, q_time, is_history), stored = split(*case(5, cached=29), 29)
+    args = {"q": q, "new_keys": new_keys, "new_values": new_values, "query_pos": q_pos, "query_time": q_time,
+            "is_history": is_history}
+    if argument.startswith("cached."):
+        field = argument.split(".")[1]
+        stored = replace(stored, **{field: change(getattr(stored, field))})
+    else:
+        args[argument] = change(args[argument])
     with pytest.raises(ValueError, match=message):
-        kernel.pointwise_attention(**args, cached=30, key_scale=None, tables=relative_bias(5).tables(), alpha=0.25,
-                                   normaliser=64.0)
-
-
-def test_kernel_refuses_a_key_count_that_is_not_cached_plus_new():
-    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(6)
-    with pytest.raises(ValueError, match=r"keys: expected .* shape \(3, 4, 38, 16\), got torch.float32 \(3, 4, 39"):
-        kernel.pointwise_attention(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, 29, None,
-                                   relative_bias(6).tables(), 0.25, 64.0)
+        kernel.pointwise_attention(**args, tables=relative_bias(5).tables(), alpha=0.25, normaliser=64.0,
+                                   cached=stored)
 
 
 # (scheme, knobs, renormalise): every scheme, PyramidKV and Compose over a per-head eviction, and the "N = kept"

@@ -173,9 +173,9 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
     sel = max(v.positions.shape[0] for v in views)
     batch, device = len(views), views[0].keys.device
     if all(v.keys.shape[1] == n_max and v.positions.shape[0] == sel for v in views):  # nothing to pad
-        return KVBlock(as_dtype(torch.stack([v.keys for v in views]), compute_dtype),
-                       as_dtype(torch.stack([v.values for v in views]), compute_dtype),
-                       torch.stack([v.positions for v in views]), torch.stack([v.timestamps for v in views]),
+        return KVBlock(as_dtype(_stack([v.keys for v in views]), compute_dtype),
+                       as_dtype(_stack([v.values for v in views]), compute_dtype),
+                       _stack([v.positions for v in views]), _stack([v.timestamps for v in views]),
                        torch.ones(batch, sel, n_max, dtype=torch.bool, device=device))
     lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
 
@@ -188,3 +188,9 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
     timestamps = padded([v.timestamps.expand(sel, -1) for v in views])
     valid = (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :].expand(-1, sel, -1)
     return KVBlock(keys, values, positions, timestamps, valid)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; one user's tensor is read in place (a view, not a copy: attention only reads
+    the block)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,13 +22,28 @@ PARALLEL_MIN_WORK = 1 << 18
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
-# the C signatures: sizes, tensors, positions and times, key metadata and scale, tables, alpha, 1 / N, outputs,
-# threads
+# the C signatures: sizes, tensors (the forward's: stored keys and metadata, new keys, query metadata, scale),
+# tables, alpha, 1 / N, outputs, threads
 _SIGNATURES = {
-    "hstu_attention": [_INT] * 9 + [_POINTER] * 3 + [_POINTER] * 6 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
+    "hstu_attention": [_INT] * 8 + [_POINTER] * 12 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
     "hstu_attention_backward": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
                                + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT],
 }
+
+
+class StoredKeys(Protocol):
+    """The stored keys a call reads ahead of the new tokens' (``malloc.core.tokens.KVBlock`` is one).
+
+    Attributes:
+        keys: ``(B, Hk, n, d_k)``; values: ``(B, Hk, n, d_v)``.
+        positions, timestamps: ``(B, Hm, n)`` int64; valid: ``(B, Hm, n)`` bool.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    valid: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -64,35 +79,57 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def pointwise_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,
-                        query_time: torch.Tensor, key_pos: torch.Tensor, key_time: torch.Tensor,
-                        key_valid: torch.Tensor, cached: int, key_scale: torch.Tensor | None, tables: BucketTables,
-                        alpha: float, normaliser: float) -> torch.Tensor:
-    """HSTU attention of new tokens over ``[cached; new]`` keys with the default mask, by the C kernel.
+def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                        query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor,
+                        tables: BucketTables, alpha: float, normaliser: float, *, cached: StoredKeys | None = None,
+                        key_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """HSTU attention of ``T`` new tokens over ``[cached; new]`` keys with the default mask, by the C kernel.
 
-    It runs as the operator ``torch.ops.malloc.hstu_pointwise_attention`` (with its gradient), so that the
-    profiler names it and :func:`malloc.models.macs.count_flops` counts it. The query rows are split over up to
+    The stored keys and the new tokens' are read where they are: no joined ``[cached; new]`` or transposed copy is
+    made here (the C code lays out one batch row at a time). It runs as the operator
+    ``torch.ops.malloc.hstu_pointwise_attention`` (with its gradient when one is recorded), so that the profiler
+    names it and :func:`malloc.models.macs.count_flops` counts it. The query rows are split over up to
     ``torch.get_num_threads()`` threads when the call is large enough (:func:`_workers`).
 
     Args:
-        q: ``(B, H, T, d_k)`` queries of the ``T`` new tokens.
-        keys: ``(B, Hk, S, d_k)``; values: ``(B, Hk, S, d_v)``; ``S = cached + T``, the new tokens last.
-        query_pos, query_time: ``(B, T)`` int64.
-        key_pos, key_time: ``(B, Hm, S)`` int64; key_valid: ``(B, Hm, S)`` bool (for new keys: is history).
-        cached: the ``n`` stored keys ahead of the new ones.
+        q: ``(B, H, T, d_k)`` queries of the new tokens.
+        new_keys: ``(B, Hk, T, d_k)``; new_values: ``(B, Hk, T, d_v)``.
+        query_pos, query_time: ``(B, T)`` int64, the new tokens' (as queries and as keys).
+        is_history: ``(B, T)`` bool, which new tokens later tokens may see (valid history events).
+        tables: the layer's relative bias. ``Hk`` and the stored metadata's ``Hm`` divide ``H``.
+        cached: the ``n`` stored keys (:class:`StoredKeys`), or None (none).
         key_scale: ``(B,)`` multiplier of the stored keys' weights, or None.
-        tables: the layer's relative bias. ``Hk`` and ``Hm`` divide ``H``.
     Returns:
         ``(B, T, H, d_v)`` float32 outputs: the reference's, transposed.
     Raises:
         ValueError: an argument's dtype, device or shape is not what the kernel reads.
         RuntimeError: the kernel is not available (check :func:`available` first), or could not allocate.
     """
-    _check(q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, cached, tables)
-    return _Attention.apply(
-        q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, cached, key_scale,
-        tables.position_bias, tables.position_thresholds, tables.position_octave,
-        tables.time_bias, tables.time_thresholds, tables.time_octave, alpha, normaliser)
+    if cached is None:
+        batch, key_heads, _, key_dim = new_keys.shape
+        cached = _NoKeys(new_keys.new_empty(batch, key_heads, 0, key_dim),
+                         new_values.new_empty(batch, key_heads, 0, new_values.shape[3]),
+                         query_pos.new_empty(batch, 1, 0), query_time.new_empty(batch, 1, 0),
+                         is_history.new_empty(batch, 1, 0))
+    _check(q, cached, new_keys, new_values, query_pos, query_time, is_history, tables)
+    inputs = (q, cached.keys, cached.values, cached.positions, cached.timestamps, cached.valid, new_keys,
+              new_values, query_pos, query_time, is_history, key_scale, tables.position_bias,
+              tables.position_thresholds, tables.position_octave, tables.time_bias, tables.time_thresholds,
+              tables.time_octave, alpha, normaliser)
+    if torch.is_grad_enabled() and any(inputs[index].requires_grad for index in _DIFFERENTIABLE.values()):
+        return _Attention.apply(*inputs)
+    return OPERATOR(*inputs)  # serving: no graph to record (the autograd wrapper costs more than a small call)
+
+
+@dataclass
+class _NoKeys:
+    """No stored keys: empty tensors of the shapes :class:`StoredKeys` describes."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    valid: torch.Tensor
 
 
 def _workers(count: int, work: int) -> int:
@@ -103,118 +140,112 @@ def _workers(count: int, work: int) -> int:
     return max(1, min(torch.get_num_threads(), count, work // PARALLEL_MIN_WORK or 1))
 
 
-@dataclass
-class _Call:
-    """One call's tensors as the C code reads them (contiguous, float32 tables), and its sizes."""
-
-    q: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    query_pos: torch.Tensor
-    query_time: torch.Tensor
-    key_pos: torch.Tensor
-    key_time: torch.Tensor
-    key_valid: torch.Tensor
-    scale: torch.Tensor | None
-    position_bias: torch.Tensor
-    position_thresholds: torch.Tensor
-    time_bias: torch.Tensor
-    time_thresholds: torch.Tensor
-
-    @classmethod
-    def of(cls, *tensors: torch.Tensor | None) -> _Call:
-        (q, keys, values, query_pos, query_time, key_pos, key_time, key_valid, scale, position_bias,
-         position_thresholds, time_bias, time_thresholds) = tensors
-        return cls(*(None if t is None else t.detach().contiguous() for t in (
-            q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
-            None if scale is None else scale.to(torch.float32), position_bias.to(torch.float32),
-            position_thresholds, time_bias.to(torch.float32), time_thresholds)))
-
-    def sizes(self, cached: int) -> tuple[int, ...]:
-        """``B, H, Hk, Hm, T, S, n, d_k, d_v``."""
-        batch, heads, length, key_dim = self.q.shape
-        return (batch, heads, self.values.shape[1], self.key_pos.shape[1], length, self.keys.shape[2], cached,
-                key_dim, self.values.shape[3])
-
-    def metadata(self) -> tuple[int | None, ...]:
-        """Pointers of the positions, times, key metadata and scale."""
-        return (self.query_pos.data_ptr(), self.query_time.data_ptr(), self.key_pos.data_ptr(),
-                self.key_time.data_ptr(), self.key_valid.data_ptr(),
-                None if self.scale is None else self.scale.data_ptr())
-
-    def tables(self, position_octave: int, time_octave: int) -> tuple[int, ...]:
-        """Pointers and sizes of the bias tables and their thresholds."""
-        return (self.position_bias.data_ptr(), self.position_thresholds.data_ptr(), self.position_bias.shape[0],
-                position_octave, self.time_bias.data_ptr(), self.time_thresholds.data_ptr(),
-                self.time_bias.shape[0], time_octave)
+def _readable(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` as the C code reads it: contiguous, outside any autograd graph (itself when it already is; each
+    skipped call is a dispatch saved, and a request makes dozens)."""
+    if tensor is None:
+        return None
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
-def _prepare(cached: int, *tensors: torch.Tensor | None) -> tuple[ctypes.CDLL, _Call, tuple[int, ...]]:
-    """The loaded library, the call's tensors as the C code reads them, and its sizes (:meth:`_Call.sizes`)."""
+def _pointers(*tensors: torch.Tensor | None) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in tensors]
+
+
+def _tables(position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
+            time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int) -> tuple[list, list]:
+    """The bias tables as the C code reads them (float32, contiguous), and its table arguments."""
+    held = [_readable(position_bias.to(torch.float32)), _readable(position_thresholds),
+            _readable(time_bias.to(torch.float32)), _readable(time_thresholds)]
+    return held, [held[0].data_ptr(), held[1].data_ptr(), held[0].shape[0], position_octave,
+                  held[2].data_ptr(), held[3].data_ptr(), held[2].shape[0], time_octave]
+
+
+def _library_or_raise() -> ctypes.CDLL:
     library = _library()
     if library is None:
         raise RuntimeError(f"the C kernel {SOURCE} is not available")
-    call = _Call.of(*tensors)
-    return library, call, call.sizes(cached)
+    return library
 
 
 # The operators, defined with torch.library's plain registration API (torch.library.custom_op would import
 # torch._dynamo on the first call: seconds), so that the profiler names them and the flop counter sees them.
-_ARGUMENTS = ("Tensor q, Tensor keys, Tensor values, Tensor query_pos, Tensor query_time, Tensor key_pos, "
-              "Tensor key_time, Tensor key_valid, int cached, Tensor? key_scale, Tensor position_bias, "
-              "Tensor position_thresholds, int position_octave, Tensor time_bias, Tensor time_thresholds, "
-              "int time_octave, float alpha, float normaliser")
+_ARGUMENTS = ("Tensor q, Tensor cached_keys, Tensor cached_values, Tensor cached_pos, Tensor cached_time, "
+              "Tensor cached_valid, Tensor new_keys, Tensor new_values, Tensor query_pos, Tensor query_time, "
+              "Tensor is_history, Tensor? key_scale, Tensor position_bias, Tensor position_thresholds, "
+              "int position_octave, Tensor time_bias, Tensor time_thresholds, int time_octave, float alpha, "
+              "float normaliser")
 _LIBRARY = torch.library.Library("malloc", "DEF")
 _LIBRARY.define(f"hstu_pointwise_attention({_ARGUMENTS}) -> Tensor")
 _LIBRARY.define(f"hstu_pointwise_attention_backward(Tensor grad, {_ARGUMENTS}) "
-                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _forward_impl(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,
-                  query_time: torch.Tensor, key_pos: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
-                  cached: int, key_scale: torch.Tensor | None, position_bias: torch.Tensor,
-                  position_thresholds: torch.Tensor, position_octave: int, time_bias: torch.Tensor,
-                  time_thresholds: torch.Tensor, time_octave: int, alpha: float, normaliser: float) -> torch.Tensor:
-    library, call, sizes = _prepare(cached, q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
-                                    key_scale, position_bias, position_thresholds, time_bias, time_thresholds)
-    batch, heads, _, _, length, width, _, _, value_dim = sizes
-    keys_t = call.keys.transpose(-1, -2).contiguous()
+def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: torch.Tensor,
+                  cached_pos: torch.Tensor, cached_time: torch.Tensor, cached_valid: torch.Tensor,
+                  new_keys: torch.Tensor, new_values: torch.Tensor, query_pos: torch.Tensor,
+                  query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
+                  *table_args: Any) -> torch.Tensor:
+    *tables, alpha, normaliser = table_args
+    library = _library_or_raise()
+    held = [_readable(t) for t in (q, cached_keys, cached_values, cached_pos, cached_time, cached_valid, new_keys,
+                                   new_values, query_pos, query_time, is_history)]
+    scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
+    table_held, table_pointers = _tables(*tables)
+    batch, heads, length, key_dim = q.shape
+    key_heads, stored, value_dim = new_keys.shape[1], cached_keys.shape[2], new_values.shape[3]
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
-    status = library.hstu_attention(*sizes, call.q.data_ptr(), keys_t.data_ptr(), call.values.data_ptr(),
-                                    *call.metadata(), *call.tables(position_octave, time_octave), alpha,
-                                    1.0 / normaliser, out.data_ptr(),
-                                    _workers(batch * length, batch * length * width * heads))
+    status = library.hstu_attention(
+        batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *_pointers(*held, scale),
+        *table_pointers, alpha, 1.0 / normaliser, out.data_ptr(),
+        _workers(batch * length, batch * length * (stored + length) * heads))
+    del held, table_held  # alive until the call has returned
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return out
 
 
-def _backward_impl(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   query_pos: torch.Tensor, query_time: torch.Tensor, key_pos: torch.Tensor, key_time: torch.Tensor,
-                   key_valid: torch.Tensor, cached: int, key_scale: torch.Tensor | None, position_bias: torch.Tensor,
-                   position_thresholds: torch.Tensor, position_octave: int, time_bias: torch.Tensor,
-                   time_thresholds: torch.Tensor, time_octave: int, alpha: float, normaliser: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of the forward in q, keys, values, position_bias and time_bias, given ``grad`` of its
-    output. Batch rows are split over threads (each row's key and value gradients are its own); each thread sums
-    the bias gradients in float64, and the threads' sums are added at the end."""
-    library, call, sizes = _prepare(cached, q, keys, values, query_pos, query_time, key_pos, key_time, key_valid,
-                                    key_scale, position_bias, position_thresholds, time_bias, time_thresholds)
-    batch, heads, _, _, length, width, _, _, _ = sizes
-    grad = grad.detach().to(torch.float32).contiguous()
-    keys_t, values_t = (x.transpose(-1, -2).contiguous() for x in (call.keys, call.values))
-    dq, dkeys, dvalues = torch.empty_like(call.q), torch.zeros_like(call.keys), torch.zeros_like(call.values)
+def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tensor, cached_values: torch.Tensor,
+                   cached_pos: torch.Tensor, cached_time: torch.Tensor, cached_valid: torch.Tensor,
+                   new_keys: torch.Tensor, new_values: torch.Tensor, query_pos: torch.Tensor,
+                   query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
+                   position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
+                   time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int, alpha: float,
+                   normaliser: float) -> tuple[torch.Tensor, ...]:
+    """The gradients of the forward in q, the stored keys and values, the new keys and values, position_bias and
+    time_bias, given ``grad`` of its output. The C backward reads ``[cached; new]`` joined, in both layouts (it
+    runs in training only, where these copies are small beside the work). Batch rows are split over threads (each
+    row's key and value gradients are its own); each thread sums the bias gradients in float64, and the threads'
+    sums are added at the end."""
+    library = _library_or_raise()
+    batch, heads, length, _ = q.shape
+    stored, meta_heads = cached_keys.shape[2], cached_pos.shape[1]
+    keys, values = (torch.cat([c.detach(), x.detach()], dim=2) for c, x in ((cached_keys, new_keys),
+                                                                           (cached_values, new_values)))
+    key_pos, key_time, key_valid = (torch.cat([c, x[:, None].expand(-1, meta_heads, -1)], dim=2) for c, x in (
+        (cached_pos, query_pos), (cached_time, query_time), (cached_valid, is_history)))
+    width = keys.shape[2]
+    held = [_readable(t) for t in (q, keys.transpose(-1, -2), keys, values.transpose(-1, -2), values, query_pos,
+                                   query_time, key_pos, key_time, key_valid)]
+    scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
+    table_held, table_pointers = _tables(position_bias, position_thresholds, position_octave, time_bias,
+                                         time_thresholds, time_octave)
+    grad = _readable(grad.to(torch.float32))
+    dq, dkeys, dvalues = torch.empty_like(held[0]), torch.zeros_like(keys), torch.zeros_like(values)
     workers = _workers(batch, batch * length * width * heads)
-    dposition = torch.zeros(workers, call.position_bias.shape[0], dtype=torch.float64)
-    dtime = torch.zeros(workers, call.time_bias.shape[0], dtype=torch.float64)
+    dposition = torch.zeros(workers, table_held[0].shape[0], dtype=torch.float64)
+    dtime = torch.zeros(workers, table_held[2].shape[0], dtype=torch.float64)
     status = library.hstu_attention_backward(
-        *sizes, call.q.data_ptr(), keys_t.data_ptr(), call.keys.data_ptr(), values_t.data_ptr(),
-        call.values.data_ptr(), *call.metadata(), *call.tables(position_octave, time_octave), alpha,
-        1.0 / normaliser, grad.data_ptr(), dq.data_ptr(), dkeys.data_ptr(), dvalues.data_ptr(),
-        dposition.data_ptr(), dtime.data_ptr(), workers)
+        batch, heads, keys.shape[1], meta_heads, length, width, stored, keys.shape[3], values.shape[3],
+        *_pointers(*held, scale), *table_pointers, alpha, 1.0 / normaliser, grad.data_ptr(), dq.data_ptr(),
+        dkeys.data_ptr(), dvalues.data_ptr(), dposition.data_ptr(), dtime.data_ptr(), workers)
+    del held, table_held
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
-    return (dq, dkeys, dvalues, dposition.sum(0).to(position_bias.dtype), dtime.sum(0).to(time_bias.dtype))
+    return (dq, dkeys[:, :, :stored], dvalues[:, :, :stored], dkeys[:, :, stored:], dvalues[:, :, stored:],
+            dposition.sum(0).to(position_bias.dtype), dtime.sum(0).to(time_bias.dtype))
 
 
 _LIBRARY.impl("hstu_pointwise_attention", _forward_impl, "CPU")
@@ -223,7 +254,8 @@ _LIBRARY.impl("hstu_pointwise_attention_backward", _backward_impl, "CPU")
 OPERATOR = torch.ops.malloc.hstu_pointwise_attention
 BACKWARD = torch.ops.malloc.hstu_pointwise_attention_backward
 # the inputs of the operator that have gradients, by position
-_DIFFERENTIABLE = {"q": 0, "keys": 1, "values": 2, "position_bias": 10, "time_bias": 13}
+_DIFFERENTIABLE = {"q": 0, "cached_keys": 1, "cached_values": 2, "new_keys": 6, "new_values": 7,
+                   "position_bias": 12, "time_bias": 15}
 
 
 class _Attention(torch.autograd.Function):
@@ -244,30 +276,31 @@ class _Attention(torch.autograd.Function):
         return tuple(grads.get(index) for index in range(len(inputs)))
 
 
-def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_pos: torch.Tensor,
-           query_time: torch.Tensor, key_pos: torch.Tensor, key_time: torch.Tensor, key_valid: torch.Tensor,
-           cached: int, tables: BucketTables) -> None:
+def _check(q: torch.Tensor, cached: StoredKeys, new_keys: torch.Tensor, new_values: torch.Tensor,
+           query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor, tables: BucketTables) -> None:
     """Raise ValueError unless the arguments have the dtypes, device and shapes the C code reads blindly."""
     batch, heads, length, key_dim = q.shape
-    key_heads, width = keys.shape[1], cached + length
-    expected = {
-        "q": (q, torch.float32, (batch, heads, length, key_dim)),
-        "keys": (keys, torch.float32, (batch, key_heads, width, key_dim)),
-        "values": (values, torch.float32, (batch, key_heads, width, values.shape[3])),
-        "query_pos": (query_pos, torch.int64, (batch, length)),
-        "query_time": (query_time, torch.int64, (batch, length)),
-        "key_pos": (key_pos, torch.int64, (batch, key_pos.shape[1], width)),
-        "key_time": (key_time, torch.int64, key_pos.shape),
-        "key_valid": (key_valid, torch.bool, key_pos.shape),
-        "position_thresholds": (tables.position_thresholds, torch.int64, tables.position_bias.shape),
-        "time_thresholds": (tables.time_thresholds, torch.int64, tables.time_bias.shape),
-    }
-    for name, (tensor, dtype, shape) in expected.items():
-        if tensor.dtype != dtype or tensor.device.type != "cpu" or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected a CPU {dtype} tensor of shape {tuple(shape)}, "
+    key_heads, value_dim = new_keys.shape[1], new_values.shape[3]
+    stored, meta = cached.positions.shape[-1], (batch, cached.positions.shape[1])
+    expected = (
+        ("q", q, torch.float32, (batch, heads, length, key_dim)),
+        ("new_keys", new_keys, torch.float32, (batch, key_heads, length, key_dim)),
+        ("new_values", new_values, torch.float32, (batch, key_heads, length, value_dim)),
+        ("query_pos", query_pos, torch.int64, (batch, length)),
+        ("query_time", query_time, torch.int64, (batch, length)),
+        ("is_history", is_history, torch.bool, (batch, length)),
+        ("cached.keys", cached.keys, torch.float32, (batch, key_heads, stored, key_dim)),
+        ("cached.values", cached.values, torch.float32, (batch, key_heads, stored, value_dim)),
+        ("cached.positions", cached.positions, torch.int64, (*meta, stored)),
+        ("cached.timestamps", cached.timestamps, torch.int64, (*meta, stored)),
+        ("cached.valid", cached.valid, torch.bool, (*meta, stored)),
+        ("position_thresholds", tables.position_thresholds, torch.int64, tuple(tables.position_bias.shape)),
+        ("time_thresholds", tables.time_thresholds, torch.int64, tuple(tables.time_bias.shape)),
+    )
+    for name, tensor, dtype, shape in expected:
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or tensor.shape != shape:
+            raise ValueError(f"{name}: expected a CPU {dtype} tensor of shape {shape}, "
                              f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
-    if heads % key_heads or heads % key_pos.shape[1]:
+    if heads % key_heads or heads % meta[1]:
         raise ValueError(f"heads: {heads} query heads are not a multiple of {key_heads} key heads "
-                         f"and {key_pos.shape[1]} metadata heads")
-    if not (tables.position_thresholds.is_contiguous() and tables.time_thresholds.is_contiguous()):
-        raise ValueError("tables: the thresholds must be contiguous")
+                         f"and {meta[1]} metadata heads")

@@ -13,10 +13,11 @@
  * thresholds: bucket(d) is the largest c with thresholds[c] <= d, which is the reference's bucket exactly, since
  * the reference is monotone in d.
  *
- * Layouts (all contiguous): q (B, H, T, dk); keys_t (B, Hk, dk, S), keys transposed; values (B, Hk, S, dv);
- * query_pos, query_time (B, T) int64; key_pos, key_time (B, Hm, S) int64; key_valid (B, Hm, S) uint8 (or bool);
- * key_scale (B) float or NULL; out (B, T, H, dv). Query head h reads key head h * Hk / H and metadata head
- * h * Hm / H (Hk and Hm divide H).
+ * Layouts (all contiguous) as hstu_attention_rows reads them: q (B, H, T, dk); keys_t (B, Hk, dk, S), keys
+ * transposed; values (B, Hk, S, dv); query_pos, query_time (B, T) int64; key_pos, key_time (B, Hm, S) int64;
+ * key_valid (B, Hm, S) uint8 (or bool); key_scale (B) float or NULL; out (B, T, H, dv). Query head h reads key
+ * head h * Hk / H and metadata head h * Hm / H (Hk and Hm divide H). The exported forward takes the stored keys
+ * and the new tokens' apart and lays out each batch row this way itself (see there).
  *
  * Compiled with -ffinite-math-only (so that the min, max and floor of exp_clamped vectorise): nothing here
  * relies on infinities or NaN; a masked key gets bias 0 and mask 0, so its score stays finite.
@@ -467,26 +468,100 @@ static inline int64_t team_size(void) {
 #endif
 }
 
+/* One batch row's keys [cached (n); new (T)] laid out as hstu_attention_rows reads them (S = n + T): keys_t
+ * (Hk, dk, S), values (Hk, S, dv), and positions, times and validity (Hm, S). */
+typedef struct {
+    float *keys_t, *values;
+    int64_t *pos, *time;
+    uint8_t *valid;
+} RowKeys;
+
+static void free_row_keys(RowKeys *r) { free(r->keys_t); free(r->values); free(r->pos); free(r->time); free(r->valid); }
+
+static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t dk, int64_t dv) {
+    size_t keys = (size_t)(Hk * S > 0 ? Hk * S : 1), meta = (size_t)(Hm * S > 0 ? Hm * S : 1);
+    r->keys_t = malloc(sizeof(float) * keys * (size_t)(dk > 0 ? dk : 1));
+    r->values = malloc(sizeof(float) * keys * (size_t)(dv > 0 ? dv : 1));
+    r->pos = malloc(sizeof(int64_t) * meta);
+    r->time = malloc(sizeof(int64_t) * meta);
+    r->valid = malloc(meta);
+    if (r->keys_t && r->values && r->pos && r->time && r->valid) return 0;
+    free_row_keys(r);
+    return -1;
+}
+
+/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk) transposed, then the new tokens'
+ * (T per head), whose position, time and validity are the queries' own (query_pos, query_time, is_history). The
+ * pointers are those of the whole batch. */
+static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
+                            const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
+                            const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys,
+                            const float *new_values, const int64_t *query_pos, const int64_t *query_time,
+                            const uint8_t *is_history, RowKeys *r) {
+    int64_t S = n + T;
+    for (int64_t kh = 0; kh < Hk; kh++) {
+        const float *ck = cached_keys + (b * Hk + kh) * n * dk, *nk = new_keys + (b * Hk + kh) * T * dk;
+        float *kt = r->keys_t + kh * dk * S;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t d = 0; d < dk; d++) kt[d * S + j] = ck[j * dk + d];
+        for (int64_t j = 0; j < T; j++)
+            for (int64_t d = 0; d < dk; d++) kt[d * S + n + j] = nk[j * dk + d];
+        float *v = r->values + kh * S * dv;
+        memcpy(v, cached_values + (b * Hk + kh) * n * dv, sizeof(float) * (size_t)(n * dv));
+        memcpy(v + n * dv, new_values + (b * Hk + kh) * T * dv, sizeof(float) * (size_t)(T * dv));
+    }
+    for (int64_t m = 0; m < Hm; m++) {
+        memcpy(r->pos + m * S, cached_pos + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
+        memcpy(r->pos + m * S + n, query_pos + b * T, sizeof(int64_t) * (size_t)T);
+        memcpy(r->time + m * S, cached_time + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
+        memcpy(r->time + m * S + n, query_time + b * T, sizeof(int64_t) * (size_t)T);
+        memcpy(r->valid + m * S, cached_valid + (b * Hm + m) * n, (size_t)n);
+        memcpy(r->valid + m * S + n, is_history + b * T, (size_t)T);
+    }
+}
+
 /* The exported entry points: the rows (forward) or batch rows (backward) split into one contiguous range per
  * thread of an OpenMP team of `threads` (built with -fopenmp, this is the OpenMP runtime PyTorch already loaded,
- * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range. The
- * backward's thread w accumulates its bias gradients into dposition + w * position_buckets and
- * dtime + w * time_buckets. Return 0, or -1 when some thread could not allocate its buffers. */
+ * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range.
+ *
+ * The forward reads the stored keys and the new tokens' apart, as the model holds them (no joined or transposed
+ * copy made by the caller): cached_keys (B, Hk, n, dk), cached_values (B, Hk, n, dv), cached_pos, cached_time
+ * (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the
+ * new keys' metadata is the queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
+ * Each thread lays out the keys of one batch row at a time (gather_row_keys) and computes that row's queries of
+ * its range. The backward reads the joined layout of the header. Its thread w accumulates its bias gradients
+ * into dposition + w * position_buckets and dtime + w * time_buckets. Return 0, or -1 when some thread could not
+ * allocate its buffers. */
 int hstu_attention(
-    SIZE_PARAMS,
-    const float *q, const float *keys_t, const float *values,
-    META_PARAMS,
+    int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
+    const float *q, const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
+    const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys, const float *new_values,
+    const int64_t *query_pos, const int64_t *query_time, const uint8_t *is_history, const float *key_scale,
     TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t threads)
 {
     int failed = 0;
-    int64_t total = B * T;
+    int64_t total = B * T, S = n + T;
     (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
     {
         int64_t w = team_member(), count = team_size();
-        failed |= hstu_attention_rows(SIZE_ARGS, q, keys_t, values, META_ARGS, TABLE_ARGS, alpha, inv_norm, out,
-                                      total * w / count, total * (w + 1) / count) != 0;
+        int64_t begin = total * w / count, end = total * (w + 1) / count;
+        RowKeys r;
+        if (begin < end && alloc_row_keys(&r, Hk, Hm, S, dk, dv) != 0) {
+            failed = 1;
+        } else if (begin < end) {
+            for (int64_t b = begin / T; b * T < end && !failed; b++) {
+                int64_t first = begin > b * T ? begin - b * T : 0, last = end < (b + 1) * T ? end - b * T : T;
+                gather_row_keys(b, Hk, Hm, T, n, dk, dv, cached_keys, cached_values, cached_pos, cached_time,
+                                cached_valid, new_keys, new_values, query_pos, query_time, is_history, &r);
+                failed |= hstu_attention_rows(1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, r.keys_t, r.values,
+                                              query_pos + b * T, query_time + b * T, r.pos, r.time, r.valid,
+                                              key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
+                                              out + b * T * H * dv, first, last) != 0;
+            }
+            free_row_keys(&r);
+        }
     }
     return failed ? -1 : 0;
 }

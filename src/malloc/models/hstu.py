@@ -16,6 +16,7 @@ tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -258,11 +259,13 @@ class HSTULayer(AttentionLayer):
 
     def kernel_applies(self, q: torch.Tensor, tokens: TokenBatch, need_weights: bool) -> bool:
         """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``, forward and backward): no weights
-        asked for, float32 on the CPU, integer times, this class's mask (a scheme that changes :meth:`visible`
-        keeps the PyTorch path), and the kernel built."""
+        asked for, float32 on the CPU, integer times, this class's mask and new keys (a scheme that changes
+        :meth:`visible` or :meth:`project` keeps the PyTorch path: the kernel reads the new keys' positions, times
+        and validity from the tokens), and the kernel built."""
         return (self.use_kernel and not need_weights and q.device.type == "cpu"
                 and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
-                and type(self).visible is HSTULayer.visible and kernel.available())
+                and type(self).visible is HSTULayer.visible and type(self).project is HSTULayer.project
+                and kernel.available())
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -274,15 +277,15 @@ class HSTULayer(AttentionLayer):
         normalisation across keys, so a tile's outputs are final.
         """
         batch, _, length, _ = q.shape
-        keys = concat_keys(cache, new)
         if self.kernel_applies(q, tokens, need_weights):
-            stored = 0 if cache is None else cache.keys.shape[2]
             scale = None if cache is None or cache.scale is None else cache.scale.reshape(batch)
+            if cache is not None and cache.keys.dtype != q.dtype:
+                cache = replace(cache, keys=cache.keys.to(q.dtype), values=cache.values.to(q.dtype))
             attended = kernel.pointwise_attention(
-                q, keys.keys.to(q.dtype), keys.values.to(q.dtype), tokens.positions, tokens.timestamps,
-                keys.positions, keys.timestamps, keys.valid, stored, scale, self.bias.tables(), self.alpha,
-                self.normaliser)
+                q, new.keys.to(q.dtype), new.values.to(q.dtype), tokens.positions, tokens.timestamps,
+                tokens.is_history, self.bias.tables(), self.alpha, self.normaliser, cached=cache, key_scale=scale)
             return attended.view(batch, length, -1), None
+        keys = concat_keys(cache, new)
         visible = self.visible(tokens, cache, keys)
         k, v = (to_query_heads(x.to(q.dtype), self.heads) for x in (keys.keys, keys.values))
         scale = stored_scale(cache, keys.keys.shape[2], q.dtype)

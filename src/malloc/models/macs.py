@@ -100,18 +100,26 @@ def recompute_macs(cfg: ModelConfig, history_len: int, new_events: int, candidat
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Operators the counter has no formula for, counted as ``q k^T`` + ``a v``: PyTorch's CPU flash attention
-    (SASRec's fused path) and HSTU's C kernel (:mod:`malloc.kernels.hstu`)."""
+    """PyTorch's CPU flash attention (SASRec's fused path), which the counter has no formula for, counted as
+    ``q k^T`` + ``a v``."""
     batch, heads, queries, key_dim = query_shape
     keys, value_dim = key_shape[2], value_shape[3]
     return 2 * batch * heads * queries * keys * (key_dim + value_dim)
+
+
+def _kernel_flops(query_shape, cached_key_shape, cached_value_shape, *args, out_shape=None, **kwargs) -> int:
+    """HSTU's C kernel (:mod:`malloc.kernels.hstu`), counted as the reference's ``q k^T`` + ``a v`` over its
+    stored and new keys (its seventh argument holds the new keys)."""
+    batch, heads, queries, key_dim = query_shape
+    keys = cached_key_shape[2] + args[3][2]
+    return 2 * batch * heads * queries * keys * (key_dim + cached_value_shape[3])
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of ``fn()`` as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (matrix products;
     the CPU fused attention kernel and HSTU's C kernel included), to cross-check the analytic MACs
     (``FLOPs = 2 MACs``)."""
-    mapping = {kernel.OPERATOR: _attention_flops}
+    mapping = {kernel.OPERATOR: _kernel_flops}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _attention_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
