@@ -222,11 +222,12 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
     library = _library_or_raise()
     batch, heads, length, _ = q.shape
     stored, meta_heads = cached_keys.shape[2], cached_pos.shape[1]
-    keys, values = (torch.cat([c.detach(), x.detach()], dim=2) for c, x in ((cached_keys, new_keys),
-                                                                           (cached_values, new_values)))
-    key_pos, key_time, key_valid = (torch.cat([c, x[:, None].expand(-1, meta_heads, -1)], dim=2) for c, x in (
-        (cached_pos, query_pos), (cached_time, query_time), (cached_valid, is_history)))
-    width = keys.shape[2]
+    keys, values, key_pos, key_time, key_valid = (
+        torch.cat([c.detach(), x.detach()], dim=2) if stored else x.detach()
+        for c, x in ((cached_keys, new_keys), (cached_values, new_values),
+                     *((c, x[:, None].expand(-1, meta_heads, -1)) for c, x in (
+                         (cached_pos, query_pos), (cached_time, query_time), (cached_valid, is_history)))))
+    keys, values, width = _readable(keys), _readable(values), keys.shape[2]  # the gradients take their layout
     held = [_readable(t) for t in (q, keys.transpose(-1, -2), keys, values.transpose(-1, -2), values, query_pos,
                                    query_time, key_pos, key_time, key_valid)]
     scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
