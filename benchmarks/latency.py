@@ -9,6 +9,10 @@ Each point is also put against its roofline on this machine: the time the reques
 ``--bandwidth-gbs`` per thread) would take at least, whichever is longer; ``*_x_roofline`` = measured p50 /
 roofline (1 would be the machine's limit). The recompute reads no stored state: its roofline is its arithmetic.
 
+The candidates of a request share one request time. Under the default model (``--candidate query``) the layers
+see no candidate's item, so they compute one candidate token and each candidate pays its readout
+(:mod:`malloc.serving.candidates`); ``--candidate item`` times a model whose every candidate is its own token.
+
 With ``--users 1,64`` each point is also timed as one request of 64 users at once (one ``Engine.request`` over
 64 stored states): a batch shares the per-call cost, so ``cached_ms_per_user`` (p50 / users) is what a server
 that batches its users pays per user. The roofline scales with the users (their MACs and their state bytes).
@@ -57,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", type=switch_list, default=["on"],
                         help="HSTU's C attention kernel: on, off, or on,off to time both side by side")
     parser.add_argument("--candidates", type=int, default=100, help="candidates scored per request")
+    parser.add_argument("--candidate", choices=["query", "item"], default="query",
+                        help="what the layers see of a candidate (ModelConfig.candidate): query, the default model "
+                             "(the candidates of one request time are one token to the layers), or item "
+                             "(every candidate is its own token)")
     parser.add_argument("--append-events", type=int, default=1, help="new events appended per request")
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per prefill chunk")
     parser.add_argument("--num-items", type=int, default=10_000, help="item vocabulary size")
@@ -87,8 +95,10 @@ def roofline(cfg: ModelConfig, point: dict, args: argparse.Namespace) -> dict[st
     threads = point["threads"]
     flops, bandwidth = 1e9 * args.peak_gflops * threads, 1e9 * args.bandwidth_gbs * threads
     n, t, c = point["history_len"], args.append_events, args.candidates
-    cached = request_macs(cfg, n, t, c, candidate_chunk=256)  # Engine's default candidate_chunk
-    recompute = recompute_macs(cfg, n, t, c, prefill_chunk=args.prefill_chunk, candidate_chunk=256)
+    # Engine's default candidate_chunk; the candidates share one request time
+    cached = request_macs(cfg, n, t, c, candidate_chunk=256, candidate_times=1)
+    recompute = recompute_macs(cfg, n, t, c, prefill_chunk=args.prefill_chunk, candidate_chunk=256,
+                               candidate_times=1)
     users = point["users"]
     cached_ms = 1e3 * users * max(2 * cached / flops, point["state_bytes"] / bandwidth)
     recompute_ms = 1e3 * users * 2 * recompute / flops
@@ -105,7 +115,7 @@ def report(backbone: str, cfg: ModelConfig, point: dict, meets: bool | None, tim
                   "target_10x_at_1024_met": meets, "candidates": args.candidates,
                   "append_events": args.append_events, "prefill_chunk": args.prefill_chunk,
                   "peak_gflops_per_thread": args.peak_gflops, "bandwidth_gbs_per_thread": args.bandwidth_gbs,
-                  "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
+                  "num_items": args.num_items, "candidate": cfg.candidate, "dim": cfg.dim, "layers": cfg.layers,
                   "heads": cfg.heads, "head_dim": cfg.head_dim, "state_dtype": cfg.state_dtype,
                   **timing, "recompute_warmup": args.recompute_warmup,
                   "recompute_min_repeats": args.recompute_min_repeats, "heap": args.heap,
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         "max_repeats": max(args.max_repeats, args.recompute_min_repeats)}
     if not args.json:
         print(f"device={args.device} threads={torch.get_num_threads()} candidates={args.candidates} "
+              f"candidate={args.candidate} "
               f"append_events={args.append_events} prefill_chunk={args.prefill_chunk} "
               f"num_items={args.num_items}")
         print(table_line(HEADERS, HEADERS, WIDTH))
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for backbone in args.backbones:
         # Default size; max_len stays at its default: HSTU only divides by it and SASRec clamps positions to
         # its table, neither of which changes the work done.
-        cfg = ModelConfig(backbone=backbone)
+        cfg = ModelConfig(backbone=backbone, candidate=args.candidate)
         torch.manual_seed(args.seed)
         model = build_model_for(cfg, args.num_items).to(args.device).eval()
         for length in args.lengths:

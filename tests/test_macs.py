@@ -34,15 +34,32 @@ def test_request_macs_match_the_flop_counter(backbone, stored, new, candidates, 
         appended = Engine(model).append(states, events.slice(stored, stored + new))
         Engine(model, candidate_chunk=chunk or candidates).score(appended, items, times)
 
-    expected = 2 * request_macs(model.cfg, stored, new, candidates, candidate_chunk=chunk)
+    expected = 2 * request_macs(model.cfg, stored, new, candidates, candidate_chunk=chunk, candidate_times=1)
     assert count_flops(request) == pytest.approx(expected, rel=0.05)
 
     def recompute():
         engine = Engine(model, prefill_chunk=32, candidate_chunk=chunk or candidates)
         engine.score(engine.prefill(events), items, times)
 
-    expected = 2 * recompute_macs(model.cfg, stored, new, candidates, prefill_chunk=32, candidate_chunk=chunk)
+    expected = 2 * recompute_macs(model.cfg, stored, new, candidates, prefill_chunk=32, candidate_chunk=chunk,
+                                  candidate_times=1)
     assert count_flops(recompute) == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("candidate", ["query", "item"])
+def test_candidates_at_several_times_match_the_flop_counter(candidate):
+    """Candidates at 3 request times: 3 tokens through the layers under "query", one per candidate under
+    "item"; both pay one readout per candidate."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="hstu", dim=16, layers=2, heads=4, head_dim=4, dropout=0.0, max_len=32,
+                      candidate=candidate)
+    model = build_model_for(cfg, NUM_ITEMS).eval()
+    states = Engine(model).prefill(synthetic_events(1, 30, NUM_ITEMS, seed=0))
+    items = torch.randint(1, NUM_ITEMS + 1, (1, 12), generator=torch.Generator().manual_seed(0))
+    times = torch.tensor([[2_000_000_000 + j % 3 for j in range(12)]])
+    expected = 2 * request_macs(cfg, 30, 0, 12, candidate_times=3)
+    assert count_flops(lambda: Engine(model).score(states, items, times)) == pytest.approx(expected, rel=0.05)
+    assert (request_macs(cfg, 30, 0, 12, candidate_times=3) < request_macs(cfg, 30, 0, 12)) == (candidate == "query")
 
 
 def test_retrieval_read_macs():

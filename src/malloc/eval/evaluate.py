@@ -277,7 +277,8 @@ def model_meters(cfg: RunConfig, model: SequentialRecommender, view: CTRView | R
         "native_macs_per_request": request_macs(cfg.model, history, **shape),
         "recompute_macs_per_request": recompute_macs(cfg.model, round(history), shape["new_events"],
                                                      shape["candidates"], cfg.eval.prefill_chunk,
-                                                     shape["candidate_chunk"], shape["catalogue"]),
+                                                     shape["candidate_chunk"], shape["catalogue"],
+                                                     shape.get("candidate_times")),
         "macs_request_shape": shape,
     }
 
@@ -323,8 +324,9 @@ def native_replay(cfg: RunConfig, model: SequentialRecommender, view: CTRView | 
     return result
 
 
-def _request_shape(cfg: RunConfig, view: CTRView | RetrievalView, split: str) -> dict[str, int]:
-    """New events and candidates of a mean request of the split, for the MACs formula."""
+def _request_shape(cfg: RunConfig, view: CTRView | RetrievalView, split: str) -> dict[str, float]:
+    """New events, candidates and their distinct request times of a mean request of the split, for the MACs
+    formula."""
     if isinstance(view, CTRView):
         rows = view.split(split)
         pairs = np.unique(np.stack([rows.user, rows.history_len]), axis=1)
@@ -333,8 +335,9 @@ def _request_shape(cfg: RunConfig, view: CTRView | RetrievalView, split: str) ->
         last = np.append(first[1:], pairs.shape[1]) - 1
         appended = int((pairs[1, last] - pairs[1, first]).sum())
         appends = max(steps - len(users), 1)
+        times = np.unique(np.stack([rows.user, rows.history_len, rows.timestamp]), axis=1).shape[1]
         return {"new_events": max(1, round(appended / appends)), "candidates": max(1, round(len(rows) / steps)),
-                "candidate_chunk": cfg.eval.candidate_chunk, "catalogue": 0}
+                "candidate_times": times / steps, "candidate_chunk": cfg.eval.candidate_chunk, "catalogue": 0}
     return {"new_events": cfg.eval.append_events, "candidates": 0, "candidate_chunk": cfg.eval.candidate_chunk,
             "catalogue": view.sequences.num_items + 1}
 
@@ -375,7 +378,7 @@ def evaluate_scheme(cfg: RunConfig, model: SequentialRecommender, view: CTRView 
         "native_macs_per_request": request_macs(cfg.model, native_stored, **shape),
         "recompute_macs_per_request": recompute_macs(
             cfg.model, round(native_stored), shape["new_events"], shape["candidates"], cfg.eval.prefill_chunk,
-            shape["candidate_chunk"], shape["catalogue"]),
+            shape["candidate_chunk"], shape["catalogue"], shape.get("candidate_times")),
         "macs_request_shape": shape,
         "threads": torch.get_num_threads(),
     }

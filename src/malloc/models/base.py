@@ -127,6 +127,12 @@ class SequentialRecommender(nn.Module):
         candidate = (tokens.valid & ~tokens.is_history)[:, :, None]
         return torch.where(candidate, self.candidate_query.to(items.dtype), items)
 
+    @property
+    def item_blind_candidates(self) -> bool:
+        """Whether the layers see no candidate's item (``candidate = "query"``): a user's candidates at one time
+        are then one token to them (:mod:`malloc.serving.candidates`)."""
+        return self.candidate_query is not None
+
     def set_item_prior(self, item_log_odds: torch.Tensor, base_log_odds: float) -> None:
         """Initialise the CTR prior: ``item_bias[i] = item_log_odds[i] - base`` and the head's bias ``base``.
 

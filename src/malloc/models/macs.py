@@ -13,8 +13,9 @@ Per layer (``D`` = dim, ``H`` heads, ``d`` = head_dim, ``W = H d``):
 A request appends ``t`` new events to ``n`` stored events (each new event's query is computed against all
 ``n + t`` keys: the reference path masks, it does not skip) and scores ``c`` candidates in micro-batches of
 ``k`` (each against ``n + t`` stored keys plus its own micro-batch, masked to itself: the M-FALCON mask is
-applied by masking). Eviction and precision schemes read ``n`` = the stored events (a dequantized read costs the
-same products); Native reads every event. Recomputing the whole history instead prefills ``n + t`` events in
+applied by masking); under ``candidate = "query"`` the candidates requested at one time are one token to the
+layers, and each candidate adds its readout only. Eviction and precision schemes read ``n`` = the stored events
+(a dequantized read costs the same products); Native reads every event. Recomputing the whole history instead prefills ``n + t`` events in
 chunks (each chunk against all earlier events and itself), then scores.
 """
 
@@ -56,7 +57,7 @@ def _chunks(total: int, chunk: int | None) -> list[int]:
 
 def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candidates: int,
                  candidate_chunk: int | None = None, catalogue: int = 0, scheme: Any = None,
-                 history_len: int | None = None) -> float:
+                 history_len: int | None = None, candidate_times: float | None = None) -> float:
     """MACs of one cached request: append ``new_events`` to ``stored_tokens`` stored events, then read.
 
     Args:
@@ -72,6 +73,9 @@ def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candid
             ``scheme.append_tokens`` tokens (events plus any tokens of its own) and candidates read
             ``scheme.stored_keys(history_len + t)`` keys. None: the append processes its ``t`` events and adds
             ``t`` keys.
+        candidate_times: distinct request times among the candidates (a mean is fine). Under
+            ``candidate = "query"`` the layers compute one token per time (:mod:`malloc.serving.candidates`), and
+            each candidate pays its readout only. None: one token per candidate.
     """
     per_token = token_macs(cfg) if scheme is None else scheme.token_macs(cfg)
     attend = partial(attention_macs, cfg) if scheme is None else partial(scheme.attention_macs, cfg)
@@ -81,14 +85,17 @@ def request_macs(cfg: ModelConfig, stored_tokens: float, new_events: int, candid
         after = scheme.stored_keys(cfg, history_len + new_events)
     macs = t * per_token + attend(t, stored_tokens + t)
     readout = cfg.dim + (cfg.dim * cfg.dim if cfg.ctr_readout == "dot" else 0)  # the head (+ the dot's W h)
-    for size in _chunks(candidates, candidate_chunk):
-        macs += size * per_token + attend(size, after + size) + size * readout
-    return float(macs + catalogue * cfg.dim)
+    tokens = candidates
+    if candidate_times is not None and cfg.candidate == "query":
+        tokens = min(candidates, max(1, math.ceil(candidate_times)))
+    for size in _chunks(tokens, candidate_chunk):
+        macs += size * per_token + attend(size, after + size)
+    return float(macs + candidates * readout + catalogue * cfg.dim)
 
 
 def recompute_macs(cfg: ModelConfig, history_len: int, new_events: int, candidates: int,
-                   prefill_chunk: int | None = None, candidate_chunk: int | None = None, catalogue: int = 0
-                   ) -> float:
+                   prefill_chunk: int | None = None, candidate_chunk: int | None = None, catalogue: int = 0,
+                   candidate_times: float | None = None) -> float:
     """MACs of serving the same request with no stored state (Native): prefill all ``history_len + new_events``
     events (in chunks of ``prefill_chunk``; None: one chunk), then read as :func:`request_macs` with nothing
     appended."""
@@ -96,7 +103,7 @@ def recompute_macs(cfg: ModelConfig, history_len: int, new_events: int, candidat
     for size in _chunks(total, prefill_chunk):
         macs += size * token_macs(cfg) + attention_macs(cfg, size, done + size)
         done += size
-    return macs + request_macs(cfg, total, 0, candidates, candidate_chunk, catalogue)
+    return macs + request_macs(cfg, total, 0, candidates, candidate_chunk, catalogue, candidate_times=candidate_times)
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

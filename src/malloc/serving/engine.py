@@ -8,7 +8,9 @@ Every accuracy figure MALLOC reports goes through an :class:`Engine`, batched ov
 - ``append(states, events) -> states``: compute only the new events against the stored (compressed) states, then
   let the policy merge them in within its budget; the input states are not modified;
 - ``score(states, items, timestamps) -> logits``: candidates attend to the state and to themselves only, never to
-  each other, and never enter the state; processed in micro-batches (M-FALCON style);
+  each other, and never enter the state; processed in micro-batches (M-FALCON style); where the layers see no
+  candidate's item (``candidate = "query"``), a user's candidates at one time are one token
+  (:mod:`malloc.serving.candidates`);
 - ``retrieve(states)``: the last stored event's output dotted with every item's embedding.
 
 The model contributes embeddings, the layer stack (:meth:`~malloc.models.base.SequentialRecommender.encode`) and
@@ -33,6 +35,7 @@ from malloc.core.tokens import Events, TokenBatch
 from malloc.memory.policy import CachePolicy, LayerContext, SchemeError
 from malloc.memory.schemes.reference.native import Native
 from malloc.models.base import DTYPES, SequentialRecommender
+from malloc.serving.candidates import MergedCandidates, merge_candidates
 from malloc.serving.prefill_cache import Prefill, PrefillCache
 
 # merge(stored layer, new events' dense layer, layer index, user index) -> the stored layer to keep
@@ -169,18 +172,20 @@ class Engine:
         """Click logits ``(B, c)`` of candidates ``items (B, c)`` (0 = padding, its logit meaningless) requested at
         ``timestamps (B, c)``, read from the states (left unchanged), ``candidate_chunk`` candidates at a time."""
         items, timestamps = items.to(self.device), timestamps.to(self.device)
+        merged = self._merge(items, timestamps)
+        token_items, token_times = (items, timestamps) if merged is None else (merged.items, merged.timestamps)
         caches = self.caches(states)
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=self.device)
-        logits = []
-        for start in range(0, items.shape[1], self.candidate_chunk):
-            part = items[:, start:start + self.candidate_chunk]
+        hidden = []
+        for start in range(0, token_items.shape[1], self.candidate_chunk):
+            part = token_items[:, start:start + self.candidate_chunk]
             valid = part > 0
             tokens = TokenBatch(items=part, actions=torch.zeros_like(part), positions=next_pos[:, None].expand_as(part),
-                                timestamps=timestamps[:, start:start + self.candidate_chunk],
+                                timestamps=token_times[:, start:start + self.candidate_chunk],
                                 is_history=torch.zeros_like(valid), valid=valid)
-            hidden, _ = self.model.encode(tokens, caches)
-            logits.append(self.model.ctr_logits(hidden, part))
-        return torch.cat(logits, dim=1)
+            hidden.append(self.model.encode(tokens, caches)[0])
+        outputs = torch.cat(hidden, dim=1)
+        return self.model.ctr_logits(outputs if merged is None else merged.spread(outputs), items)
 
     @torch.no_grad()
     def request(self, states: list[UserState], events: Events, items: torch.Tensor, timestamps: torch.Tensor
@@ -195,18 +200,20 @@ class Engine:
         would see them stored, and no event sees a candidate. Otherwise it is ``append`` then ``score``.
         """
         events, items, timestamps = events.to(self.device), items.to(self.device), timestamps.to(self.device)
-        if not self._one_pass(events, items):
+        merged = self._merge(items, timestamps)
+        token_items, token_times = (items, timestamps) if merged is None else (merged.items, merged.timestamps)
+        if not self._one_pass(events, token_items):
             appended = self.append(states, events)
             return appended, self.score(appended, items, timestamps)
-        t, count = events.items.shape[1], items.shape[1]
+        t, count = events.items.shape[1], token_items.shape[1]
         next_pos = torch.tensor([s.next_position for s in states], dtype=torch.int64, device=self.device)
-        valid, candidate = events.valid, items > 0
+        valid, candidate = events.valid, token_items > 0
         tokens = TokenBatch(
-            items=torch.cat([events.items, items], dim=1),
-            actions=torch.cat([events.actions, torch.zeros_like(items)], dim=1),
+            items=torch.cat([events.items, token_items], dim=1),
+            actions=torch.cat([events.actions, torch.zeros_like(token_items)], dim=1),
             positions=torch.cat([next_pos[:, None] + torch.arange(t, device=self.device)[None, :],
                                  (next_pos + events.lengths)[:, None].expand(-1, count)], dim=1),
-            timestamps=torch.cat([events.timestamps, timestamps], dim=1),
+            timestamps=torch.cat([events.timestamps, token_times], dim=1),
             is_history=torch.cat([valid, torch.zeros_like(candidate)], dim=1),
             valid=torch.cat([valid, candidate], dim=1))
         hidden, blocks, processed = self.model.encode_tokens(tokens, self.caches(states), None)
@@ -222,7 +229,8 @@ class Engine:
             updated.append(UserState(layers=layers, last_hidden=hidden[b, new_events - 1].to(dtype).clone(),
                                      next_position=state.next_position + new_events,
                                      last_timestamp=times[b][new_events - 1]))
-        return updated, self.model.ctr_logits(hidden[:, t:], items)
+        outputs = hidden[:, t:]
+        return updated, self.model.ctr_logits(outputs if merged is None else merged.spread(outputs), items)
 
     @torch.no_grad()
     def retrieve(self, states: list[UserState]) -> torch.Tensor:
@@ -237,6 +245,11 @@ class Engine:
                 and all(layer.plain_kv for layer in self.model.layers)
                 and self.state_dtype == self.model.item_embedding.weight.dtype
                 and events.items.shape[1] <= self.prefill_chunk and items.shape[1] <= self.candidate_chunk)
+
+    def _merge(self, items: torch.Tensor, timestamps: torch.Tensor) -> MergedCandidates | None:
+        """The candidates as distinct tokens where the layers cannot tell them apart (see
+        :mod:`malloc.serving.candidates`), else None (every candidate is its own token)."""
+        return merge_candidates(items, timestamps) if self.model.item_blind_candidates else None
 
     def _context(self, layer: int, user: int, history_len: int) -> LayerContext:
         return LayerContext(layer=layer, num_layers=len(self.model.layers), backbone=self.model.cfg.backbone,
