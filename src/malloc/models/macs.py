@@ -15,8 +15,8 @@ A request appends ``t`` new events to ``n`` stored events (each new event's quer
 ``k`` (each against ``n + t`` stored keys plus its own micro-batch, masked to itself: the M-FALCON mask is
 applied by masking); under ``candidate = "query"`` the candidates requested at one time are one token to the
 layers, and each candidate adds its readout only. Eviction and precision schemes read ``n`` = the stored events
-(a dequantized read costs the same products); Native reads every event. Recomputing the whole history instead prefills ``n + t`` events in
-chunks (each chunk against all earlier events and itself), then scores.
+(a dequantized read costs the same products); Native reads every event. Recomputing the whole history instead
+prefills ``n + t`` events in chunks (each chunk against all earlier events and itself), then scores.
 """
 
 from __future__ import annotations
