@@ -22,6 +22,7 @@ import torch
 
 from _common import int_list, positive_int
 from malloc.core.tokens import KVBlock
+from malloc.heap import retain_freed_memory
 from malloc.kernels import hstu as kernel
 from malloc.models.hstu import RelativeBias
 from malloc.profiling import time_call
@@ -67,6 +68,7 @@ def call(batch: int, cached: int, new: int, candidates: int, grad: bool) -> Call
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    retain_freed_memory()  # as the malloc command runs (the kernel's buffers are not page-faulted in per call)
     if not kernel.available():
         print("the C kernel is not available here (no C compiler, or its build failed; see the warning)")
         return 1

@@ -118,10 +118,19 @@ CASES = {
 }
 
 
+def few_queries(name: str) -> dict:
+    """A case with at most 3 new tokens: the kernel reads such keys in place instead of a transposed copy."""
+    spec = {**CASES[name], "length": 3}
+    if "candidates" in spec:
+        spec["candidates"] = 2
+    return spec
+
+
 @pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("few", [False, True], ids=["many-queries", "few-queries"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_equals_the_reference(name, scaled):
-    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name), **CASES[name])
+def test_kernel_equals_the_reference(name, few, scaled):
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name), **(few_queries(name) if few else CASES[name]))
     cached = k.shape[2] - q.shape[2]
     key_scale = torch.rand(q.shape[0]) * 3 if scaled and cached else None
     bias = relative_bias(len(name), 64, 32)

@@ -35,6 +35,10 @@
 #endif
 
 #define KEY_BLOCK 256
+/* batch rows of at most this many queries (a request: its new events and candidate tokens) read the keys where
+ * the model holds them; longer ones (training, prefill chunks) read a transposed copy, whose one-off cost their
+ * many queries share (see the exported forward) */
+#define DIRECT_ROWS 8
 
 /* the parameter lists every entry point shares (the header gives their layouts), and the same as arguments */
 #define SIZE_PARAMS int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, \
@@ -169,6 +173,55 @@ static inline __attribute__((always_inline)) void head_row(
     for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * values[self * DV + d];
 }
 
+/* scores[j] = bias[j] + qs . keys[j] for j < width, keys stored row by row (keys[j * DK + d]): the layout the
+ * model holds, read without a transposed copy (each dot product is summed across its vector's lanes) */
+static inline __attribute__((always_inline)) void row_scores(
+    const int64_t DK, int64_t width, const float *qs, const float *keys, const float *bias, float *scores)
+{
+    if (DK % 8 == 0) {
+        v8f q8[DK / 8 > 0 ? DK / 8 : 1];
+        for (int64_t c = 0; c < DK / 8; c++) q8[c] = load8(qs + 8 * c);
+        for (int64_t j = 0; j < width; j++) {
+            v8f sum = (v8f){0};
+            for (int64_t c = 0; c < DK / 8; c++) sum += q8[c] * load8(keys + j * DK + 8 * c);
+            scores[j] = bias[j] + (((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7])));
+        }
+        return;
+    }
+    for (int64_t j = 0; j < width; j++) {
+        float s = bias[j];
+        for (int64_t d = 0; d < DK; d++) s += qs[d] * keys[j * DK + d];
+        scores[j] = s;
+    }
+}
+
+/* head_row over keys read where the model holds them: the n stored keys and values (rows of DK and DV) of this
+ * head, then the new tokens' (query i's own key is new key i). No block crosses from stored to new keys. */
+static inline __attribute__((always_inline)) void head_row_direct(
+    const int64_t DK, const int64_t DV, int64_t n, int64_t first, int64_t last, const float *qi, float alpha,
+    const float *cached_keys, const float *cached_values, const float *new_keys, const float *new_values,
+    const float *bias, const float *mask, int64_t i, float self_bias, float inv_norm, float *scores, float *out)
+{
+    float qs[DK], acc[DV];
+    for (int64_t d = 0; d < DK; d++) qs[d] = alpha * qi[d];
+    for (int64_t d = 0; d < DV; d++) acc[d] = 0.0f;
+    for (int64_t start = first, stop; start <= last; start = stop) {
+        stop = start + KEY_BLOCK < last + 1 ? start + KEY_BLOCK : last + 1;
+        if (start < n && stop > n) stop = n;
+        int64_t width = stop - start;
+        const float *k = start < n ? cached_keys + start * DK : new_keys + (start - n) * DK;
+        const float *v = start < n ? cached_values + start * DV : new_values + (start - n) * DV;
+        row_scores(DK, width, qs, k, bias + start, scores);
+        const float *mb = mask + start;
+        for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
+        block_values(DV, width, scores, v, acc);
+    }
+    float s = self_bias;  /* the diagonal: every query sees itself */
+    for (int64_t d = 0; d < DK; d++) s += qs[d] * new_keys[i * DK + d];
+    float w = inv_norm * silu(s);
+    for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * new_values[i * DV + d];
+}
+
 /* one layer's bucket thresholds and bias tables */
 typedef struct {
     const float *position_bias, *time_bias;
@@ -260,7 +313,8 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
  * buffers could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
     SIZE_PARAMS,
-    const float *q, const float *keys_t, const float *values,
+    const float *q, const float *keys_t, const float *values, const float *cached_keys, const float *cached_values,
+    const float *new_keys, const float *new_values,
     META_PARAMS,
     TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
@@ -302,15 +356,26 @@ static int hstu_attention_rows(
         for (int64_t h = 0; h < H; h++) {
             int64_t m = h / heads_per_meta, kh = h / heads_per_key;
             const float *qi = q + ((b * H + h) * T + i) * dk;
-            const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
+            const float *kt_head = keys_t == NULL ? NULL : keys_t + (b * Hk + kh) * dk * S;
+            const float *v_head = values == NULL ? NULL : values + (b * Hk + kh) * S * dv;
             float *o = out + ((b * T + i) * H + h) * dv;
             const float *bm = bias + m * S, *mm = mask + m * S;
-            if (dk == 16 && dv == 16)
+            if (keys_t == NULL) {  /* the keys where the model holds them */
+                const float *ck = cached_keys + (b * Hk + kh) * n * dk, *cv = cached_values + (b * Hk + kh) * n * dv;
+                const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
+                if (dk == 16 && dv == 16)
+                    head_row_direct(16, 16, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
+                                    inv_norm, scores, o);
+                else
+                    head_row_direct(dk, dv, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
+                                    inv_norm, scores, o);
+            } else if (dk == 16 && dv == 16) {
                 head_row(16, 16, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
                          inv_norm, scores, o);
-            else
+            } else {
                 head_row(dk, dv, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
                          inv_norm, scores, o);
+            }
         }
     }
     free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
@@ -478,8 +543,8 @@ typedef struct {
 
 static void free_row_keys(RowKeys *r) { free(r->keys_t); free(r->values); free(r->pos); free(r->time); free(r->valid); }
 
-static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t dk, int64_t dv) {
-    size_t keys = (size_t)(Hk * S > 0 ? Hk * S : 1), meta = (size_t)(Hm * S > 0 ? Hm * S : 1);
+static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t dk, int64_t dv, int with_keys) {
+    size_t keys = (size_t)(Hk * S > 0 && with_keys ? Hk * S : 1), meta = (size_t)(Hm * S > 0 ? Hm * S : 1);
     r->keys_t = malloc(sizeof(float) * keys * (size_t)(dk > 0 ? dk : 1));
     r->values = malloc(sizeof(float) * keys * (size_t)(dv > 0 ? dv : 1));
     r->pos = malloc(sizeof(int64_t) * meta);
@@ -491,15 +556,15 @@ static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t
 }
 
 /* Fill r with batch row b's keys: the cached ones (n per head, rows of dk) transposed, then the new tokens'
- * (T per head), whose position, time and validity are the queries' own (query_pos, query_time, is_history). The
- * pointers are those of the whole batch. */
+ * (T per head), whose position, time and validity are the queries' own (query_pos, query_time, is_history); the
+ * keys and values only when with_keys (else the metadata alone). The pointers are those of the whole batch. */
 static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
                             const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
                             const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys,
                             const float *new_values, const int64_t *query_pos, const int64_t *query_time,
-                            const uint8_t *is_history, RowKeys *r) {
+                            const uint8_t *is_history, int with_keys, RowKeys *r) {
     int64_t S = n + T;
-    for (int64_t kh = 0; kh < Hk; kh++) {
+    for (int64_t kh = 0; kh < Hk && with_keys; kh++) {
         const float *ck = cached_keys + (b * Hk + kh) * n * dk, *nk = new_keys + (b * Hk + kh) * T * dk;
         float *kt = r->keys_t + kh * dk * S;
         for (int64_t j = 0; j < n; j++)
@@ -528,8 +593,9 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * copy made by the caller): cached_keys (B, Hk, n, dk), cached_values (B, Hk, n, dv), cached_pos, cached_time
  * (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the
  * new keys' metadata is the queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
- * Each thread lays out the keys of one batch row at a time (gather_row_keys) and computes that row's queries of
- * its range. The backward reads the joined layout of the header. Its thread w accumulates its bias gradients
+ * Each thread lays out the metadata of one batch row at a time (gather_row_keys), and its keys and values
+ * transposed when the row has more than DIRECT_ROWS queries (else they are read in place), and computes that
+ * row's queries of its range. The backward reads the joined layout of the header. Its thread w accumulates its bias gradients
  * into dposition + w * position_buckets and dtime + w * time_buckets. Return 0, or -1 when some thread could not
  * allocate its buffers. */
 int hstu_attention(
@@ -548,17 +614,20 @@ int hstu_attention(
         int64_t w = team_member(), count = team_size();
         int64_t begin = total * w / count, end = total * (w + 1) / count;
         RowKeys r;
-        if (begin < end && alloc_row_keys(&r, Hk, Hm, S, dk, dv) != 0) {
+        int transpose = T > DIRECT_ROWS;  /* few queries per batch row: read the keys in place */
+        if (begin < end && alloc_row_keys(&r, Hk, Hm, S, dk, dv, transpose) != 0) {
             failed = 1;
         } else if (begin < end) {
             for (int64_t b = begin / T; b * T < end && !failed; b++) {
                 int64_t first = begin > b * T ? begin - b * T : 0, last = end < (b + 1) * T ? end - b * T : T;
                 gather_row_keys(b, Hk, Hm, T, n, dk, dv, cached_keys, cached_values, cached_pos, cached_time,
-                                cached_valid, new_keys, new_values, query_pos, query_time, is_history, &r);
-                failed |= hstu_attention_rows(1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, r.keys_t, r.values,
-                                              query_pos + b * T, query_time + b * T, r.pos, r.time, r.valid,
-                                              key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
-                                              out + b * T * H * dv, first, last) != 0;
+                                cached_valid, new_keys, new_values, query_pos, query_time, is_history, transpose, &r);
+                failed |= hstu_attention_rows(
+                    1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, transpose ? r.keys_t : NULL,
+                    transpose ? r.values : NULL, cached_keys + b * Hk * n * dk, cached_values + b * Hk * n * dv,
+                    new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T, query_time + b * T,
+                    r.pos, r.time, r.valid, key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
+                    out + b * T * H * dv, first, last) != 0;
             }
             free_row_keys(&r);
         }
