@@ -28,6 +28,12 @@ def test_merge_groups_each_users_candidates_by_time_and_keeps_padding_apart():
     assert int((merged.items == 0).sum()) == 3
 
 
+def test_merge_of_one_time_per_user_is_one_token():
+    merged = merge_candidates(torch.tensor([[5, 6, 7], [8, 9, 4]]), torch.tensor([[3, 3, 3], [1, 1, 1]]))
+    assert merged is not None and torch.equal(merged.items, torch.tensor([[5], [8]]))
+    assert torch.equal(merged.timestamps, torch.tensor([[3], [1]])) and not bool(merged.token.any())
+
+
 def test_merge_returns_none_when_no_two_candidates_share_a_time():
     assert merge_candidates(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 3]])) is None
     assert merge_candidates(torch.tensor([[1]]), torch.tensor([[1]])) is None

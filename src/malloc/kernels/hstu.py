@@ -299,7 +299,7 @@ def _check(q: torch.Tensor, cached: StoredKeys, new_keys: torch.Tensor, new_valu
         ("time_thresholds", tables.time_thresholds, torch.int64, tuple(tables.time_bias.shape)),
     )
     for name, tensor, dtype, shape in expected:
-        if tensor.dtype != dtype or tensor.device.type != "cpu" or tensor.shape != shape:
+        if tensor.dtype != dtype or not tensor.is_cpu or tensor.shape != shape:
             raise ValueError(f"{name}: expected a CPU {dtype} tensor of shape {shape}, "
                              f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
     if heads % key_heads or heads % meta[1]:

@@ -49,7 +49,10 @@ def merge_candidates(items: torch.Tensor, timestamps: torch.Tensor) -> MergedCan
     batch, count = items.shape
     if count < 2:
         return None
-    keyed = timestamps.masked_fill(items <= 0, PADDING_TIME)
+    valid = items > 0
+    if bool(((timestamps == timestamps[:, :1]) & valid).all()):  # one request time per user, no padding: one token
+        return MergedCandidates(items[:, :1], timestamps[:, :1], torch.zeros_like(items))
+    keyed = timestamps.masked_fill(~valid, PADDING_TIME)
     ordered, order = keyed.sort(dim=1, stable=True)
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
