@@ -134,7 +134,8 @@ def test_request_macs_with_closing_chunks_match_the_flop_counter(backbone, chunk
         Engine(model, candidate_chunk=3).score(appended, items, torch.full((1, 6), 2_000_000_000))
 
     keys = model.scheme.stored_keys(model.cfg, stored)
-    expected = 2 * request_macs(model.cfg, keys, new, 6, candidate_chunk=3, scheme=model.scheme, history_len=stored)
+    expected = 2 * request_macs(model.cfg, keys, new, 6, candidate_chunk=3, scheme=model.scheme, history_len=stored,
+                                candidate_times=1)
     assert count_flops(request) == pytest.approx(expected, rel=1e-6)
 
 
