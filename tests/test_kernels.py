@@ -215,6 +215,13 @@ def test_kernel_counts_as_the_reference_products_in_the_flop_counter():
     assert flops == 2 * batch * heads * length * k.shape[2] * (key_dim + v.shape[3])
 
 
+def test_kernel_refuses_a_scale_per_key_instead_of_per_user():
+    (q, *new), stored = split(*case(7, cached=29), 29)
+    with pytest.raises(ValueError, match=r"key_scale: expected a CPU floating tensor of shape \(3,\)"):
+        kernel.pointwise_attention(q, *new, relative_bias(7).tables(), 0.25, 64.0, cached=stored,
+                                   key_scale=torch.ones(3, 29))
+
+
 @pytest.mark.parametrize(("argument", "change", "message"), [
     ("q", lambda a: a.double(), "q: expected a CPU torch.float32 tensor"),
     ("query_pos", lambda a: a.int(), "query_pos: expected a CPU torch.int64 tensor"),

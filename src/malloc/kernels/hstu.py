@@ -111,7 +111,7 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
                          new_values.new_empty(batch, key_heads, 0, new_values.shape[3]),
                          query_pos.new_empty(batch, 1, 0), query_time.new_empty(batch, 1, 0),
                          is_history.new_empty(batch, 1, 0))
-    _check(q, cached, new_keys, new_values, query_pos, query_time, is_history, tables)
+    _check(q, cached, new_keys, new_values, query_pos, query_time, is_history, tables, key_scale)
     inputs = (q, cached.keys, cached.values, cached.positions, cached.timestamps, cached.valid, new_keys,
               new_values, query_pos, query_time, is_history, key_scale, tables.position_bias,
               tables.position_thresholds, tables.position_octave, tables.time_bias, tables.time_thresholds,
@@ -278,7 +278,8 @@ class _Attention(torch.autograd.Function):
 
 
 def _check(q: torch.Tensor, cached: StoredKeys, new_keys: torch.Tensor, new_values: torch.Tensor,
-           query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor, tables: BucketTables) -> None:
+           query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor, tables: BucketTables,
+           key_scale: torch.Tensor | None) -> None:
     """Raise ValueError unless the arguments have the dtypes, device and shapes the C code reads blindly."""
     batch, heads, length, key_dim = q.shape
     key_heads, value_dim = new_keys.shape[1], new_values.shape[3]
@@ -302,6 +303,10 @@ def _check(q: torch.Tensor, cached: StoredKeys, new_keys: torch.Tensor, new_valu
         if tensor.dtype != dtype or not tensor.is_cpu or tensor.shape != shape:
             raise ValueError(f"{name}: expected a CPU {dtype} tensor of shape {shape}, "
                              f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    if key_scale is not None and (not key_scale.is_floating_point() or not key_scale.is_cpu
+                                  or key_scale.shape != (batch,)):
+        raise ValueError(f"key_scale: expected a CPU floating tensor of shape ({batch},), got {key_scale.dtype} "
+                         f"{tuple(key_scale.shape)} on {key_scale.device}")
     if heads % key_heads or heads % meta[1]:
         raise ValueError(f"heads: {heads} query heads are not a multiple of {key_heads} key heads "
                          f"and {meta[1]} metadata heads")
