@@ -26,6 +26,15 @@ L2_EPS = 1e-6
 CANDIDATE_CHUNK = 64
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that returns its input untouched when not training (or at ``p = 0``), without calling
+    PyTorch's dropout at all: in eval mode that call changes nothing, yet costs about 8 us on this build (its
+    function is looked up through ``torch._VF`` on every call), and a serving request passes through several."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training and self.p > 0 else x
+
+
 class AttentionLayer(nn.Module):
     """Interface of one backbone layer, and of the state it stores for a user.
 
@@ -94,7 +103,7 @@ class SequentialRecommender(nn.Module):
         self.scheme = scheme
         self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
         self.action_embedding = nn.Embedding(NUM_ACTIONS, cfg.dim)
-        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.input_dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(self.build_layer() if scheme is None else scheme.build_layer(cfg)
                                     for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.dim)

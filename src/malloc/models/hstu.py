@@ -24,7 +24,7 @@ from torch import nn
 
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 from malloc.kernels import hstu as kernel
-from malloc.models.base import AttentionLayer, SequentialRecommender
+from malloc.models.base import AttentionLayer, Dropout, SequentialRecommender
 from malloc.models.config import ModelConfig
 
 # the bias of a masked (query, key) pair in the fused kernel: SiLU(-1e4 + s) is exactly 0 for any attainable score s
@@ -234,7 +234,7 @@ class HSTULayer(AttentionLayer):
         self.uvqk = nn.Linear(cfg.dim, sum(self.split))
         self.output_norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.bias = RelativeBias(cfg.pos_buckets, cfg.time_buckets)
         self.tile_pairs = TILE_PAIRS  # (query, key) pairs per attention tile and batch row
         self.use_kernel = True  # the C kernel where it applies (:meth:`kernel_applies`); False: PyTorch alone

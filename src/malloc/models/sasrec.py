@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
-from malloc.models.base import AttentionLayer, LayerScheme, SequentialRecommender
+from malloc.models.base import AttentionLayer, Dropout, LayerScheme, SequentialRecommender
 from malloc.models.config import ModelConfig
 
 
@@ -60,9 +60,9 @@ class SASRecLayer(AttentionLayer):
         self.qkv = nn.Linear(cfg.dim, sum(self.split))
         self.output = nn.Linear(width, cfg.dim)
         self.ffn_norm = nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim), nn.GELU(), nn.Dropout(cfg.dropout),
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim), nn.GELU(), Dropout(cfg.dropout),
                                  nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, KVBlock, torch.Tensor | None]:

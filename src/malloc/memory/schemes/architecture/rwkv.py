@@ -50,7 +50,7 @@ from malloc.core.tokens import TokenBatch
 from malloc.memory.architecture import DTYPE_BYTES, ArchitectureScheme
 from malloc.memory.complexity import Complexity
 from malloc.models import macs
-from malloc.models.base import AttentionLayer
+from malloc.models.base import AttentionLayer, Dropout
 from malloc.models.config import ModelConfig
 
 # the empty state's max exponent (RWKV-LM's -1e30): finite, so that e^(empty - x) = 0 without inf - inf
@@ -343,7 +343,7 @@ class HSTURWKVLayer(RecurrentHooks, AttentionLayer):
         self.time_mix = TimeMix(cfg.dim, self.width)
         self.output_norm = nn.LayerNorm(self.width)
         self.output = nn.Linear(self.width, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: RecurrentBatch | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, RecurrentBatch, None]:
@@ -367,7 +367,7 @@ class SASRecRWKVLayer(RecurrentHooks, AttentionLayer):
         self.output = nn.Linear(self.width, cfg.dim, bias=False)
         self.ffn_norm = nn.LayerNorm(cfg.dim)
         self.channel_mix = ChannelMix(cfg.dim, cfg.ffn_mult * cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, tokens: TokenBatch, cache: RecurrentBatch | None, need_weights: bool = False
                 ) -> tuple[torch.Tensor, RecurrentBatch, None]:
