@@ -34,6 +34,12 @@ def test_merge_of_one_time_per_user_is_one_token():
     assert torch.equal(merged.timestamps, torch.tensor([[3], [1]])) and not bool(merged.token.any())
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_merge_reads_times_of_other_dtypes(dtype):
+    merged = merge_candidates(torch.tensor([[5, 6, 0]]), torch.tensor([[3, 3, 3]], dtype=dtype))
+    assert merged is not None and merged.items.shape == (1, 2) and merged.token[0, 0] == merged.token[0, 1]
+
+
 def test_merge_returns_none_when_no_two_candidates_share_a_time():
     assert merge_candidates(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 3]])) is None
     assert merge_candidates(torch.tensor([[1]]), torch.tensor([[1]])) is None

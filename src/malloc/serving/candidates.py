@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-# the sort key of padding: below every real time, so that padding never joins a real candidate's token
-PADDING_TIME = torch.iinfo(torch.int64).min
-
 
 @dataclass(frozen=True)
 class MergedCandidates:
@@ -52,7 +49,9 @@ def merge_candidates(items: torch.Tensor, timestamps: torch.Tensor) -> MergedCan
     valid = items > 0
     if bool(((timestamps == timestamps[:, :1]) & valid).all()):  # one request time per user, no padding: one token
         return MergedCandidates(items[:, :1], timestamps[:, :1], torch.zeros_like(items))
-    keyed = timestamps.masked_fill(~valid, PADDING_TIME)
+    # padding sorts below every real time, so that it never joins a real candidate's token
+    lowest = float("-inf") if timestamps.is_floating_point() else torch.iinfo(timestamps.dtype).min
+    keyed = timestamps.masked_fill(~valid, lowest)
     ordered, order = keyed.sort(dim=1, stable=True)
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
