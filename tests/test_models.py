@@ -214,3 +214,14 @@ def test_fused_softmax_attention_equals_reference():
     reference, probs = softmax_attention(q, k, v, visible, need_weights=True)
     assert none is None and probs.shape == (2, 4, 7, 14)
     torch.testing.assert_close(fused, reference, atol=1e-6, rtol=0)
+
+
+def test_dropout_draws_as_pytorch_in_training_and_is_skipped_in_eval():
+    from malloc.models.base import Dropout
+
+    x = torch.ones(1000)
+    torch.manual_seed(0)
+    ours = Dropout(0.5)(x)
+    torch.manual_seed(0)
+    assert torch.equal(ours, torch.nn.Dropout(0.5)(x)) and not torch.equal(ours, x)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0)(x) is x
