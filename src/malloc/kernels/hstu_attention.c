@@ -572,15 +572,17 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
         for (int64_t j = 0; j < T; j++)
             for (int64_t d = 0; d < dk; d++) kt[d * S + n + j] = nk[j * dk + d];
         float *v = r->values + kh * S * dv;
-        memcpy(v, cached_values + (b * Hk + kh) * n * dv, sizeof(float) * (size_t)(n * dv));
+        if (n > 0) memcpy(v, cached_values + (b * Hk + kh) * n * dv, sizeof(float) * (size_t)(n * dv));
         memcpy(v + n * dv, new_values + (b * Hk + kh) * T * dv, sizeof(float) * (size_t)(T * dv));
     }
     for (int64_t m = 0; m < Hm; m++) {
-        memcpy(r->pos + m * S, cached_pos + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
+        if (n > 0) {  /* no stored keys: their pointers may be NULL, which memcpy may not be given */
+            memcpy(r->pos + m * S, cached_pos + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
+            memcpy(r->time + m * S, cached_time + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
+            memcpy(r->valid + m * S, cached_valid + (b * Hm + m) * n, (size_t)n);
+        }
         memcpy(r->pos + m * S + n, query_pos + b * T, sizeof(int64_t) * (size_t)T);
-        memcpy(r->time + m * S, cached_time + (b * Hm + m) * n, sizeof(int64_t) * (size_t)n);
         memcpy(r->time + m * S + n, query_time + b * T, sizeof(int64_t) * (size_t)T);
-        memcpy(r->valid + m * S, cached_valid + (b * Hm + m) * n, (size_t)n);
         memcpy(r->valid + m * S + n, is_history + b * T, (size_t)T);
     }
 }
@@ -595,9 +597,9 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * new keys' metadata is the queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
  * Each thread lays out the metadata of one batch row at a time (gather_row_keys), and its keys and values
  * transposed when the row has more than DIRECT_ROWS queries (else they are read in place), and computes that
- * row's queries of its range. The backward reads the joined layout of the header. Its thread w accumulates its bias gradients
- * into dposition + w * position_buckets and dtime + w * time_buckets. Return 0, or -1 when some thread could not
- * allocate its buffers. */
+ * row's queries of its range. The backward reads the joined layout of the header; its thread w accumulates its
+ * bias gradients into dposition + w * position_buckets and dtime + w * time_buckets. Return 0, or -1 when some
+ * thread could not allocate its buffers. */
 int hstu_attention(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
     const float *q, const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
