@@ -193,7 +193,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     held = [_readable(t) for t in (q, cached_keys, cached_values, cached_pos, cached_time, cached_valid, new_keys,
                                    new_values, query_pos, query_time, is_history)]
     scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
-    table_held, table_pointers = _tables(*tables)
+    _tables_alive, table_pointers = _tables(*tables)  # the tensors behind the pointers, held through the call
     batch, heads, length, key_dim = q.shape
     key_heads, stored, value_dim = new_keys.shape[1], cached_keys.shape[2], new_values.shape[3]
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
@@ -201,7 +201,6 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
         batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *_pointers(*held, scale),
         *table_pointers, alpha, 1.0 / normaliser, out.data_ptr(),
         _workers(batch * length, batch * length * (stored + length) * heads))
-    del held, table_held  # alive until the call has returned
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return out
@@ -222,12 +221,14 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
     library = _library_or_raise()
     batch, heads, length, _ = q.shape
     stored, meta_heads = cached_keys.shape[2], cached_pos.shape[1]
-    keys, values, key_pos, key_time, key_valid = (
-        torch.cat([c.detach(), x.detach()], dim=2) if stored else x.detach()
-        for c, x in ((cached_keys, new_keys), (cached_values, new_values),
-                     *((c, x[:, None].expand(-1, meta_heads, -1)) for c, x in (
-                         (cached_pos, query_pos), (cached_time, query_time), (cached_valid, is_history)))))
-    keys, values, width = _readable(keys), _readable(values), keys.shape[2]  # the gradients take their layout
+
+    def joined(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # [cached; new] along the keys
+        return torch.cat([cached.detach(), new.detach()], dim=2) if stored else new.detach()
+
+    keys, values = _readable(joined(cached_keys, new_keys)), _readable(joined(cached_values, new_values))
+    key_pos, key_time, key_valid = (joined(c, x[:, None].expand(-1, meta_heads, -1)) for c, x in (
+        (cached_pos, query_pos), (cached_time, query_time), (cached_valid, is_history)))
+    width = keys.shape[2]  # the gradients take the joined keys' layout
     held = [_readable(t) for t in (q, keys.transpose(-1, -2), keys, values.transpose(-1, -2), values, query_pos,
                                    query_time, key_pos, key_time, key_valid)]
     scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
@@ -242,7 +243,6 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
         batch, heads, keys.shape[1], meta_heads, length, width, stored, keys.shape[3], values.shape[3],
         *_pointers(*held, scale), *table_pointers, alpha, 1.0 / normaliser, grad.data_ptr(), dq.data_ptr(),
         dkeys.data_ptr(), dvalues.data_ptr(), dposition.data_ptr(), dtime.data_ptr(), workers)
-    del held, table_held
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return (dq, dkeys[:, :, :stored], dvalues[:, :, :stored], dkeys[:, :, stored:], dvalues[:, :, stored:],

@@ -117,9 +117,9 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
 def _kernel_flops(query_shape, cached_key_shape, cached_value_shape, *args, out_shape=None, **kwargs) -> int:
     """HSTU's C kernel (:mod:`malloc.kernels.hstu`), counted as the reference's ``q k^T`` + ``a v`` over its
     stored and new keys (its seventh argument holds the new keys)."""
-    batch, heads, queries, key_dim = query_shape
-    keys = cached_key_shape[2] + args[3][2]
-    return 2 * batch * heads * queries * keys * (key_dim + cached_value_shape[3])
+    batch, heads, _, key_dim = cached_key_shape
+    return _attention_flops(query_shape, (batch, heads, cached_key_shape[2] + args[3][2], key_dim),
+                            cached_value_shape)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
