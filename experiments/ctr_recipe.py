@@ -43,6 +43,7 @@ VARIANTS: dict[str, list[str]] = {
     "recipe-wd0.01-dropout0.3": ["train.weight_decay=0.01", "model.dropout=0.3"],
     "recipe-dim32": ["model.dim=32"],
     "recipe-lr3e-4": ["train.lr=0.0003"],
+    "recipe-positions": ["model.absolute_positions=true"],
 }
 METRICS = ("auc", "gauc", "logloss")
 RESAMPLES = 200

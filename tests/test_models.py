@@ -33,9 +33,13 @@ HEADS = [("item", "head", False), ("item", "dot", True), ("query", "dot", True)]
 
 def tiny_model(backbone: str, layers: int = 2, candidate: str = "item", ctr_readout: str = "head",
                item_prior: bool = False):
+    """``backbone`` "hstu+positions": HSTU with ``model.absolute_positions`` and a window (16) shorter than the
+    longest test history, so positions past it share the last embedding."""
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=backbone, dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0, max_len=32,
-                      candidate=candidate, ctr_readout=ctr_readout, item_prior=item_prior)
+    absolute_positions = backbone == "hstu+positions"
+    cfg = ModelConfig(backbone=backbone.split("+")[0], dim=16, layers=layers, heads=4, head_dim=4, dropout=0.0,
+                      max_len=16 if absolute_positions else 32, candidate=candidate, ctr_readout=ctr_readout,
+                      item_prior=item_prior, absolute_positions=absolute_positions)
     model = build_model_for(cfg, NUM_ITEMS).eval()
     with torch.no_grad():  # non-zero relative biases and priors, so the test covers them
         for name, p in model.named_parameters():
@@ -85,7 +89,7 @@ def split_events(events: Events, cuts: list[int]) -> list[Events]:
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", [*BACKBONES, "hstu+positions"])
 @settings(max_examples=15, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
@@ -131,6 +135,29 @@ def test_grouped_writes_observe_the_same_attention(backbone):
             for got, want in zip(dataclasses.astuple(grouped_obs.stats(layer, b)),
                                  dataclasses.astuple(one_obs.stats(layer, b)), strict=True):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_absolute_positions_enter_the_input_and_clamp_at_the_window():
+    """Under ``model.absolute_positions`` an item's input depends on its position up to ``max_len - 1`` (16 here)
+    and not past it; without it, only the relative bias sees order, and the stored bytes do not change."""
+    model, plain = tiny_model("hstu+positions"), tiny_model("hstu")
+    assert plain.position_embedding is None
+
+    def inputs(net, positions):
+        tokens = TokenBatch(items=torch.full((1, 4), 7), actions=torch.ones(1, 4, dtype=torch.long),
+                            positions=torch.tensor([positions]), timestamps=torch.zeros(1, 4, dtype=torch.long),
+                            is_history=torch.ones(1, 4, dtype=torch.bool), valid=torch.ones(1, 4, dtype=torch.bool))
+        return net.embed(tokens)[0]
+
+    with torch.no_grad():
+        x = inputs(model, [3, 5, 15, 40])
+        assert not torch.allclose(x[0], x[1])
+        torch.testing.assert_close(x[2], x[3], atol=0, rtol=0)
+        y = inputs(plain, [3, 5, 15, 40])
+        torch.testing.assert_close(y[0], y[3], atol=0, rtol=0)
+    events, _, _ = random_users(5, [20, 7], num_candidates=1)
+    assert ([s.nbytes() for s in Engine(model).prefill(events)]
+            == [s.nbytes() for s in Engine(plain).prefill(events)])
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

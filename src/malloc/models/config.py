@@ -42,6 +42,13 @@ class ModelConfig:
             enters the state.
         ctr_readout: CTR: the click logit of a candidate's output ``h``: "head", a linear head ``w . h + b``; "dot",
             that plus ``<W h, e_item>`` (a factorisation of the user vector with the item's embedding).
+        absolute_positions: HSTU: generative-recommenders' input (arXiv 2402.17152's code): the item embedding
+            times ``sqrt(dim)`` plus a learned absolute-position embedding (``max_len`` rows, later positions share
+            the last; initialised with standard deviation ``sqrt(1 / dim)``), besides the relative bias. False: the
+            item embedding alone, order from the relative bias only. A token's position is fixed when it is
+            appended, so stored state stays valid. SASRec always has its own positions and ignores this key.
+            Measured (docs/CHOICES.md): it helps HSTU's retrieval and hurts its CTR, so the retrieval configs set it
+            and the default stays False.
         l2_norm: retrieval: score items by the cosine of the user representation and the item embedding (both
             L2-normalised; train with ``train.temperature`` well below 1) instead of the raw dot product.
     """
@@ -63,6 +70,7 @@ class ModelConfig:
     item_prior: bool = True
     candidate: Literal["item", "query"] = "query"
     ctr_readout: Literal["head", "dot"] = "dot"
+    absolute_positions: bool = False
     l2_norm: bool = False
 
     def __post_init__(self) -> None:

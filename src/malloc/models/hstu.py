@@ -24,7 +24,7 @@ from torch import nn
 
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 from malloc.kernels import hstu as kernel
-from malloc.models.base import AttentionLayer, Dropout, SequentialRecommender
+from malloc.models.base import AttentionLayer, Dropout, LayerScheme, SequentialRecommender
 from malloc.models.config import ModelConfig
 
 # the bias of a masked (query, key) pair in the fused kernel: SiLU(-1e4 + s) is exactly 0 for any attainable score s
@@ -320,7 +320,23 @@ def use_kernels(model: nn.Module, enabled: bool) -> int:
 
 
 class HSTU(SequentialRecommender):
-    """HSTU backbone: item + action embeddings (no absolute positions: the relative bias carries order)."""
+    """HSTU backbone: item + action embeddings, order from the relative bias; under ``model.absolute_positions``
+    the item embedding is scaled by ``sqrt(D)`` and a learned absolute-position embedding is added, as in
+    generative-recommenders' input."""
+
+    def __init__(self, cfg: ModelConfig, num_items: int, scheme: LayerScheme | None = None) -> None:
+        super().__init__(cfg, num_items, scheme)
+        self.position_embedding: nn.Embedding | None = None
+        if cfg.absolute_positions:
+            self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
+            nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / cfg.dim))
 
     def build_layer(self) -> AttentionLayer:
         return HSTULayer(self.cfg)
+
+    def embed(self, tokens: TokenBatch) -> torch.Tensor:
+        if self.position_embedding is None:
+            return super().embed(tokens)
+        positions = tokens.positions.clamp(0, self.cfg.max_len - 1)
+        return (self.item_inputs(tokens) * math.sqrt(self.cfg.dim) + self.position_embedding(positions)
+                + self.action_embedding(tokens.actions))
