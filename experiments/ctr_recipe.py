@@ -44,6 +44,9 @@ VARIANTS: dict[str, list[str]] = {
     "recipe-dim32": ["model.dim=32"],
     "recipe-lr3e-4": ["train.lr=0.0003"],
     "recipe-positions": ["model.absolute_positions=true"],
+    "recipe-blind0.5": ["train.blind_windows=0.5"],
+    "recipe-blind1": ["train.blind_windows=1.0"],
+    "recipe-dim128": ["model.dim=128", "model.head_dim=32"],
 }
 METRICS = ("auc", "gauc", "logloss")
 RESAMPLES = 200
