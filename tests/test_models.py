@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from malloc.config import load_config
+from malloc.configio import ConfigError
 from malloc.core.state import SCALAR_BYTES
 from malloc.core.stats import AttentionObserver
 from malloc.core.tokens import Events, TokenBatch
@@ -138,7 +141,7 @@ def test_grouped_writes_observe_the_same_attention(backbone):
 
 
 def test_absolute_positions_enter_the_input_and_clamp_at_the_window():
-    """Under ``model.absolute_positions`` an item's input depends on its position up to ``max_len - 1`` (16 here)
+    """Under ``model.absolute_positions`` an item's input depends on its position up to ``max_len - 1`` (15 here)
     and not past it; without it, only the relative bias sees order, and the stored bytes do not change."""
     model, plain = tiny_model("hstu+positions"), tiny_model("hstu")
     assert plain.position_embedding is None
@@ -158,6 +161,13 @@ def test_absolute_positions_enter_the_input_and_clamp_at_the_window():
     events, _, _ = random_users(5, [20, 7], num_candidates=1)
     assert ([s.nbytes() for s in Engine(model).prefill(events)]
             == [s.nbytes() for s in Engine(plain).prefill(events)])
+
+
+def test_absolute_positions_on_sasrec_is_an_error():
+    """SASRec always has its own positions: asking for HSTU's option there is refused by name, not ignored."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "bench" / "sasrec-retrieval.yaml"
+    with pytest.raises(ConfigError, match=r"^model: absolute_positions is an HSTU option; sasrec always has"):
+        load_config(config, ["model.absolute_positions=true"])
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -46,7 +46,7 @@ class ModelConfig:
             times ``sqrt(dim)`` plus a learned absolute-position embedding (``max_len`` rows, later positions share
             the last; initialised with standard deviation ``sqrt(1 / dim)``), besides the relative bias. False: the
             item embedding alone, order from the relative bias only. A token's position is fixed when it is
-            appended, so stored state stays valid. SASRec always has its own positions and ignores this key.
+            appended, so stored state stays valid. SASRec always has its own positions (setting it there is an error).
             Measured (docs/CHOICES.md): it helps HSTU's retrieval and hurts its CTR, so the retrieval configs set it
             and the default stays False.
         l2_norm: retrieval: score items by the cosine of the user representation and the item embedding (both
@@ -84,5 +84,7 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        if self.absolute_positions and self.backbone != "hstu":
+            raise ValueError(f"absolute_positions is an HSTU option; {self.backbone} always has its own positions")
         if self.candidate == "query" and self.ctr_readout != "dot":
             raise ValueError("candidate 'query' shows the layers no item: it needs ctr_readout 'dot'")
