@@ -47,6 +47,11 @@ VARIANTS: dict[str, list[str]] = {
     "recipe-blind0.5": ["train.blind_windows=0.5"],
     "recipe-blind1": ["train.blind_windows=1.0"],
     "recipe-dim128": ["model.dim=128", "model.head_dim=32"],
+    "recipe-logloss": ["eval.monitor=logloss"],
+    "recipe-lr3e-3": ["train.lr=0.003"],
+    "recipe-priorlr1e-2": ["train.prior_lr=0.01"],
+    "recipe-batch128": ["train.batch_size=128"],
+    "recipe-len50": ["model.max_len=50"],
 }
 METRICS = ("auc", "gauc", "logloss")
 RESAMPLES = 200

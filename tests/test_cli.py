@@ -12,7 +12,7 @@ from conftest import run_dirs
 from malloc.cli import main
 from malloc.config import load_config
 from malloc.results import read_json
-from malloc.runner import build_view, run, run_dir_for
+from malloc.runner import build_view, run, run_dir_for, training_identity
 from malloc.train import train
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -41,6 +41,22 @@ def test_train_writes_results_then_skips(tmp_path, capsys, task, backbone):
     assert main(args) == 0  # done: skipped, not retrained
     assert (run_dir / "done.json").stat().st_mtime_ns == before
     assert "test" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("task", "overrides"), [
+    ("ctr", ["eval.protocol=feedback"]), ("ctr", ["eval.monitor=logloss"]),
+    ("retrieval", ["eval.mask_history=false"]), ("retrieval", ["eval.ks=[5]"]), ("retrieval", ["eval.append_events=2"]),
+])
+def test_a_done_run_is_not_returned_for_other_evaluation_settings(tmp_path, task, overrides):
+    """The settings that change a run's kept epoch or its test numbers name another run folder (not the done one
+    of the defaults); batch sizes and the defaults spelled out (``monitor`` auc for CTR) name the same one."""
+    default = smoke(tmp_path, f"task={task}")
+    other = smoke(tmp_path, f"task={task}", *overrides)
+    same = smoke(tmp_path, f"task={task}", "eval.user_batch=7",
+                 f"eval.monitor={'auc' if task == 'ctr' else 'ndcg@10'}")
+    assert "eval" not in training_identity(default) and "eval" in training_identity(other)
+    assert run_dir_for(other).root != run_dir_for(default).root
+    assert run_dir_for(same).root == run_dir_for(default).root
 
 
 def test_force_reruns(tmp_path):

@@ -17,6 +17,8 @@ from malloc.models.config import ModelConfig
 
 MAX_LR = 1000.0  # Adam learning rates live far below; above, float32 optimiser states overflow
 CTR_MONITORS = ("auc", "gauc", "logloss")
+# eval.monitor "auto", per task (docs/CHOICES.md)
+AUTO_MONITOR = {"ctr": "auc", "retrieval": "ndcg@10"}
 MINIMISED = ("logloss",)
 
 
@@ -195,9 +197,7 @@ class RunConfig:
 
     @property
     def monitor(self) -> str:
-        if self.eval.monitor != "auto":
-            return self.eval.monitor
-        return "auc" if self.task == "ctr" else "ndcg@10"
+        return self.eval.monitor if self.eval.monitor != "auto" else AUTO_MONITOR[self.task]
 
     @property
     def monitor_sign(self) -> float:

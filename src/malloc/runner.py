@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from malloc.config import RunConfig
+from malloc.config import AUTO_MONITOR, EvalConfig, RunConfig
 from malloc.configio import ConfigError, config_hash, from_dict, load_yaml, to_dict
 from malloc.data.fingerprint import data_digest
 from malloc.data.sequences import DataError
@@ -46,12 +46,15 @@ log = logging.getLogger("malloc.run")
 
 
 def training_identity(cfg: RunConfig) -> dict[str, Any]:
-    """The parts of a config that determine the trained model (and so the run directory's hash).
+    """The parts of a config that determine the trained model and its stored test numbers (and so the run
+    directory's hash).
 
     A Native model's identity leaves out the scheme fields (at their defaults they change nothing), and a real
     data set's leaves out the synthetic generator's settings, and ``train.window`` at its default is left out, so
-    adding a field to any of them keeps other runs' hashes. ``data_digest`` is the content digest of the data
-    files (:func:`malloc.data.fingerprint.data_digest`; absent for generated data).
+    adding a field to any of them keeps other runs' hashes. The evaluation settings the run's numbers depend on
+    (:func:`evaluation_identity`) enter only where they differ from the defaults, for the same reason.
+    ``data_digest`` is the content digest of the data files (:func:`malloc.data.fingerprint.data_digest`; absent
+    for generated data).
 
     Raises:
         DataError: a data file is missing or unreadable.
@@ -66,10 +69,27 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
     if train["window"] == 0:  # the default window (model.max_len)
         del train["window"]
     identity = {"task": cfg.task, "data": data, "model": model, "train": train}
+    evaluation = evaluation_identity(cfg)
+    if evaluation:
+        identity["eval"] = evaluation
     digest = data_digest(cfg.data.source, cfg.data.path)
     if digest is not None:
         identity["data_digest"] = digest
     return identity
+
+
+def evaluation_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The ``eval`` settings that change what a run stores, where they differ from the defaults: the validation
+    metric that picks the kept epoch (``monitor``, resolved), the validation and test protocol (CTR: ``protocol``;
+    retrieval: ``mask_history``, ``ks``, ``append_events``). Batch and chunk sizes are left out: the replay is
+    tested equal whatever they are. Without these, a run folder trained or tested under other settings would be
+    returned as done."""
+    defaults = EvalConfig()
+    names = ("protocol",) if cfg.task == "ctr" else ("mask_history", "ks", "append_events")
+    chosen = {name: getattr(cfg.eval, name) for name in names if getattr(cfg.eval, name) != getattr(defaults, name)}
+    if cfg.monitor != AUTO_MONITOR[cfg.task]:
+        chosen["monitor"] = cfg.monitor
+    return to_dict(chosen)
 
 
 def run_dir_for(cfg: RunConfig) -> RunDir:
