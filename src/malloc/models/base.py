@@ -9,6 +9,7 @@ it back, are the layer's state hooks.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
@@ -103,6 +104,8 @@ class SequentialRecommender(nn.Module):
         self.scheme = scheme
         self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
         self.action_embedding = nn.Embedding(NUM_ACTIONS, cfg.dim)
+        # learned absolute positions, set by a backbone that has them (SASRec; HSTU under model.absolute_positions)
+        self.position_embedding: nn.Embedding | None = None
         self.input_dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(self.build_layer() if scheme is None else scheme.build_layer(cfg)
                                     for _ in range(cfg.layers))
@@ -124,8 +127,13 @@ class SequentialRecommender(nn.Module):
         raise NotImplementedError
 
     def embed(self, tokens: TokenBatch) -> torch.Tensor:
-        """Input embeddings ``(B, T, D)``."""
-        return self.item_inputs(tokens) + self.action_embedding(tokens.actions)
+        """Input embeddings ``(B, T, D)``: item + action; with a position table, the item scaled by ``sqrt(D)`` plus
+        the position's row (positions past ``max_len - 1`` share the last row)."""
+        items, actions = self.item_inputs(tokens), self.action_embedding(tokens.actions)
+        if self.position_embedding is None:
+            return items + actions
+        positions = tokens.positions.clamp(0, self.cfg.max_len - 1)
+        return items * math.sqrt(self.cfg.dim) + self.position_embedding(positions) + actions
 
     def item_inputs(self, tokens: TokenBatch) -> torch.Tensor:
         """``(B, T, D)`` what each token shows of its item: the item embedding, except for candidates under

@@ -326,17 +326,9 @@ class HSTU(SequentialRecommender):
 
     def __init__(self, cfg: ModelConfig, num_items: int, scheme: LayerScheme | None = None) -> None:
         super().__init__(cfg, num_items, scheme)
-        self.position_embedding: nn.Embedding | None = None
         if cfg.absolute_positions:
             self.position_embedding = nn.Embedding(cfg.max_len, cfg.dim)
             nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / cfg.dim))
 
     def build_layer(self) -> AttentionLayer:
         return HSTULayer(self.cfg)
-
-    def embed(self, tokens: TokenBatch) -> torch.Tensor:
-        if self.position_embedding is None:
-            return super().embed(tokens)
-        positions = tokens.positions.clamp(0, self.cfg.max_len - 1)
-        return (self.item_inputs(tokens) * math.sqrt(self.cfg.dim) + self.position_embedding(positions)
-                + self.action_embedding(tokens.actions))

@@ -104,8 +104,4 @@ class SASRec(SequentialRecommender):
     def build_layer(self) -> AttentionLayer:
         return SASRecLayer(self.cfg)
 
-    def embed(self, tokens: TokenBatch) -> torch.Tensor:
-        positions = tokens.positions.clamp(0, self.cfg.max_len - 1)
-        return (self.item_inputs(tokens) * math.sqrt(self.cfg.dim)
-                + self.position_embedding(positions) + self.action_embedding(tokens.actions))
 
