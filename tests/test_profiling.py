@@ -227,10 +227,15 @@ def test_request_profile_benchmark_lists_operators(capsys, benchmark_script):
     assert module.main(["--length", "8", "--users", "2", "--candidates", "3", "--repeats", "2", "--top", "4",
                         "--threads", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 and all(r["users"] == 2 and r["history_len"] == 8 for r in rows)
+    assert len(rows) == 4 and all(r["users"] == 2 and r["length"] == 8 and not r["training"] for r in rows)
     shares = [r["share"] for r in rows]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     assert all(r["ms_per_request"] > 0 and r["calls_per_request"] > 0 for r in rows)
+    assert module.main(["--training", "--length", "8", "--users", "2", "--repeats", "1", "--top", "50",
+                        "--threads", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert all(r["training"] and r["ms_per_step"] > 0 for r in rows)
+    assert any("backward" in r["operator"] for r in rows)  # the step's backward pass is profiled too
     with pytest.raises(SystemExit):
         module.main(["--users", "0"])
 
