@@ -24,7 +24,10 @@
  *
  * hstu_attention_rows computes the (b, i) rows in [row_begin, row_end) of the B * T rows, and
  * hstu_attention_backward_rows the gradients of whole batch rows; the exported hstu_attention and
- * hstu_attention_backward (at the end) run one range per thread.
+ * hstu_attention_backward (at the end) run one range per thread. Over transposed keys the forward takes
+ * QUERY_TILE consecutive queries of a batch row at once, so that each key and value it loads serves all of them
+ * (one query at a time, the loads, not the multiply-adds, bound the loop); the tiles are fixed by the query index,
+ * so the outputs do not depend on the number of threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,6 +42,8 @@
  * the model holds them; longer ones (training, prefill chunks) read a transposed copy, whose one-off cost their
  * many queries share (see the exported forward) */
 #define DIRECT_ROWS 8
+/* queries computed together over the transposed keys, sharing each key and value load (at most 4) */
+#define QUERY_TILE 4
 
 /* the parameter lists every entry point shares (the header gives their layouts), and the same as arguments */
 #define SIZE_PARAMS int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, \
@@ -89,88 +94,125 @@ static inline int64_t distance(int64_t a, int64_t b) { return a > b ? a - b : b 
 
 static inline float silu(float s) { return s / (1.0f + exp_clamped(-s)); }
 
-/* eight floats; memcpy loads and stores them from unaligned addresses (GCC's vector extension: whatever SIMD
- * the target has) */
+/* VLEN floats, one vector register of the target (16 with AVX-512, else 8); memcpy loads and stores them from
+ * unaligned addresses (GCC's vector extension: whatever SIMD the target has). With AVX-512 the wide vectors halve
+ * the instructions of every loop (on AMD Zen 4, which splits each into two 256-bit halves, the kernel still runs
+ * a fifth faster); without it, 8 keep every sum below in a register. */
+#ifdef __AVX512F__
+#define VLEN 16
+#else
+#define VLEN 8
+#endif
+typedef float vf __attribute__((vector_size(4 * VLEN)));
+
+static inline vf loadv(const float *p) { vf x; memcpy(&x, p, sizeof x); return x; }
+
+static inline void storev(float *p, vf x) { memcpy(p, &x, sizeof x); }
+
+/* eight floats, for the dot products summed across their lanes (row_scores), which eight lanes end in fewer adds */
 typedef float v8f __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
 
-static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
-
-/* scores[j] = bias[j] + sum_d qs[d] * keys_t[d * S + j] for j < width (bias NULL: 0): 32 keys at a time on four
- * independent v8f sums (one sum alone would wait on each multiply-add's latency), then 8 at a time, the rest one
- * by one */
+/* For each of NQ queries q: scores[q * KEY_BLOCK + j] = bias[q * bias_stride + j] + sum_d qs[q * DK + d] *
+ * keys_t[d * S + j] for j < width (bias NULL: 0). Each load of a key column serves the NQ queries, and eight
+ * independent vf sums are in flight (one alone would wait on each multiply-add's latency): 8 VLEN / NQ keys at a
+ * time, then VLEN at a time, the rest one by one. The queries' rows sit at fixed strides so that the loops address
+ * them from one register each. */
 static inline __attribute__((always_inline)) void block_scores(
-    const int64_t DK, int64_t S, int64_t width, const float *qs, const float *keys_t, const float *bias,
-    float *scores)
+    const int NQ, const int64_t DK, int64_t S, int64_t width, const float *qs, const float *keys_t,
+    const float *bias, int64_t bias_stride, float *scores)
 {
+    const int R = 8 / NQ;  /* vf sums per query: sum r of query q is s[q * R + r] */
     int64_t j = 0;
-    for (; j + 32 <= width; j += 32) {
-        v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        if (bias) { s0 = load8(bias + j); s1 = load8(bias + j + 8); s2 = load8(bias + j + 16); s3 = load8(bias + j + 24); }
+    for (; j + VLEN * R <= width; j += VLEN * R) {
+        vf s[8], k[8];
+        for (int q = 0; q < NQ; q++)
+            for (int r = 0; r < R; r++) s[q * R + r] = bias ? loadv(bias + q * bias_stride + j + VLEN * r) : (vf){0};
         for (int64_t d = 0; d < DK; d++) {
             const float *column = keys_t + d * S + j;
-            v8f qd = (v8f){0} + qs[d];
-            s0 += qd * load8(column);
-            s1 += qd * load8(column + 8);
-            s2 += qd * load8(column + 16);
-            s3 += qd * load8(column + 24);
+            for (int r = 0; r < R; r++) k[r] = loadv(column + VLEN * r);
+            for (int q = 0; q < NQ; q++) {
+                vf qd = (vf){0} + qs[q * DK + d];
+                for (int r = 0; r < R; r++) s[q * R + r] += qd * k[r];
+            }
         }
-        store8(scores + j, s0); store8(scores + j + 8, s1); store8(scores + j + 16, s2); store8(scores + j + 24, s3);
+        for (int q = 0; q < NQ; q++)
+            for (int r = 0; r < R; r++) storev(scores + q * KEY_BLOCK + j + VLEN * r, s[q * R + r]);
     }
-    for (; j < width; j++) {
-        float s = bias ? bias[j] : 0.0f;
-        for (int64_t d = 0; d < DK; d++) s += qs[d] * keys_t[d * S + j];
-        scores[j] = s;
-    }
+    for (; j + VLEN <= width; j += VLEN)
+        for (int q = 0; q < NQ; q++) {
+            vf s0 = bias ? loadv(bias + q * bias_stride + j) : (vf){0};
+            for (int64_t d = 0; d < DK; d++) s0 += ((vf){0} + qs[q * DK + d]) * loadv(keys_t + d * S + j);
+            storev(scores + q * KEY_BLOCK + j, s0);
+        }
+    for (; j < width; j++)
+        for (int q = 0; q < NQ; q++) {
+            float s0 = bias ? bias[q * bias_stride + j] : 0.0f;
+            for (int64_t d = 0; d < DK; d++) s0 += qs[q * DK + d] * keys_t[d * S + j];
+            scores[q * KEY_BLOCK + j] = s0;
+        }
 }
 
-/* acc[d] += sum_j scores[j] * values[j * DV + d] for j < width. With DV a multiple of 8: four keys at a time on
- * four independent sets of v8f sums, added at the end. */
+/* For each of NQ queries q: acc[q * DV + d] += sum_j scores[q * KEY_BLOCK + j] * values[j * DV + d] for j < width.
+ * With DV a multiple of VLEN, each load of a value row serves the NQ queries, 4 / NQ keys at a time on
+ * independent sets of vf sums, added at the end. */
 static inline __attribute__((always_inline)) void block_values(
-    const int64_t DV, int64_t width, const float *scores, const float *values, float *acc)
+    const int NQ, const int64_t DV, int64_t width, const float *scores, const float *values, float *acc)
 {
+    const int K = 4 / NQ;  /* keys per step: the sums of query q and key r of a step are sums[q * K + r] */
     int64_t j = 0;
-    if (DV % 8 == 0) {
-        v8f sums[4][DV / 8 > 0 ? DV / 8 : 1];
+    if (DV % VLEN == 0) {
+        vf sums[4][DV / VLEN > 0 ? DV / VLEN : 1];
         for (int r = 0; r < 4; r++)
-            for (int64_t c = 0; c < DV / 8; c++) sums[r][c] = (v8f){0};
-        for (; j + 4 <= width; j += 4)
-            for (int r = 0; r < 4; r++) {
-                v8f w = (v8f){0} + scores[j + r];
-                for (int64_t c = 0; c < DV / 8; c++) sums[r][c] += w * load8(values + (j + r) * DV + 8 * c);
+            for (int64_t c = 0; c < DV / VLEN; c++) sums[r][c] = (vf){0};
+        for (; j + K <= width; j += K)
+            for (int r = 0; r < K; r++)
+                for (int64_t c = 0; c < DV / VLEN; c++) {
+                    vf v = loadv(values + (j + r) * DV + VLEN * c);
+                    for (int q = 0; q < NQ; q++) sums[q * K + r][c] += ((vf){0} + scores[q * KEY_BLOCK + j + r]) * v;
+                }
+        for (int q = 0; q < NQ; q++)
+            for (int64_t c = 0; c < DV / VLEN; c++) {
+                vf total = sums[q * K][c];
+                for (int r = 1; r < K; r++) total += sums[q * K + r][c];
+                storev(acc + q * DV + VLEN * c, loadv(acc + q * DV + VLEN * c) + total);
             }
-        for (int64_t c = 0; c < DV / 8; c++) {
-            v8f total = (sums[0][c] + sums[1][c]) + (sums[2][c] + sums[3][c]);
-            v8f before = load8(acc + 8 * c);
-            store8(acc + 8 * c, before + total);
-        }
     }
     for (; j < width; j++)
-        for (int64_t d = 0; d < DV; d++) acc[d] += scores[j] * values[j * DV + d];
+        for (int q = 0; q < NQ; q++)
+            for (int64_t d = 0; d < DV; d++) acc[q * DV + d] += scores[q * KEY_BLOCK + j] * values[j * DV + d];
 }
 
-/* one query head's output over the keys [first, last] of a bias row, plus the query's own (diagonal) key.
- * DK and DV are compile-time constants where the dispatch below can make them so (the loops then unroll). */
-static inline __attribute__((always_inline)) void head_row(
-    const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *qi, float alpha,
-    const float *keys_t, const float *values, const float *bias, const float *mask, int64_t self,
-    float self_bias, float inv_norm, float *scores, float *out)
+/* The outputs of NQ queries of one head over the keys [first, last] (the union of what they see: a query's mask
+ * is 0 on the keys it does not see), each plus its own (diagonal) key self + q; every key and value load serves
+ * the NQ queries. Query q's input is q0 + q * DK, its bias and mask rows start at bias + q * row_stride and
+ * mask + q * row_stride, its output at out + q * out_stride. DK and DV are compile-time constants where the
+ * dispatch below can make them so (the loops then unroll). scores: NQ * KEY_BLOCK floats. */
+static inline __attribute__((always_inline)) void head_rows(
+    const int NQ, const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *q0,
+    float alpha, const float *keys_t, const float *values, const float *bias, const float *mask, int64_t row_stride,
+    int64_t self, float self_bias, float inv_norm, float *scores, float *out, int64_t out_stride)
 {
-    float qs[DK], acc[DV];
-    for (int64_t d = 0; d < DK; d++) qs[d] = alpha * qi[d];
-    for (int64_t d = 0; d < DV; d++) acc[d] = 0.0f;
+    float qs[NQ * DK], acc[NQ * DV];
+    for (int64_t d = 0; d < NQ * DK; d++) qs[d] = alpha * q0[d];
+    for (int64_t d = 0; d < NQ * DV; d++) acc[d] = 0.0f;
     for (int64_t start = first; start <= last; start += KEY_BLOCK) {
         int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
-        block_scores(DK, S, width, qs, keys_t + start, bias + start, scores);
-        const float *mb = mask + start;
-        for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
-        block_values(DV, width, scores, values + start * DV, acc);
+        block_scores(NQ, DK, S, width, qs, keys_t + start, bias + start, row_stride, scores);
+        for (int q = 0; q < NQ; q++) {
+            const float *mb = mask + q * row_stride + start;
+            float *sq = scores + q * KEY_BLOCK;
+            for (int64_t j = 0; j < width; j++) sq[j] = mb[j] * silu(sq[j]);
+        }
+        block_values(NQ, DV, width, scores, values + start * DV, acc);
     }
-    float s = self_bias;  /* the diagonal: every query sees itself */
-    for (int64_t d = 0; d < DK; d++) s += qs[d] * keys_t[d * S + self];
-    float w = inv_norm * silu(s);
-    for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * values[self * DV + d];
+    for (int q = 0; q < NQ; q++) {
+        float s = self_bias;  /* the diagonal: every query sees itself */
+        for (int64_t d = 0; d < DK; d++) s += qs[q * DK + d] * keys_t[d * S + self + q];
+        float w = inv_norm * silu(s);
+        for (int64_t d = 0; d < DV; d++) out[q * out_stride + d] = acc[q * DV + d] + w * values[(self + q) * DV + d];
+    }
 }
 
 /* scores[j] = bias[j] + qs . keys[j] for j < width, keys stored row by row (keys[j * DK + d]): the layout the
@@ -214,7 +256,7 @@ static inline __attribute__((always_inline)) void head_row_direct(
         row_scores(DK, width, qs, k, bias + start, scores);
         const float *mb = mask + start;
         for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
-        block_values(DV, width, scores, v, acc);
+        block_values(1, DV, width, scores, v, acc);
     }
     float s = self_bias;  /* the diagonal: every query sees itself */
     for (int64_t d = 0; d < DK; d++) s += qs[d] * new_keys[i * DK + d];
@@ -320,12 +362,14 @@ static int hstu_attention_rows(
     float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
 {
     (void)B;
-    /* the bias and mask rows of each metadata head, reused while consecutive queries share (b, position, time) */
-    float *bias = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
-    float *mask = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
-    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)Hm), *lasts = malloc(sizeof(int64_t) * (size_t)Hm);
+    /* QUERY_TILE slots, each the bias and mask rows of each metadata head for one query, kept while the slot's next
+     * query shares its (b, position, time) */
+    size_t rows = (size_t)(QUERY_TILE * Hm * S > 0 ? QUERY_TILE * Hm * S : 1);
+    float *bias = malloc(sizeof(float) * rows), *mask = malloc(sizeof(float) * rows);
+    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)(QUERY_TILE * Hm));
+    int64_t *lasts = malloc(sizeof(int64_t) * (size_t)(QUERY_TILE * Hm));
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(Hm * (S + 1))), *runs = malloc(sizeof(int64_t) * (size_t)Hm);
-    float *scores = malloc(sizeof(float) * KEY_BLOCK);
+    float *scores = malloc(sizeof(float) * QUERY_TILE * KEY_BLOCK);
     if (!bias || !mask || !firsts || !lasts || !starts || !runs || !scores) {
         free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
         return -1;
@@ -333,34 +377,40 @@ static int hstu_attention_rows(
     Tables tables = {position_bias, time_bias, position_thresholds, time_thresholds, (int)position_buckets,
                      (int)time_buckets, (int)position_octave, (int)time_octave};
     int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
-    int64_t row_b = -1, row_pos = 0, row_time = 0, runs_b = -1;  /* what the rows and the runs hold */
+    int64_t slot_b[QUERY_TILE], slot_pos[QUERY_TILE], slot_time[QUERY_TILE], runs_b = -1;  /* what they hold */
+    for (int t = 0; t < QUERY_TILE; t++) slot_b[t] = -1, slot_pos[t] = slot_time[t] = 0;
     float self_bias = position_bias[0] + time_bias[0];  /* distance 0 in position and time */
 
-    for (int64_t row = row_begin; row < row_end; row++) {
+    for (int64_t row = row_begin, tile; row < row_end; row += tile) {
         int64_t b = row / T, i = row % T;
-        int64_t qp = query_pos[b * T + i], qt = query_time[b * T + i];
+        /* over the transposed keys, the queries i to i + QUERY_TILE - 1 of a batch row at once, for i a multiple of
+         * QUERY_TILE, so that which queries share a tile (and the order of each one's sums) does not depend on the
+         * row range (the exported forward splits the rows at tile boundaries) */
+        tile = keys_t != NULL && i % QUERY_TILE == 0 && i + QUERY_TILE <= T && row + QUERY_TILE <= row_end
+               ? QUERY_TILE : 1;
         if (b != runs_b) {
             runs_b = b;
             for (int64_t m = 0; m < Hm; m++)
                 runs[m] = monotone_runs(S, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S,
                                         starts + m * (S + 1));
         }
-        if (b != row_b || qp != row_pos || qt != row_time) {
-            row_b = b; row_pos = qp; row_time = qt;
+        for (int t = 0; t < tile; t++) {
+            int64_t qp = query_pos[b * T + i + t], qt = query_time[b * T + i + t];
+            if (b == slot_b[t] && qp == slot_pos[t] && qt == slot_time[t]) continue;
+            slot_b[t] = b; slot_pos[t] = qp; slot_time[t] = qt;
             float weight_cached = inv_norm * (key_scale != NULL ? key_scale[b] : 1.0f);
-            for (int64_t m = 0; m < Hm; m++)
+            for (int64_t m = 0; m < Hm; m++) {
+                int64_t at = t * Hm + m;
                 fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, key_valid + (b * Hm + m) * S,
-                         starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + m * S,
-                         mask + m * S, NULL, firsts + m, lasts + m);
+                         starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + at * S,
+                         mask + at * S, NULL, firsts + at, lasts + at);
+            }
         }
         for (int64_t h = 0; h < H; h++) {
             int64_t m = h / heads_per_meta, kh = h / heads_per_key;
-            const float *qi = q + ((b * H + h) * T + i) * dk;
-            const float *kt_head = keys_t == NULL ? NULL : keys_t + (b * Hk + kh) * dk * S;
-            const float *v_head = values == NULL ? NULL : values + (b * Hk + kh) * S * dv;
-            float *o = out + ((b * T + i) * H + h) * dv;
-            const float *bm = bias + m * S, *mm = mask + m * S;
             if (keys_t == NULL) {  /* the keys where the model holds them */
+                const float *qi = q + ((b * H + h) * T + i) * dk, *bm = bias + m * S, *mm = mask + m * S;
+                float *o = out + ((b * T + i) * H + h) * dv;
                 const float *ck = cached_keys + (b * Hk + kh) * n * dk, *cv = cached_values + (b * Hk + kh) * n * dv;
                 const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
                 if (dk == 16 && dv == 16)
@@ -369,30 +419,46 @@ static int hstu_attention_rows(
                 else
                     head_row_direct(dk, dv, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
                                     inv_norm, scores, o);
-            } else if (dk == 16 && dv == 16) {
-                head_row(16, 16, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
-                         inv_norm, scores, o);
-            } else {
-                head_row(dk, dv, S, firsts[m], lasts[m], qi, alpha, kt_head, v_head, bm, mm, n + i, self_bias,
-                         inv_norm, scores, o);
+                continue;
             }
+            const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
+            const float *q0 = q + ((b * H + h) * T + i) * dk, *bm = bias + m * S, *mm = mask + m * S;
+            float *o = out + ((b * T + i) * H + h) * dv;
+            int64_t first = S, last = -1, stride = Hm * S;  /* slot t's rows of head m are at m * S + t * stride */
+            for (int t = 0; t < tile; t++) {
+                first = firsts[t * Hm + m] < first ? firsts[t * Hm + m] : first;
+                last = lasts[t * Hm + m] > last ? lasts[t * Hm + m] : last;
+            }
+            if (tile == QUERY_TILE && dk == 16 && dv == 16)
+                head_rows(QUERY_TILE, 16, 16, S, first, last, q0, alpha, kt_head, v_head, bm, mm, stride, n + i,
+                          self_bias, inv_norm, scores, o, H * dv);
+            else if (tile == QUERY_TILE)
+                head_rows(QUERY_TILE, dk, dv, S, first, last, q0, alpha, kt_head, v_head, bm, mm, stride, n + i,
+                          self_bias, inv_norm, scores, o, H * dv);
+            else if (dk == 16 && dv == 16)
+                head_rows(1, 16, 16, S, first, last, q0, alpha, kt_head, v_head, bm, mm, stride, n + i, self_bias,
+                          inv_norm, scores, o, H * dv);
+            else
+                head_rows(1, dk, dv, S, first, last, q0, alpha, kt_head, v_head, bm, mm, stride, n + i, self_bias,
+                          inv_norm, scores, o, H * dv);
         }
     }
     free(bias); free(mask); free(firsts); free(lasts); free(starts); free(runs); free(scores);
     return 0;
 }
 
-/* rows[j * D + d] += coefficients[j] * vector[d] for j < width: the vector held in v8f registers when D is a
- * multiple of 8 (one pass of loads and stores over the rows, no reload of the vector) */
+/* rows[j * D + d] += coefficients[j] * vector[d] for j < width: the vector held in registers when D is a multiple
+ * of VLEN (one pass of loads and stores over the rows, no reload of the vector) */
 static inline __attribute__((always_inline)) void outer_update(
     const int64_t D, int64_t width, const float *coefficients, const float *vector, float *rows)
 {
-    if (D % 8 == 0) {
-        v8f held[D / 8 > 0 ? D / 8 : 1];
-        for (int64_t c = 0; c < D / 8; c++) held[c] = load8(vector + 8 * c);
+    if (D % VLEN == 0) {
+        vf held[D / VLEN > 0 ? D / VLEN : 1];
+        for (int64_t c = 0; c < D / VLEN; c++) held[c] = loadv(vector + VLEN * c);
         for (int64_t j = 0; j < width; j++) {
-            v8f x = (v8f){0} + coefficients[j];
-            for (int64_t c = 0; c < D / 8; c++) store8(rows + j * D + 8 * c, load8(rows + j * D + 8 * c) + x * held[c]);
+            vf x = (vf){0} + coefficients[j];
+            for (int64_t c = 0; c < D / VLEN; c++)
+                storev(rows + j * D + VLEN * c, loadv(rows + j * D + VLEN * c) + x * held[c]);
         }
         return;
     }
@@ -415,8 +481,8 @@ static inline __attribute__((always_inline)) float head_row_backward(
     for (int64_t d = 0; d < DK; d++) { qs[d] = alpha * qi[d]; acc[d] = 0.0f; }
     for (int64_t start = first; start <= last; start += KEY_BLOCK) {
         int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
-        block_scores(DK, S, width, qs, keys_t + start, bias + start, weights);
-        block_scores(DV, S, width, dout, values_t + start, NULL, dscores);  /* dout . v_j */
+        block_scores(1, DK, S, width, qs, keys_t + start, bias + start, 0, weights);
+        block_scores(1, DV, S, width, dout, values_t + start, NULL, 0, dscores);  /* dout . v_j */
         const float *mb = mask + start;
         for (int64_t j = 0; j < width; j++) {
             float x = weights[j], sig = 1.0f / (1.0f + exp_clamped(-x));
@@ -426,7 +492,7 @@ static inline __attribute__((always_inline)) float head_row_backward(
         for (int64_t j = 0; j < width; j++) dsum[start + j] += dscores[j];
         outer_update(DV, width, weights, dout, dv + start * DV);  /* dv_j += w_j dout */
         outer_update(DK, width, dscores, qs, dk + start * DK);    /* dk_j += ds_j qs */
-        block_values(DK, width, dscores, keys + start * DK, acc);
+        block_values(1, DK, width, dscores, keys + start * DK, acc);
     }
     float x = self_bias, dw = 0.0f;  /* the diagonal */
     for (int64_t d = 0; d < DK; d++) x += qs[d] * keys[self * DK + d];
@@ -609,12 +675,16 @@ int hstu_attention(
     float alpha, float inv_norm, float *out, int64_t threads)
 {
     int failed = 0;
-    int64_t total = B * T, S = n + T;
+    int64_t S = n + T;
+    if (B * T == 0) return 0;  /* no queries */
     (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
     {
-        int64_t w = team_member(), count = team_size();
-        int64_t begin = total * w / count, end = total * (w + 1) / count;
+        /* whole tiles of QUERY_TILE queries per thread (hstu_attention_rows), the last of a batch row shorter */
+        int64_t w = team_member(), count = team_size(), per_row = (T + QUERY_TILE - 1) / QUERY_TILE;
+        int64_t tiles = B * per_row, first_tile = tiles * w / count, end_tile = tiles * (w + 1) / count;
+        int64_t begin = first_tile / per_row * T + (first_tile % per_row) * QUERY_TILE;
+        int64_t end = end_tile / per_row * T + (end_tile % per_row) * QUERY_TILE;
         RowKeys r;
         int transpose = T > DIRECT_ROWS;  /* few queries per batch row: read the keys in place */
         if (begin < end && alloc_row_keys(&r, Hk, Hm, S, dk, dv, transpose) != 0) {

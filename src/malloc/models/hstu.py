@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,10 @@ class HSTULayer(AttentionLayer):
     tokens produce), :meth:`visible` (the mask) and :meth:`attend` (how queries read ``[cache; new]``).
     """
 
+    # True in a subclass whose :meth:`project` gives the new keys the tokens' own positions, times and validity (as
+    # this class's does), so that the C kernel, which reads those from the tokens, still applies
+    new_keys_follow_tokens: ClassVar[bool] = False
+
     def __init__(self, cfg: ModelConfig, kv_heads: int | None = None) -> None:
         super().__init__()
         self.heads = cfg.heads
@@ -264,7 +269,8 @@ class HSTULayer(AttentionLayer):
         and validity from the tokens), and the kernel built."""
         return (self.use_kernel and not need_weights and q.device.type == "cpu"
                 and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
-                and type(self).visible is HSTULayer.visible and type(self).project is HSTULayer.project
+                and type(self).visible is HSTULayer.visible
+                and (type(self).project is HSTULayer.project or self.new_keys_follow_tokens)
                 and kernel.available())
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,

@@ -34,7 +34,7 @@ from malloc.memory.knobs import SchemeError, knob
 from malloc.models import macs
 from malloc.models.base import AttentionLayer
 from malloc.models.config import ModelConfig
-from malloc.models.hstu import HSTULayer, hstu_attention, stored_scale
+from malloc.models.hstu import HSTULayer
 from malloc.models.sasrec import SASRecLayer, softmax_attention
 
 
@@ -78,6 +78,8 @@ class UpProjections(nn.Module):
 
 
 class HSTUMLALayer(LatentState, HSTULayer):
+    new_keys_follow_tokens = True  # latent_block: the tokens' positions, times and validity
+
     def __init__(self, cfg: ModelConfig, latent_dim: int) -> None:
         super().__init__(cfg)
         width = cfg.heads * cfg.head_dim
@@ -92,12 +94,11 @@ class HSTUMLALayer(LatentState, HSTULayer):
 
     def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        keys = concat_keys(cache, new)
-        bias = self.bias(tokens.positions, tokens.timestamps, keys.positions, keys.timestamps)
-        latent = keys.keys.to(q.dtype)
-        attended, weights = hstu_attention(self.up.query(q), latent, latent, bias, self.visible(tokens, cache, keys),
-                                           self.alpha, self.normaliser, stored_scale(cache, latent.shape[2], q.dtype))
-        return self.up.output(attended), group_mean(weights, 1) if need_weights else None
+        """HSTU's attention of the latent-space queries over the latents (one shared head, read as keys and as
+        values: the C kernel where it applies, else tiles), then the absorbed value up-projection."""
+        attended, weights = super().attend(self.up.query(q), tokens, cache, new, need_weights)  # (B, T, H d_c)
+        batch, length, _ = attended.shape
+        return self.up.output(attended.view(batch, length, self.heads, -1).transpose(1, 2)), weights
 
 
 class SASRecMLALayer(LatentState, SASRecLayer):
