@@ -447,62 +447,81 @@ static int hstu_attention_rows(
     return 0;
 }
 
-/* rows[j * D + d] += coefficients[j] * vector[d] for j < width: the vector held in registers when D is a multiple
- * of VLEN (one pass of loads and stores over the rows, no reload of the vector) */
+/* rows[j * D + d] += sum_q coefficients[q * KEY_BLOCK + j] * vectors[q * D + d] for j < width, over NQ queries:
+ * the vectors held in registers when D is a multiple of VLEN (one pass of loads and stores over the rows, each
+ * row's NQ updates summed before its store) */
 static inline __attribute__((always_inline)) void outer_update(
-    const int64_t D, int64_t width, const float *coefficients, const float *vector, float *rows)
+    const int NQ, const int64_t D, int64_t width, const float *coefficients, const float *vectors, float *rows)
 {
     if (D % VLEN == 0) {
-        vf held[D / VLEN > 0 ? D / VLEN : 1];
-        for (int64_t c = 0; c < D / VLEN; c++) held[c] = loadv(vector + VLEN * c);
-        for (int64_t j = 0; j < width; j++) {
-            vf x = (vf){0} + coefficients[j];
-            for (int64_t c = 0; c < D / VLEN; c++)
-                storev(rows + j * D + VLEN * c, loadv(rows + j * D + VLEN * c) + x * held[c]);
-        }
+        const int64_t C = D / VLEN > 0 ? D / VLEN : 1;
+        vf held[NQ * C];
+        for (int q = 0; q < NQ; q++)
+            for (int64_t c = 0; c < D / VLEN; c++) held[q * C + c] = loadv(vectors + q * D + VLEN * c);
+        for (int64_t j = 0; j < width; j++)
+            for (int64_t c = 0; c < D / VLEN; c++) {
+                vf row = loadv(rows + j * D + VLEN * c);
+                for (int q = 0; q < NQ; q++) row += ((vf){0} + coefficients[q * KEY_BLOCK + j]) * held[q * C + c];
+                storev(rows + j * D + VLEN * c, row);
+            }
         return;
     }
     for (int64_t j = 0; j < width; j++)
-        for (int64_t d = 0; d < D; d++) rows[j * D + d] += coefficients[j] * vector[d];
+        for (int q = 0; q < NQ; q++)
+            for (int64_t d = 0; d < D; d++) rows[j * D + d] += coefficients[q * KEY_BLOCK + j] * vectors[q * D + d];
 }
 
-/* the gradient of one query head's row (head_row's inputs, plus dout_i, the gradient of its output):
+/* The gradients of NQ query rows of one head (head_rows' inputs, plus dout_q, the gradient of query q's output):
  *     w_j = mask_j SiLU(s_j), s_j = qs . k_j + bias_j,  out_i = sum_j w_j v_j (+ the diagonal, mask inv_norm)
  *     dv_j += w_j dout_i;  ds_j = (dout_i . v_j) mask_j SiLU'(s_j);  dk_j += ds_j qs;  dq_i = alpha sum_j ds_j k_j
- * and ds_j is added to dsum[j] (the bias gradient of the row, summed over the heads that share it). Returns the
- * diagonal's ds (the gradient of the distance-0 bias). dk and dv are (S, DK) and (S, DV), accumulated. */
-static inline __attribute__((always_inline)) float head_row_backward(
-    const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *qi, float alpha,
-    const float *keys_t, const float *keys, const float *values_t, const float *values, const float *bias,
-    const float *mask, int64_t self, float self_bias, float inv_norm, const float *dout, float *weights,
-    float *dscores, float *dsum, float *dq, float *dk, float *dv)
+ * for each query, and ds_j is added to its dsum row (the bias gradient of the row, summed over the heads that
+ * share it). Query q's dout is dout0 + q * dout_stride, its dq dq0 + q * DK, its bias, mask and dsum rows at
+ * q * row_stride, its own key self + q. Returns the sum of the diagonals' ds (the gradient of the distance-0
+ * bias). dk and dv are (S, DK) and (S, DV), accumulated; weights and dscores hold NQ * KEY_BLOCK floats. */
+static inline __attribute__((always_inline)) double head_rows_backward(
+    const int NQ, const int64_t DK, const int64_t DV, int64_t S, int64_t first, int64_t last, const float *q0,
+    float alpha, const float *keys_t, const float *keys, const float *values_t, const float *values,
+    const float *bias, const float *mask, int64_t row_stride, int64_t self, float self_bias, float inv_norm,
+    const float *dout0, int64_t dout_stride, float *weights, float *dscores, float *dsum, float *dq0, float *dk,
+    float *dv)
 {
-    float qs[DK], acc[DK];
-    for (int64_t d = 0; d < DK; d++) { qs[d] = alpha * qi[d]; acc[d] = 0.0f; }
+    float qs[NQ * DK], acc[NQ * DK], douts[NQ * DV];
+    for (int64_t d = 0; d < NQ * DK; d++) { qs[d] = alpha * q0[d]; acc[d] = 0.0f; }
+    for (int q = 0; q < NQ; q++)
+        for (int64_t d = 0; d < DV; d++) douts[q * DV + d] = dout0[q * dout_stride + d];
     for (int64_t start = first; start <= last; start += KEY_BLOCK) {
         int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
-        block_scores(1, DK, S, width, qs, keys_t + start, bias + start, 0, weights);
-        block_scores(1, DV, S, width, dout, values_t + start, NULL, 0, dscores);  /* dout . v_j */
-        const float *mb = mask + start;
-        for (int64_t j = 0; j < width; j++) {
-            float x = weights[j], sig = 1.0f / (1.0f + exp_clamped(-x));
-            weights[j] = mb[j] * x * sig;
-            dscores[j] *= mb[j] * sig * (1.0f + x * (1.0f - sig));
+        block_scores(NQ, DK, S, width, qs, keys_t + start, bias + start, row_stride, weights);
+        block_scores(NQ, DV, S, width, douts, values_t + start, NULL, 0, dscores);  /* dout . v_j */
+        for (int q = 0; q < NQ; q++) {
+            const float *mb = mask + q * row_stride + start;
+            float *w = weights + q * KEY_BLOCK, *g = dscores + q * KEY_BLOCK, *ds = dsum + q * row_stride + start;
+            for (int64_t j = 0; j < width; j++) {
+                float x = w[j], sig = 1.0f / (1.0f + exp_clamped(-x));
+                w[j] = mb[j] * x * sig;
+                g[j] *= mb[j] * sig * (1.0f + x * (1.0f - sig));
+            }
+            for (int64_t j = 0; j < width; j++) ds[j] += g[j];
         }
-        for (int64_t j = 0; j < width; j++) dsum[start + j] += dscores[j];
-        outer_update(DV, width, weights, dout, dv + start * DV);  /* dv_j += w_j dout */
-        outer_update(DK, width, dscores, qs, dk + start * DK);    /* dk_j += ds_j qs */
-        block_values(1, DK, width, dscores, keys + start * DK, acc);
+        outer_update(NQ, DV, width, weights, douts, dv + start * DV);  /* dv_j += sum_q w_qj dout_q */
+        outer_update(NQ, DK, width, dscores, qs, dk + start * DK);     /* dk_j += sum_q ds_qj qs_q */
+        block_values(NQ, DK, width, dscores, keys + start * DK, acc);
     }
-    float x = self_bias, dw = 0.0f;  /* the diagonal */
-    for (int64_t d = 0; d < DK; d++) x += qs[d] * keys[self * DK + d];
-    for (int64_t d = 0; d < DV; d++) dw += dout[d] * values[self * DV + d];
-    float sig = 1.0f / (1.0f + exp_clamped(-x)), w = inv_norm * x * sig;
-    float ds = dw * inv_norm * sig * (1.0f + x * (1.0f - sig));
-    for (int64_t d = 0; d < DV; d++) dv[self * DV + d] += w * dout[d];
-    for (int64_t d = 0; d < DK; d++) { dk[self * DK + d] += ds * qs[d]; acc[d] += ds * keys[self * DK + d]; }
-    for (int64_t d = 0; d < DK; d++) dq[d] = alpha * acc[d];
-    return ds;
+    double diagonal = 0.0;
+    for (int q = 0; q < NQ; q++) {  /* the diagonal */
+        const float *qq = qs + q * DK, *g = douts + q * DV;
+        int64_t own = self + q;
+        float x = self_bias, dw = 0.0f;
+        for (int64_t d = 0; d < DK; d++) x += qq[d] * keys[own * DK + d];
+        for (int64_t d = 0; d < DV; d++) dw += g[d] * values[own * DV + d];
+        float sig = 1.0f / (1.0f + exp_clamped(-x)), w = inv_norm * x * sig;
+        float ds = dw * inv_norm * sig * (1.0f + x * (1.0f - sig));
+        for (int64_t d = 0; d < DV; d++) dv[own * DV + d] += w * g[d];
+        for (int64_t d = 0; d < DK; d++) { dk[own * DK + d] += ds * qq[d]; acc[q * DK + d] += ds * keys[own * DK + d]; }
+        for (int64_t d = 0; d < DK; d++) dq0[q * DK + d] = alpha * acc[q * DK + d];
+        diagonal += ds;
+    }
+    return diagonal;
 }
 
 /* The gradients of hstu_attention_rows for the batch rows [batch_begin, batch_end), given dout (B, T, H, dv):
@@ -519,13 +538,16 @@ static int hstu_attention_backward_rows(
     double *dtime, int64_t batch_begin, int64_t batch_end)
 {
     (void)B;
-    float *bias = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
-    float *mask = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
-    float *dsum = malloc(sizeof(float) * (size_t)(Hm * S > 0 ? Hm * S : 1));
-    int32_t *buckets = malloc(sizeof(int32_t) * (size_t)(2 * Hm * S > 0 ? 2 * Hm * S : 1));
-    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)Hm), *lasts = malloc(sizeof(int64_t) * (size_t)Hm);
+    /* QUERY_TILE slots of each metadata head's rows, as in the forward */
+    size_t rows = (size_t)(QUERY_TILE * Hm * S > 0 ? QUERY_TILE * Hm * S : 1);
+    float *bias = malloc(sizeof(float) * rows), *mask = malloc(sizeof(float) * rows);
+    float *dsum = malloc(sizeof(float) * rows);
+    int32_t *buckets = malloc(sizeof(int32_t) * 2 * rows);
+    int64_t *firsts = malloc(sizeof(int64_t) * (size_t)(QUERY_TILE * Hm));
+    int64_t *lasts = malloc(sizeof(int64_t) * (size_t)(QUERY_TILE * Hm));
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(Hm * (S + 1))), *runs = malloc(sizeof(int64_t) * (size_t)Hm);
-    float *weights = malloc(sizeof(float) * KEY_BLOCK), *dscores = malloc(sizeof(float) * KEY_BLOCK);
+    float *weights = malloc(sizeof(float) * QUERY_TILE * KEY_BLOCK);
+    float *dscores = malloc(sizeof(float) * QUERY_TILE * KEY_BLOCK);
     if (!bias || !mask || !dsum || !buckets || !firsts || !lasts || !starts || !runs || !weights || !dscores) {
         free(bias); free(mask); free(dsum); free(buckets); free(firsts); free(lasts); free(starts); free(runs);
         free(weights); free(dscores);
@@ -540,36 +562,63 @@ static int hstu_attention_backward_rows(
         float weight_cached = inv_norm * (key_scale != NULL ? key_scale[b] : 1.0f);
         for (int64_t m = 0; m < Hm; m++)
             runs[m] = monotone_runs(S, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, starts + m * (S + 1));
-        for (int64_t i = 0; i < T; i++) {
-            int64_t qp = query_pos[b * T + i], qt = query_time[b * T + i];
-            for (int64_t m = 0; m < Hm; m++) {
-                fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S, key_valid + (b * Hm + m) * S,
-                         starts + m * (S + 1), runs[m], qp, qt, &tables, weight_cached, inv_norm, bias + m * S,
-                         mask + m * S, buckets + 2 * m * S, firsts + m, lasts + m);
-                for (int64_t j = firsts[m]; j <= lasts[m]; j++) dsum[m * S + j] = 0.0f;
+        for (int64_t i = 0, tile; i < T; i += tile) {
+            /* queries i to i + QUERY_TILE - 1 at once, for i a multiple of QUERY_TILE, as in the forward */
+            tile = i % QUERY_TILE == 0 && i + QUERY_TILE <= T ? QUERY_TILE : 1;
+            for (int64_t t = 0; t < tile; t++) {
+                int64_t qp = query_pos[b * T + i + t], qt = query_time[b * T + i + t];
+                for (int64_t m = 0; m < Hm; m++) {
+                    int64_t at = t * Hm + m;
+                    fill_row(S, n, key_pos + (b * Hm + m) * S, key_time + (b * Hm + m) * S,
+                             key_valid + (b * Hm + m) * S, starts + m * (S + 1), runs[m], qp, qt, &tables,
+                             weight_cached, inv_norm, bias + at * S, mask + at * S, buckets + 2 * at * S, firsts + at,
+                             lasts + at);
+                }
+            }
+            for (int64_t m = 0; m < Hm; m++) {  /* each slot's dsum row, over the keys of any query of the tile */
+                int64_t first = S, last = -1;
+                for (int64_t t = 0; t < tile; t++) {
+                    first = firsts[t * Hm + m] < first ? firsts[t * Hm + m] : first;
+                    last = lasts[t * Hm + m] > last ? lasts[t * Hm + m] : last;
+                }
+                for (int64_t t = 0; t < tile; t++)
+                    for (int64_t j = first; j <= last; j++) dsum[(t * Hm + m) * S + j] = 0.0f;
             }
             for (int64_t h = 0; h < H; h++) {
-                int64_t m = h / heads_per_meta, kh = h / heads_per_key, head = b * Hk + kh;
-                const float *qi = q + ((b * H + h) * T + i) * dk, *gi = dout + ((b * T + i) * H + h) * dv;
-                float *dqi = dq + ((b * H + h) * T + i) * dk;
+                int64_t m = h / heads_per_meta, kh = h / heads_per_key, head = b * Hk + kh, stride = Hm * S;
+                const float *q0 = q + ((b * H + h) * T + i) * dk, *g0 = dout + ((b * T + i) * H + h) * dv;
+                float *dq0 = dq + ((b * H + h) * T + i) * dk;
                 const float *bm = bias + m * S, *mm = mask + m * S;
+                const float *kt_head = keys_t + head * dk * S, *k_head = keys + head * S * dk;
+                const float *vt_head = values_t + head * dv * S, *v_head = values + head * S * dv;
                 float *dk_head = dkeys + head * S * dk, *dv_head = dvalues + head * S * dv, *ds = dsum + m * S;
-                if (dk == 16 && dv == 16)
-                    self_grad += head_row_backward(16, 16, S, firsts[m], lasts[m], qi, alpha, keys_t + head * dk * S,
-                                                   keys + head * S * dk, values_t + head * dv * S,
-                                                   values + head * S * dv, bm, mm, n + i, self_bias, inv_norm, gi,
-                                                   weights, dscores, ds, dqi, dk_head, dv_head);
+                int64_t first = S, last = -1;
+                for (int64_t t = 0; t < tile; t++) {
+                    first = firsts[t * Hm + m] < first ? firsts[t * Hm + m] : first;
+                    last = lasts[t * Hm + m] > last ? lasts[t * Hm + m] : last;
+                }
+                if (tile == QUERY_TILE && dk == 16 && dv == 16)
+                    self_grad += head_rows_backward(QUERY_TILE, 16, 16, S, first, last, q0, alpha, kt_head, k_head,
+                                                    vt_head, v_head, bm, mm, stride, n + i, self_bias, inv_norm, g0,
+                                                    H * dv, weights, dscores, ds, dq0, dk_head, dv_head);
+                else if (tile == QUERY_TILE)
+                    self_grad += head_rows_backward(QUERY_TILE, dk, dv, S, first, last, q0, alpha, kt_head, k_head,
+                                                    vt_head, v_head, bm, mm, stride, n + i, self_bias, inv_norm, g0,
+                                                    H * dv, weights, dscores, ds, dq0, dk_head, dv_head);
+                else if (dk == 16 && dv == 16)
+                    self_grad += head_rows_backward(1, 16, 16, S, first, last, q0, alpha, kt_head, k_head, vt_head,
+                                                    v_head, bm, mm, stride, n + i, self_bias, inv_norm, g0, H * dv,
+                                                    weights, dscores, ds, dq0, dk_head, dv_head);
                 else
-                    self_grad += head_row_backward(dk, dv, S, firsts[m], lasts[m], qi, alpha, keys_t + head * dk * S,
-                                                   keys + head * S * dk, values_t + head * dv * S,
-                                                   values + head * S * dv, bm, mm, n + i, self_bias, inv_norm, gi,
-                                                   weights, dscores, ds, dqi, dk_head, dv_head);
+                    self_grad += head_rows_backward(1, dk, dv, S, first, last, q0, alpha, kt_head, k_head, vt_head,
+                                                    v_head, bm, mm, stride, n + i, self_bias, inv_norm, g0, H * dv,
+                                                    weights, dscores, ds, dq0, dk_head, dv_head);
             }
-            for (int64_t m = 0; m < Hm; m++) {
-                const int32_t *bk = buckets + 2 * m * S;
-                for (int64_t j = firsts[m]; j <= lasts[m]; j++) {
-                    dposition[bk[2 * j]] += dsum[m * S + j];
-                    dtime[bk[2 * j + 1]] += dsum[m * S + j];
+            for (int64_t at = 0; at < tile * Hm; at++) {
+                const int32_t *bk = buckets + 2 * at * S;
+                for (int64_t j = firsts[at]; j <= lasts[at]; j++) {
+                    dposition[bk[2 * j]] += dsum[at * S + j];
+                    dtime[bk[2 * j + 1]] += dsum[at * S + j];
                 }
             }
         }
