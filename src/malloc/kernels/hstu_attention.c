@@ -109,10 +109,43 @@ static inline vf loadv(const float *p) { vf x; memcpy(&x, p, sizeof x); return x
 
 static inline void storev(float *p, vf x) { memcpy(p, &x, sizeof x); }
 
-/* eight floats, for the dot products summed across their lanes (row_scores), which eight lanes end in fewer adds */
+/* eight floats, for a dot product summed across its lanes alone (row_scores' last keys) */
 typedef float v8f __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
+
+/* The lane sums of VLEN vectors at once: out[l] = sum over the lanes of x[l]. Each step adds, within blocks of 2h
+ * lanes, the lower h lanes of a pair of vectors to their upper h lanes, so that one vector holds half of each
+ * of two vectors' sums; after log2(VLEN) steps lane l holds the sum of x[bit-reversed l], which one last shuffle
+ * puts in order. VLEN - 1 adds and 2 VLEN - 1 shuffles for VLEN sums, instead of VLEN - 1 adds per sum. */
+#if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector; older compilers sum key by key */
+#define LANE_SUMS 1
+#define FOLD(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+static inline vf lane_sums(vf *x) {
+#if VLEN == 16
+    for (int i = 0; i < 8; i++)
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + FOLD(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + FOLD(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+             + FOLD(x[2 * i], x[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    vf total = FOLD(x[0], x[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+             + FOLD(x[0], x[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    return FOLD(total, total, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+#else
+    for (int i = 0; i < 4; i++)
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + FOLD(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; i++)
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) + FOLD(x[2 * i], x[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    vf total = FOLD(x[0], x[1], 0, 8, 2, 10, 4, 12, 6, 14) + FOLD(x[0], x[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    return FOLD(total, total, 0, 4, 2, 6, 1, 5, 3, 7);
+#endif
+}
+#endif
 
 /* For each of NQ queries q: scores[q * KEY_BLOCK + j] = bias[q * bias_stride + j] + sum_d qs[q * DK + d] *
  * keys_t[d * S + j] for j < width (bias NULL: 0). Each load of a key column serves the NQ queries, and eight
@@ -216,10 +249,29 @@ static inline __attribute__((always_inline)) void head_rows(
 }
 
 /* scores[j] = bias[j] + qs . keys[j] for j < width, keys stored row by row (keys[j * DK + d]): the layout the
- * model holds, read without a transposed copy (each dot product is summed across its vector's lanes) */
+ * model holds, read without a transposed copy. Each dot product is summed across its vector's lanes: VLEN keys at
+ * a time through lane_sums where DK is a multiple of VLEN, the rest key by key. */
 static inline __attribute__((always_inline)) void row_scores(
     const int64_t DK, int64_t width, const float *qs, const float *keys, const float *bias, float *scores)
 {
+#ifdef LANE_SUMS
+    if (DK % VLEN == 0) {
+        const int64_t C = DK / VLEN > 0 ? DK / VLEN : 1;
+        vf qv[C];
+        for (int64_t c = 0; c < DK / VLEN; c++) qv[c] = loadv(qs + VLEN * c);
+        int64_t j = 0;
+        for (; j + VLEN <= width; j += VLEN) {
+            vf products[VLEN];
+            for (int r = 0; r < VLEN; r++) {
+                vf sum = qv[0] * loadv(keys + (j + r) * DK);
+                for (int64_t c = 1; c < DK / VLEN; c++) sum += qv[c] * loadv(keys + (j + r) * DK + VLEN * c);
+                products[r] = sum;
+            }
+            storev(scores + j, loadv(bias + j) + lane_sums(products));
+        }
+        keys += j * DK; bias += j; scores += j; width -= j;
+    }
+#endif
     if (DK % 8 == 0) {
         v8f q8[DK / 8 > 0 ? DK / 8 : 1];
         for (int64_t c = 0; c < DK / 8; c++) q8[c] = load8(qs + 8 * c);
