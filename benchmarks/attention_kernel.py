@@ -58,7 +58,8 @@ def call(batch: int, cached: int, new: int, candidates: int, grad: bool) -> Call
         valid[..., width - candidates:] = False
     bias = RelativeBias(64, 64)
     bias.requires_grad_(grad)
-    stored = KVBlock(*(x[:, :, :cached] for x in (k, v, positions, times, valid))) if cached else None
+    # contiguous, as the engine hands the kernel a stored layer (a slice would be copied on every call)
+    stored = KVBlock(*(x[:, :, :cached].contiguous() for x in (k, v, positions, times, valid))) if cached else None
     args = (q, k[:, :, cached:], v[:, :, cached:], positions[:, 0, cached:], times[:, 0, cached:],
             valid[:, 0, cached:], bias.tables(), 0.25, 200.0)
     if not grad:
