@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the candidates of one request time are one token to the layers), or item "
                              "(every candidate is its own token)")
     parser.add_argument("--append-events", type=int, default=1, help="new events appended per request")
+    parser.add_argument("--chain", action="store_true",
+                        help="each timed request appends to the state the previous one returned (a user's next "
+                             "request), instead of every request to the same stored state")
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="events per prefill chunk")
     parser.add_argument("--num-items", type=int, default=10_000, help="item vocabulary size")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue  # no HSTU layer: "off" would time the same thing again
                     point = request_latency(model, length, candidates=args.candidates, users=users,
                                             append_events=args.append_events, prefill_chunk=args.prefill_chunk,
-                                            seed=args.seed, recompute_timing=recompute_timing, **timing)
+                                            seed=args.seed, chain=args.chain, recompute_timing=recompute_timing,
+                                            **timing)
                     point.update(roofline(cfg, point, args), kernel=kernel)
                     meets = (point["speedup_p50"] >= TARGET_SPEEDUP if length == TARGET_LENGTH and users == 1
                              else None)

@@ -354,3 +354,23 @@ def test_an_8_lane_build_passes_the_reference_tests(tmp_path):
         env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and len(list((tmp_path / "cache").glob("*.so"))) == 1
+
+
+@pytest.mark.parametrize("few", [False, True], ids=["many-queries", "few-queries"])
+def test_kernel_reads_stored_keys_with_spare_rows_in_place(few):
+    """Stored keys and values whose heads lie further apart than their rows (a layer with spare rows, read in
+    place): the same outputs, bit for bit, as the same keys packed."""
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(9, **(few_queries("plain") if few else CASES["plain"]))
+    cached = k.shape[2] - q.shape[2]
+    args, stored = split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached)
+    packed = replace(stored, keys=stored.keys.contiguous(), values=stored.values.contiguous())
+    roomy_keys = torch.zeros(*packed.keys.shape[:2], cached + 5, packed.keys.shape[3])
+    roomy_values = torch.zeros(*packed.values.shape[:2], cached + 5, packed.values.shape[3])
+    roomy_keys[:, :, :cached], roomy_values[:, :, :cached] = packed.keys, packed.values
+    spread = replace(packed, keys=roomy_keys[:, :, :cached], values=roomy_values[:, :, :cached])
+    assert not spread.keys.is_contiguous()
+    tables = relative_bias(9).tables()
+    with torch.no_grad():
+        expected = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=packed)
+        got = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=spread)
+    assert torch.equal(got, expected)

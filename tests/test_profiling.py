@@ -14,6 +14,7 @@ from malloc.profiling import (
     measure_peak_in_subprocess,
     peak_rss_mb,
     request_latency,
+    synthetic_candidates,
     synthetic_events,
     synthetic_training_batch,
     time_call,
@@ -61,7 +62,7 @@ def test_time_call_repeats_until_min_seconds_and_caps():
 def test_request_latency_tiny(backbone):
     model = tiny_model(backbone)
     point = request_latency(model, 32, candidates=5, append_events=2, **TINY_TIMING)
-    assert set(point) == {"history_len", "users", "cached_ms_p50", "cached_ms_p99", "recompute_ms_p50",
+    assert set(point) == {"history_len", "users", "chain", "cached_ms_p50", "cached_ms_p99", "recompute_ms_p50",
                           "recompute_ms_p99", "cached_ms_per_user", "recompute_ms_per_user", "speedup_p50",
                           "state_bytes", "threads", "repeats_cached", "repeats_recompute"}
     assert point["history_len"] == 32 and point["users"] == 1
@@ -75,6 +76,25 @@ def test_request_latency_tiny(backbone):
     # state_bytes is the stored history's exact size
     stored = Engine(model).prefill(synthetic_events(1, 32, model.num_items, seed=0))
     assert point["state_bytes"] == stored[0].nbytes()
+
+
+def test_request_latency_chained_requests_append_to_the_newest_state():
+    """With chain, each repeat appends to the state the previous one returned: the same scores as a request from
+    the stored state plus the events appended so far (checked here through the engine directly)."""
+    model = tiny_model("hstu")
+    point = request_latency(model, 32, candidates=3, chain=True, **TINY_TIMING)
+    assert point["chain"] is True and point["history_len"] == 32 and point["cached_ms_p50"] > 0
+    events = synthetic_events(1, 34, model.num_items, seed=0)
+    engine = Engine(model)
+    with torch.no_grad():
+        stored = engine.prefill(events.slice(0, 32))
+        chained, _ = engine.request(stored, events.slice(32, 33), *synthetic_candidates(events, 3, model.num_items, 1))
+        chained, _ = engine.request(chained, events.slice(33, 34), *synthetic_candidates(events, 3, model.num_items, 1))
+        assert chained[0].layers[0].spare is not None  # the appends went into spare rows
+        whole = engine.prefill(events)
+    for got, expected in zip(chained[0].layers, whole[0].layers, strict=True):
+        torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=0)
+        assert torch.equal(got.positions, expected.positions)
 
 
 def test_request_latency_recompute_timing_overrides():

@@ -1,4 +1,5 @@
-"""Every stored tensor owns its memory: a user's state keeps alive exactly the bytes ``UserState.nbytes()`` counts.
+"""Every stored tensor owns its memory: a user's state keeps alive exactly the bytes ``UserState.nbytes()`` counts,
+plus the spare rows of dense layers grown by appends (``LayerState.resident_bytes``, at most ``SPARE_FRACTION``).
 
 A stored tensor that is a slice (or a view, even an empty one) of a buffer computed for the whole batch keeps that
 buffer alive: eight RWKV users once reported 18.5 KB and held 557 KB. The bytes a state keeps alive are the sizes
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from malloc.core.state import SCALAR_BYTES, UserState
+from malloc.core.state import SCALAR_BYTES, SPARE_FRACTION, LayerState, UserState
 from malloc.core.tokens import Events
 from malloc.memory.registry import WRAPPERS, build_model_for, build_policy
 from malloc.memory.schemes import ARCHITECTURES, POLICIES
@@ -75,9 +76,18 @@ def assert_owned(model: SequentialRecommender, engine: Engine, case: str) -> Non
             states = engine.append(states, events(APPENDED, seed=1, start=1_600_000_000))
         for user, state in enumerate(states):
             alive = bytes_kept_alive(state) + SCALAR_BYTES
-            assert alive == state.nbytes(), (
-                f"{case}: user {user} after the {stage} keeps {alive} B alive, nbytes() = {state.nbytes()}")
+            resident = state.nbytes() + sum(resident_bytes(layer) - layer.nbytes() for layer in state.layers)
+            assert alive == resident, (
+                f"{case}: user {user} after the {stage} keeps {alive} B alive, nbytes() = {state.nbytes()}, "
+                f"with spare rows {resident}")
+            for layer in state.layers:  # spare rows: at most SPARE_FRACTION of the events
+                assert resident_bytes(layer) <= layer.nbytes() * (1 + SPARE_FRACTION), case
     assert [s.next_position for s in states] == [w + a for w, a in zip(WRITTEN, APPENDED, strict=True)]
+
+
+def resident_bytes(layer: Any) -> int:
+    """A stored layer's bytes in memory: ``nbytes()``, plus spare rows for a dense layer grown by appends."""
+    return layer.resident_bytes() if isinstance(layer, LayerState) else layer.nbytes()
 
 
 @pytest.mark.parametrize("backbone", ["hstu", "sasrec"])
@@ -112,3 +122,58 @@ def test_every_scheme_and_wrapper_is_covered():
     assert {name for _, name, _ in SPECS} == set(POLICIES) | set(WRAPPERS)
     assert {name for name, _ in ARCHITECTURE_CASES} == set(ARCHITECTURES)
     assert {"mla", "gqa"} <= set(PLAIN_KV)
+
+
+def dense(n: int, seed: int, start: int = 0) -> LayerState:
+    """A shared-selection dense layer of ``n`` random events at positions ``start`` on (4 heads of 3)."""
+    g = torch.Generator().manual_seed(seed)
+    return LayerState(torch.randn(4, n, 3, generator=g), torch.randn(4, n, 3, generator=g),
+                      torch.arange(start, start + n, dtype=torch.int32)[None], torch.arange(start, start + n)[None])
+
+
+def joined(*layers: LayerState) -> LayerState:
+    """The layers' events one after the other, in fresh tensors (what ``extend`` must equal)."""
+    return LayerState(*(torch.cat([getattr(layer, name) for layer in layers], dim=1)
+                        for name in ("keys", "values", "positions", "timestamps")))
+
+
+def assert_same_events(got: LayerState, expected: LayerState) -> None:
+    for name in ("keys", "values", "positions", "timestamps"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_appends_write_in_place_into_spare_rows_and_equal_a_join():
+    layer, parts = dense(40, 0), [dense(1, seed, 40 + seed) for seed in range(1, 8)]
+    grown = layer.extend(parts[0])
+    assert grown.spare is not None and grown.spare.capacity == 41 + 41 // 8  # room for 5 more
+    storage = grown.keys.untyped_storage().data_ptr()
+    for part in parts[1:6]:  # five appends into the spare rows, then one that must grow the tensors
+        grown = grown.extend(part)
+        assert grown.keys.untyped_storage().data_ptr() == storage
+    grown = grown.extend(parts[6])
+    assert grown.keys.untyped_storage().data_ptr() != storage
+    assert_same_events(grown, joined(layer, *parts))
+    assert grown.nbytes() == joined(layer, *parts).nbytes() < grown.resident_bytes()
+
+
+def test_two_appends_from_one_stored_layer_do_not_share_rows():
+    """Two requests from the same stored state (a replay, or a retried request): the first writes in place, the
+    second finds its rows taken and copies; each result holds its own events, and the parent is unchanged."""
+    parent = dense(30, 0).extend(dense(2, 1, 30))
+    before = joined(parent)
+    first, second = parent.extend(dense(1, 2, 32)), parent.extend(dense(1, 3, 32))
+    assert first.spare is parent.spare and second.spare is None
+    assert_same_events(first, joined(before, dense(1, 2, 32)))
+    assert_same_events(second, joined(before, dense(1, 3, 32)))
+    assert_same_events(parent, before)
+    assert_same_events(first.extend(dense(1, 4, 33)), joined(before, dense(1, 2, 32), dense(1, 4, 33)))
+
+
+def test_appends_with_a_gradient_or_per_head_events_join_into_new_tensors():
+    per_head = dense(10, 0).select(torch.stack([torch.arange(8)] * 4))  # (H, 8) indices: per-head metadata
+    assert per_head.extend(dense(1, 1, 10)).spare is None
+    tracked = dense(10, 0)
+    tracked = LayerState(tracked.keys.requires_grad_(), tracked.values, tracked.positions, tracked.timestamps)
+    assert tracked.extend(dense(1, 1, 10)).spare is None
+    with torch.no_grad():
+        assert tracked.extend(dense(1, 1, 10)).spare is not None

@@ -8,7 +8,7 @@ or the formats of other schemes (quantized payloads, ...). ``UserState.nbytes()`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -18,6 +18,9 @@ from malloc.core.tokens import KVBlock
 
 # Bytes of the scalar bookkeeping kept per user: next position (int64) and last timestamp (int64).
 SCALAR_BYTES = 16
+# Spare rows a dense layer keeps past its events when it grows by appending: this fraction of its events (so that
+# appends copy the layer once per SPARE_FRACTION * n events instead of on every append)
+SPARE_FRACTION = 1 / 8
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -56,6 +59,47 @@ class StoredLayer(Protocol):
     def read(self) -> LayerView: ...
 
 
+class Spare:
+    """Tensors with room past a dense layer's events, which the layer's tensors are the first ``filled`` rows of.
+
+    A layer whose event count equals ``filled`` is the newest one written into them, so it may append in place:
+    its new events go to rows no other layer reads, and the layer it returns reads ``filled`` more rows. Any other
+    layer over the same tensors (an older one, appended to again: two requests from one stored state) copies
+    instead. Mutable, and not thread-safe: one user's state is appended to by one thread at a time.
+
+    Attributes:
+        keys: ``(H, capacity, d_k)``; values: ``(H, capacity, d_v)``; positions: ``(1, capacity)`` int32;
+            timestamps: ``(1, capacity)`` int64.
+        filled: rows written so far.
+    """
+
+    def __init__(self, layer: LayerState, capacity: int) -> None:
+        n = layer.num_tokens
+        self.keys = layer.keys.new_empty(layer.heads, capacity, layer.keys.shape[2])
+        self.values = layer.values.new_empty(layer.heads, capacity, layer.values.shape[2])
+        self.positions = layer.positions.new_empty(1, capacity)
+        self.timestamps = layer.timestamps.new_empty(1, capacity)
+        for mine, theirs in ((self.keys, layer.keys), (self.values, layer.values), (self.positions, layer.positions),
+                             (self.timestamps, layer.timestamps)):
+            mine[:, :n] = theirs
+        self.filled = n
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[1]
+
+    def append(self, new: LayerState) -> LayerState:
+        """Write ``new``'s events after the ``filled`` rows; the layer of all the rows written."""
+        start, end = self.filled, self.filled + new.num_tokens
+        self.keys[:, start:end] = new.keys
+        self.values[:, start:end] = new.values
+        self.positions[:, start:end] = new.positions
+        self.timestamps[:, start:end] = new.timestamps
+        self.filled = end
+        return LayerState(self.keys[:, :end], self.values[:, :end], self.positions[:, :end],
+                          self.timestamps[:, :end], spare=self)
+
+
 @dataclass(frozen=True)
 class LayerState:
     """Keys and values of stored events, with their original positions and timestamps.
@@ -67,6 +111,9 @@ class LayerState:
         keys: ``(H, n, d_k)``; values: ``(H, n, d_v)``, in the state dtype.
         positions: ``(S, n)`` int32; timestamps: ``(S, n)`` int64.
         scores: ``(S, n)`` float32 scores carried across appends (streaming H2O), or None.
+        spare: the tensors with room that these are the first rows of (:meth:`extend`), or None. Not part of
+            the state: ``nbytes()`` counts the events' bytes, which is what a store keeps; in memory a layer that
+            grew by appends holds up to :data:`SPARE_FRACTION` more rows.
     """
 
     keys: torch.Tensor
@@ -74,6 +121,7 @@ class LayerState:
     positions: torch.Tensor
     timestamps: torch.Tensor
     scores: torch.Tensor | None = None
+    spare: Spare | None = field(default=None, compare=False, repr=False, metadata={"stored": False})
 
     @property
     def num_tokens(self) -> int:
@@ -86,12 +134,33 @@ class LayerState:
     def nbytes(self) -> int:
         return sum(tensor_nbytes(t) for t in (self.keys, self.values, self.positions, self.timestamps, self.scores))
 
+    def resident_bytes(self) -> int:
+        """The bytes this layer keeps alive in memory: ``nbytes()`` plus its spare rows (at most
+        :data:`SPARE_FRACTION` of its events)."""
+        if self.spare is None:
+            return self.nbytes()
+        rows = sum(tensor_nbytes(t) for t in (self.spare.keys, self.spare.values, self.spare.positions,
+                                              self.spare.timestamps))
+        return rows + tensor_nbytes(self.scores)
+
     def read(self) -> LayerView:
         return LayerView(self.keys, self.values, self.positions.long(), self.timestamps)
 
     def extend(self, new: LayerState) -> LayerState:
-        """This state followed by ``new`` (a shared-selection state of new events; scores are not carried)."""
+        """This state followed by ``new`` (a shared-selection state of new events; scores are not carried).
+
+        A layer whose heads share their events appends in place into its spare rows (:class:`Spare`), or into
+        new tensors with room for :data:`SPARE_FRACTION` more events when it has none left; outside autograd only
+        (a gradient would need the old tensors). A layer whose spare rows a newer layer has taken (a second append
+        to one stored state), and a per-head layer, are joined with the new events into tensors without room."""
         sel = self.positions.shape[0]
+        in_place = sel == 1 and not (torch.is_grad_enabled() and (self.keys.requires_grad or new.keys.requires_grad))
+        spare, end = self.spare, self.num_tokens + new.num_tokens
+        taken = spare is not None and spare.filled != self.num_tokens  # a newer layer writes there: join instead
+        if in_place and not taken:
+            if spare is None or spare.capacity < end:
+                spare = Spare(self, end + int(end * SPARE_FRACTION))
+            return spare.append(new)
         return LayerState(
             keys=torch.cat([self.keys, as_dtype(new.keys, self.keys.dtype)], dim=1),
             values=torch.cat([self.values, as_dtype(new.values, self.values.dtype)], dim=1),

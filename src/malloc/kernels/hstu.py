@@ -22,10 +22,11 @@ PARALLEL_MIN_WORK = 1 << 18
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
-# the C signatures: sizes, tensors (the forward's: stored keys and metadata, new keys, query metadata, scale),
+# the C signatures: sizes, tensors (the forward's: stored keys, their strides and metadata, new keys, query
+# metadata, scale),
 # tables, alpha, 1 / N, outputs, threads
 _SIGNATURES = {
-    "hstu_attention": [_INT] * 8 + [_POINTER] * 12 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
+    "hstu_attention": [_INT] * 8 + [_POINTER] * 13 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
     "hstu_attention_backward": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
                                + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT],
 }
@@ -150,6 +151,16 @@ def _readable(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
+def _rows_readable(tensor: torch.Tensor) -> torch.Tensor:
+    """Stored keys or values ``(B, H, n, d)`` as the C code reads them: each row of ``d`` contiguous, and each head
+    its ``n`` rows one after the other, while heads and batch rows may lie further apart (a stored layer with spare
+    rows, read in place); a copy otherwise."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    rows_in_place = tensor.stride(3) == 1 and tensor.stride(2) == tensor.shape[3]
+    return tensor if rows_in_place or tensor.is_contiguous() else tensor.contiguous()
+
+
 def _pointers(*tensors: torch.Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -190,8 +201,11 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
                   *table_args: Any) -> torch.Tensor:
     *tables, alpha, normaliser = table_args
     library = _library_or_raise()
-    held = [_readable(t) for t in (q, cached_keys, cached_values, cached_pos, cached_time, cached_valid, new_keys,
-                                   new_values, query_pos, query_time, is_history)]
+    stored_keys, stored_values = _rows_readable(cached_keys), _rows_readable(cached_values)
+    strides = torch.tensor([*stored_keys.stride()[:2], *stored_values.stride()[:2]], dtype=torch.int64)
+    held = [_readable(q), stored_keys, stored_values, strides,
+            *(_readable(t) for t in (cached_pos, cached_time, cached_valid, new_keys, new_values, query_pos,
+                                     query_time, is_history))]
     scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
     _tables_alive, table_pointers = _tables(*tables)  # the tensors behind the pointers, held through the call
     batch, heads, length, key_dim = q.shape

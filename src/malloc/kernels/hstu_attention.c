@@ -403,12 +403,13 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
     *last = j;
 }
 
-/* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header). Returns 0, or -1 when its
- * buffers could not be allocated (then those rows of out are not written). */
+/* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header; B is 1 where the keys are
+ * read in place, and head kh's stored keys and values start at kh * cached_key_head and kh * cached_value_head).
+ * Returns 0, or -1 when its buffers could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
     SIZE_PARAMS,
     const float *q, const float *keys_t, const float *values, const float *cached_keys, const float *cached_values,
-    const float *new_keys, const float *new_values,
+    int64_t cached_key_head, int64_t cached_value_head, const float *new_keys, const float *new_values,
     META_PARAMS,
     TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
@@ -463,7 +464,7 @@ static int hstu_attention_rows(
             if (keys_t == NULL) {  /* the keys where the model holds them */
                 const float *qi = q + ((b * H + h) * T + i) * dk, *bm = bias + m * S, *mm = mask + m * S;
                 float *o = out + ((b * T + i) * H + h) * dv;
-                const float *ck = cached_keys + (b * Hk + kh) * n * dk, *cv = cached_values + (b * Hk + kh) * n * dv;
+                const float *ck = cached_keys + kh * cached_key_head, *cv = cached_values + kh * cached_value_head;
                 const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
                 if (dk == 16 && dv == 16)
                     head_row_direct(16, 16, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
@@ -722,24 +723,26 @@ static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t
     return -1;
 }
 
-/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk) transposed, then the new tokens'
+/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk; strides as the forward's) transposed,
+ * then the new tokens'
  * (T per head), whose position, time and validity are the queries' own (query_pos, query_time, is_history); the
  * keys and values only when with_keys (else the metadata alone). The pointers are those of the whole batch. */
 static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
-                            const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
+                            const float *cached_keys, const float *cached_values, const int64_t *strides,
+                            const int64_t *cached_pos,
                             const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys,
                             const float *new_values, const int64_t *query_pos, const int64_t *query_time,
                             const uint8_t *is_history, int with_keys, RowKeys *r) {
     int64_t S = n + T;
     for (int64_t kh = 0; kh < Hk && with_keys; kh++) {
-        const float *ck = cached_keys + (b * Hk + kh) * n * dk, *nk = new_keys + (b * Hk + kh) * T * dk;
+        const float *ck = cached_keys + b * strides[0] + kh * strides[1], *nk = new_keys + (b * Hk + kh) * T * dk;
         float *kt = r->keys_t + kh * dk * S;
         for (int64_t j = 0; j < n; j++)
             for (int64_t d = 0; d < dk; d++) kt[d * S + j] = ck[j * dk + d];
         for (int64_t j = 0; j < T; j++)
             for (int64_t d = 0; d < dk; d++) kt[d * S + n + j] = nk[j * dk + d];
         float *v = r->values + kh * S * dv;
-        if (n > 0) memcpy(v, cached_values + (b * Hk + kh) * n * dv, sizeof(float) * (size_t)(n * dv));
+        if (n > 0) memcpy(v, cached_values + b * strides[2] + kh * strides[3], sizeof(float) * (size_t)(n * dv));
         memcpy(v + n * dv, new_values + (b * Hk + kh) * T * dv, sizeof(float) * (size_t)(T * dv));
     }
     for (int64_t m = 0; m < Hm; m++) {
@@ -759,8 +762,10 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range.
  *
  * The forward reads the stored keys and the new tokens' apart, as the model holds them (no joined or transposed
- * copy made by the caller): cached_keys (B, Hk, n, dk), cached_values (B, Hk, n, dv), cached_pos, cached_time
- * (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the
+ * copy made by the caller): cached_keys (B, Hk, n, dk) and cached_values (B, Hk, n, dv), whose rows are contiguous
+ * but whose heads and batch rows may lie further apart (a stored layer with spare rows): batch row b's head kh
+ * starts at b * strides[0] + kh * strides[1] for the keys, b * strides[2] + kh * strides[3] for the values;
+ * cached_pos, cached_time (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the
  * new keys' metadata is the queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
  * Each thread lays out the metadata of one batch row at a time (gather_row_keys), and its keys and values
  * transposed when the row has more than DIRECT_ROWS queries (else they are read in place), and computes that
@@ -769,7 +774,8 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * thread could not allocate its buffers. */
 int hstu_attention(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
-    const float *q, const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
+    const float *q, const float *cached_keys, const float *cached_values, const int64_t *strides,
+    const int64_t *cached_pos,
     const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys, const float *new_values,
     const int64_t *query_pos, const int64_t *query_time, const uint8_t *is_history, const float *key_scale,
     TABLE_PARAMS,
@@ -793,12 +799,13 @@ int hstu_attention(
         } else if (begin < end) {
             for (int64_t b = begin / T; b * T < end && !failed; b++) {
                 int64_t first = begin > b * T ? begin - b * T : 0, last = end < (b + 1) * T ? end - b * T : T;
-                gather_row_keys(b, Hk, Hm, T, n, dk, dv, cached_keys, cached_values, cached_pos, cached_time,
-                                cached_valid, new_keys, new_values, query_pos, query_time, is_history, transpose, &r);
+                gather_row_keys(b, Hk, Hm, T, n, dk, dv, cached_keys, cached_values, strides, cached_pos,
+                                cached_time, cached_valid, new_keys, new_values, query_pos, query_time, is_history,
+                                transpose, &r);
                 failed |= hstu_attention_rows(
                     1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, transpose ? r.keys_t : NULL,
-                    transpose ? r.values : NULL, cached_keys + b * Hk * n * dk, cached_values + b * Hk * n * dv,
-                    new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T, query_time + b * T,
+                    transpose ? r.values : NULL, cached_keys + b * strides[0], cached_values + b * strides[2],
+                    strides[1], strides[3], new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T, query_time + b * T,
                     r.pos, r.time, r.valid, key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
                     out + b * T * H * dv, first, last) != 0;
             }

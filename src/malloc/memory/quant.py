@@ -427,7 +427,7 @@ class QuantizationPolicy(CachePolicy):
         return QuantizedLayer(keys=key_spec.quantize(quantized.keys, bits),
                               values=value_spec.quantize(quantized.values, bits),
                               full_keys=owned(kept.keys), full_values=owned(kept.values),
-                              positions=layer.positions.to(torch.int32), timestamps=layer.timestamps,
+                              positions=owned(layer.positions.to(torch.int32)), timestamps=owned(layer.timestamps),
                               full_first=self.full_first)
 
     def merge(self, stored: StoredLayer, new: LayerState, stats: LayerStats | None, ctx: LayerContext

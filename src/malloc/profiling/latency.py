@@ -87,14 +87,19 @@ def synthetic_candidates(events: Events, count: int, num_items: int, seed: int) 
 
 def request_latency(model: SequentialRecommender, history_len: int, *, candidates: int = 100,
                     append_events: int = 1, prefill_chunk: int = 1024, seed: int = 0, users: int = 1,
-                    recompute_timing: dict[str, Any] | None = None, **timing: Any) -> dict[str, Any]:
+                    chain: bool = False, recompute_timing: dict[str, Any] | None = None, **timing: Any
+                    ) -> dict[str, Any]:
     """Latency of a request of ``users`` users at once (batch 1 by default), cached against full recompute.
 
     A stored state per user is built once by prefilling ``history_len`` random events. Then:
 
     - cached: ``Engine.request``: ``append_events`` new events appended to the stored state and ``candidates``
       candidates scored from the extended state (one pass through the layers for Native); every repeat starts from
-      the same stored state (a request returns a new state and leaves the stored one untouched);
+      the same stored state (a request returns a new state and leaves the stored one untouched), so each one
+      joins the stored layers with its new events into new tensors; with ``chain``, each repeat appends to the
+      state the one before returned, as a user's next request does in serving (the stored layers take the new
+      events into their spare rows in place, ``LayerState.extend``), and the history grows by ``append_events``
+      per repeat;
     - recompute: ``prefill`` of the whole ``history_len + append_events`` events (in chunks of
       ``prefill_chunk``, so no ``n x n`` attention matrix is built at once), then ``score`` of the same
       candidates.
@@ -127,8 +132,13 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     with torch.no_grad():
         stored = engine.prefill(history)
 
+        newest = [stored]
+
         def cached() -> torch.Tensor:
-            return engine.request(stored, new, items, times)[1]
+            states, logits = engine.request(newest[0], new, items, times)
+            if chain:
+                newest[0] = states
+            return logits
 
         def recompute() -> torch.Tensor:
             return engine.score(engine.prefill(events), items, times)
@@ -139,6 +149,7 @@ def request_latency(model: SequentialRecommender, history_len: int, *, candidate
     return {
         "history_len": history_len,
         "users": users,
+        "chain": chain,
         "cached_ms_p50": 1e3 * cached_p50,
         "cached_ms_p99": 1e3 * float(np.percentile(cached_s, 99)),
         "recompute_ms_p50": 1e3 * recompute_p50,

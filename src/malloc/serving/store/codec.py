@@ -83,7 +83,8 @@ _MAX_DIMS = 8
 
 
 def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    """The fields a stored class keeps (not those marked ``metadata={"stored": False}``: in-memory helpers)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("stored", True)]
 
 
 _LAYOUT = {name: _fields(cls) for name, cls in STORED_CLASSES.items()}
