@@ -7,6 +7,7 @@ training step ``throughput.py`` times (``--users`` random windows of ``--length`
 AdamW step), per step.
 
     python benchmarks/request_profile.py --backbone hstu --length 1024 --users 16 --threads 1
+    python benchmarks/request_profile.py --backbone hstu --length 1024 --threads 1 --chain --repeats 50
     python benchmarks/request_profile.py --training --backbone sasrec --length 200 --users 32 --threads 1 --repeats 5
 """
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, default=20, help="profiled requests")
     parser.add_argument("--top", type=positive_int, default=15, help="operators listed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--chain", action="store_true",
+                        help="each request appends to the state the previous one returned (as latency.py --chain)")
     parser.add_argument("--training", action="store_true",
                         help="profile a training step over --users windows of --length events instead")
     parser.add_argument("--json", action="store_true", help="one JSON object per operator")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                "share": op.self_cpu_time_total / total, f"calls_per_{unit}": op.count / args.repeats}
         if args.json:
             print(json.dumps({"benchmark": "request_profile", "backbone": args.backbone, "training": args.training,
+                              "chain": args.chain,
                               "length": args.length, "users": args.users, "candidates": args.candidates, **row}))
         else:
             print(f"{row['operator']:>28}  {row[f'ms_per_{unit}']:10.3f}  {row['share']:6.1%}  "
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def request_work(model: SequentialRecommender, args: argparse.Namespace) -> Callable[[], object]:
-    """One cached request per call (the states prefilled once, left unchanged by the request)."""
+    """One cached request per call: from the states prefilled once (left unchanged by the request), or with
+    ``--chain`` from the states the previous call returned (the history grows by one event per call)."""
     events = synthetic_events(args.users, args.length + 1, model.num_items, seed=0)
     items, times = synthetic_candidates(events, args.candidates, model.num_items, seed=1)
     history, new = events.slice(0, args.length), events.slice(args.length, args.length + 1)
@@ -87,9 +92,14 @@ def request_work(model: SequentialRecommender, args: argparse.Namespace) -> Call
     with torch.no_grad():
         stored = engine.prefill(history)
 
+    newest = [stored]
+
     def work() -> object:
         with torch.no_grad():
-            return engine.request(stored, new, items, times)
+            states, logits = engine.request(newest[0], new, items, times)
+        if args.chain:
+            newest[0] = states
+        return logits
     return work
 
 

@@ -260,6 +260,20 @@ def test_request_profile_benchmark_lists_operators(capsys, benchmark_script):
         module.main(["--users", "0"])
 
 
+def test_request_profile_chained_requests_join_no_stored_layer(capsys, benchmark_script):
+    """With --chain each request appends in place: four fewer joins (keys, values, positions, times) per layer
+    than requests that all start from one stored state."""
+    module = benchmark_script("request_profile")
+    joins = {}
+    for chain in (False, True):
+        args = ["--length", "64", "--candidates", "3", "--repeats", "4", "--top", "200", "--threads", "1", "--json"]
+        assert module.main(args + (["--chain"] if chain else [])) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert all(r["chain"] == chain for r in rows)
+        joins[chain] = next((r["calls_per_request"] for r in rows if r["operator"] == "aten::cat"), 0.0)
+    assert joins[False] - joins[True] == 4 * 2  # the default model's 2 layers
+
+
 def test_observed_write_benchmark_runs(capsys, benchmark_script):
     """benchmarks/observed_write.py end to end on a short history: H2O at 1/4 keeps at most a quarter of the
     events (its byte budget, floors rounded down)."""
