@@ -22,11 +22,10 @@ PARALLEL_MIN_WORK = 1 << 18
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
-# the C signatures: sizes, tensors (the forward's: stored keys, their strides and metadata, new keys, query
-# metadata, scale),
-# tables, alpha, 1 / N, outputs, threads
+# the C signatures: sizes (the forward's: then the stored keys' and values' batch and head strides), tensors (the
+# forward's: stored keys and metadata, new keys, query metadata, scale), tables, alpha, 1 / N, outputs, threads
 _SIGNATURES = {
-    "hstu_attention": [_INT] * 8 + [_POINTER] * 13 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
+    "hstu_attention": [_INT] * 12 + [_POINTER] * 12 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
     "hstu_attention_backward": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
                                + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT],
 }
@@ -202,8 +201,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     *tables, alpha, normaliser = table_args
     library = _library_or_raise()
     stored_keys, stored_values = _rows_readable(cached_keys), _rows_readable(cached_values)
-    strides = torch.tensor([*stored_keys.stride()[:2], *stored_values.stride()[:2]], dtype=torch.int64)
-    held = [_readable(q), stored_keys, stored_values, strides,
+    held = [_readable(q), stored_keys, stored_values,
             *(_readable(t) for t in (cached_pos, cached_time, cached_valid, new_keys, new_values, query_pos,
                                      query_time, is_history))]
     scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
@@ -212,7 +210,8 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     key_heads, stored, value_dim = new_keys.shape[1], cached_keys.shape[2], new_values.shape[3]
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
     status = library.hstu_attention(
-        batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *_pointers(*held, scale),
+        batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *stored_keys.stride()[:2],
+        *stored_values.stride()[:2], *_pointers(*held, scale),
         *table_pointers, alpha, 1.0 / normaliser, out.data_ptr(),
         _workers(batch * length, batch * length * (stored + length) * heads))
     if status:

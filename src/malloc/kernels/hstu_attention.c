@@ -140,7 +140,8 @@ static inline vf lane_sums(vf *x) {
         x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
              + FOLD(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
     for (int i = 0; i < 2; i++)
-        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) + FOLD(x[2 * i], x[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+        x[i] = FOLD(x[2 * i], x[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+             + FOLD(x[2 * i], x[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
     vf total = FOLD(x[0], x[1], 0, 8, 2, 10, 4, 12, 6, 14) + FOLD(x[0], x[1], 1, 9, 3, 11, 5, 13, 7, 15);
     return FOLD(total, total, 0, 4, 2, 6, 1, 5, 3, 7);
 #endif
@@ -723,15 +724,14 @@ static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t
     return -1;
 }
 
-/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk; strides as the forward's) transposed,
- * then the new tokens'
- * (T per head), whose position, time and validity are the queries' own (query_pos, query_time, is_history); the
- * keys and values only when with_keys (else the metadata alone). The pointers are those of the whole batch. */
+/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk; strides: the forward's key_batch,
+ * key_head, value_batch, value_head) transposed, then the new tokens' (T per head), whose position, time and
+ * validity are the queries' own (query_pos, query_time, is_history); the keys and values only when with_keys (else
+ * the metadata alone). The pointers are those of the whole batch. */
 static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
                             const float *cached_keys, const float *cached_values, const int64_t *strides,
-                            const int64_t *cached_pos,
-                            const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys,
-                            const float *new_values, const int64_t *query_pos, const int64_t *query_time,
+                            const int64_t *cached_pos, const int64_t *cached_time, const uint8_t *cached_valid,
+                            const float *new_keys, const float *new_values, const int64_t *query_pos, const int64_t *query_time,
                             const uint8_t *is_history, int with_keys, RowKeys *r) {
     int64_t S = n + T;
     for (int64_t kh = 0; kh < Hk && with_keys; kh++) {
@@ -764,9 +764,10 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * The forward reads the stored keys and the new tokens' apart, as the model holds them (no joined or transposed
  * copy made by the caller): cached_keys (B, Hk, n, dk) and cached_values (B, Hk, n, dv), whose rows are contiguous
  * but whose heads and batch rows may lie further apart (a stored layer with spare rows): batch row b's head kh
- * starts at b * strides[0] + kh * strides[1] for the keys, b * strides[2] + kh * strides[3] for the values;
- * cached_pos, cached_time (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the
- * new keys' metadata is the queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
+ * starts at b * key_batch + kh * key_head for the keys, b * value_batch + kh * value_head for the values (in
+ * floats); cached_pos, cached_time (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk),
+ * new_values (B, Hk, T, dv), and the new keys' metadata is the queries' (query_pos, query_time) with is_history
+ * (B, T) uint8 as their validity.
  * Each thread lays out the metadata of one batch row at a time (gather_row_keys), and its keys and values
  * transposed when the row has more than DIRECT_ROWS queries (else they are read in place), and computes that
  * row's queries of its range. The backward reads the joined layout of the header; its thread w accumulates its
@@ -774,8 +775,8 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * thread could not allocate its buffers. */
 int hstu_attention(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
-    const float *q, const float *cached_keys, const float *cached_values, const int64_t *strides,
-    const int64_t *cached_pos,
+    int64_t key_batch, int64_t key_head, int64_t value_batch, int64_t value_head,
+    const float *q, const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
     const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys, const float *new_values,
     const int64_t *query_pos, const int64_t *query_time, const uint8_t *is_history, const float *key_scale,
     TABLE_PARAMS,
@@ -783,6 +784,7 @@ int hstu_attention(
 {
     int failed = 0;
     int64_t S = n + T;
+    const int64_t strides[4] = {key_batch, key_head, value_batch, value_head};
     if (B * T == 0) return 0;  /* no queries */
     (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
@@ -804,8 +806,9 @@ int hstu_attention(
                                 transpose, &r);
                 failed |= hstu_attention_rows(
                     1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, transpose ? r.keys_t : NULL,
-                    transpose ? r.values : NULL, cached_keys + b * strides[0], cached_values + b * strides[2],
-                    strides[1], strides[3], new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T, query_time + b * T,
+                    transpose ? r.values : NULL, cached_keys + b * key_batch, cached_values + b * value_batch,
+                    key_head, value_head, new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T,
+                    query_time + b * T,
                     r.pos, r.time, r.valid, key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
                     out + b * T * H * dv, first, last) != 0;
             }

@@ -103,5 +103,3 @@ class SASRec(SequentialRecommender):
 
     def build_layer(self) -> AttentionLayer:
         return SASRecLayer(self.cfg)
-
-
