@@ -731,8 +731,8 @@ static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t
 static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
                             const float *cached_keys, const float *cached_values, const int64_t *strides,
                             const int64_t *cached_pos, const int64_t *cached_time, const uint8_t *cached_valid,
-                            const float *new_keys, const float *new_values, const int64_t *query_pos, const int64_t *query_time,
-                            const uint8_t *is_history, int with_keys, RowKeys *r) {
+                            const float *new_keys, const float *new_values, const int64_t *query_pos,
+                            const int64_t *query_time, const uint8_t *is_history, int with_keys, RowKeys *r) {
     int64_t S = n + T;
     for (int64_t kh = 0; kh < Hk && with_keys; kh++) {
         const float *ck = cached_keys + b * strides[0] + kh * strides[1], *nk = new_keys + (b * Hk + kh) * T * dk;
