@@ -123,19 +123,20 @@ CASES = {
 }
 
 
-def few_queries(name: str) -> dict:
-    """A case with at most 3 new tokens: the kernel reads such keys in place instead of a transposed copy."""
-    spec = {**CASES[name], "length": 3}
+def few_queries(name: str, length: int = 3) -> dict:
+    """A case with ``length`` (at most 8) new tokens: the kernel reads such keys in place instead of a transposed
+    copy, up to 4 queries at a time (7: a tile of 4 and one of 3)."""
+    spec = {**CASES[name], "length": length}
     if "candidates" in spec:
         spec["candidates"] = 2
     return spec
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-@pytest.mark.parametrize("few", [False, True], ids=["many-queries", "few-queries"])
+@pytest.mark.parametrize("few", [0, 3, 7], ids=["many-queries", "3-queries", "7-queries"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_equals_the_reference(name, few, scaled):
-    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name), **(few_queries(name) if few else CASES[name]))
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name), **(few_queries(name, few) if few else CASES[name]))
     cached = k.shape[2] - q.shape[2]
     key_scale = torch.rand(q.shape[0]) * 3 if scaled and cached else None
     bias = relative_bias(len(name), 64, 32)
@@ -201,11 +202,13 @@ def test_a_training_step_through_the_kernel_equals_pytorch_alone(scheme):
         torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_kernel_splits_rows_over_threads_with_the_same_outputs():
-    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(3, cached=2048, length=256, batch=2)
-    assert 2 * 256 * (2048 + 256) * 4 >= 2 * kernel.PARALLEL_MIN_WORK  # large enough to split in two
+@pytest.mark.parametrize(("cached", "length", "batch"), [(2048, 256, 2), (4096, 7, 5)],
+                         ids=["transposed-keys", "keys-in-place"])
+def test_kernel_splits_rows_over_threads_with_the_same_outputs(cached, length, batch):
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(3, cached=cached, length=length, batch=batch)
+    assert batch * length * (cached + length) * 4 >= 2 * kernel.PARALLEL_MIN_WORK  # large enough to split
     bias = relative_bias(3)
-    args = (q, k, v, q_pos, q_time, k_pos, k_time, k_valid, 2048, None, bias.tables(), 0.25, 64.0)
+    args = (q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, None, bias.tables(), 0.25, 64.0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -160,6 +160,11 @@ def _rows_readable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if rows_in_place or tensor.is_contiguous() else tensor.contiguous()
 
 
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 (itself when it is: a skipped ``Tensor.to`` is a dispatch saved per call)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+
+
 def _pointers(*tensors: torch.Tensor | None) -> list[int | None]:
     return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -167,8 +172,8 @@ def _pointers(*tensors: torch.Tensor | None) -> list[int | None]:
 def _tables(position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
             time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int) -> tuple[list, list]:
     """The bias tables as the C code reads them (float32, contiguous), and its table arguments."""
-    held = [_readable(position_bias.to(torch.float32)), _readable(position_thresholds),
-            _readable(time_bias.to(torch.float32)), _readable(time_thresholds)]
+    held = [_readable(_float32(position_bias)), _readable(position_thresholds), _readable(_float32(time_bias)),
+            _readable(time_thresholds)]
     return held, [held[0].data_ptr(), held[1].data_ptr(), held[0].shape[0], position_octave,
                   held[2].data_ptr(), held[3].data_ptr(), held[2].shape[0], time_octave]
 
@@ -204,7 +209,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     held = [_readable(q), stored_keys, stored_values,
             *(_readable(t) for t in (cached_pos, cached_time, cached_valid, new_keys, new_values, query_pos,
                                      query_time, is_history))]
-    scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
+    scale = _readable(None if key_scale is None else _float32(key_scale))
     _tables_alive, table_pointers = _tables(*tables)  # the tensors behind the pointers, held through the call
     batch, heads, length, key_dim = q.shape
     key_heads, stored, value_dim = new_keys.shape[1], cached_keys.shape[2], new_values.shape[3]
@@ -244,7 +249,7 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
     width = keys.shape[2]  # the gradients take the joined keys' layout
     held = [_readable(t) for t in (q, keys.transpose(-1, -2), keys, values.transpose(-1, -2), values, query_pos,
                                    query_time, key_pos, key_time, key_valid)]
-    scale = _readable(None if key_scale is None else key_scale.to(torch.float32))
+    scale = _readable(None if key_scale is None else _float32(key_scale))
     table_held, table_pointers = _tables(position_bias, position_thresholds, position_octave, time_bias,
                                          time_thresholds, time_octave)
     grad = _readable(grad.to(torch.float32))

@@ -24,10 +24,11 @@
  *
  * hstu_attention_rows computes the (b, i) rows in [row_begin, row_end) of the B * T rows, and
  * hstu_attention_backward_rows the gradients of whole batch rows; the exported hstu_attention and
- * hstu_attention_backward (at the end) run one range per thread. Over transposed keys the forward takes
- * QUERY_TILE consecutive queries of a batch row at once, so that each key and value it loads serves all of them
- * (one query at a time, the loads, not the multiply-adds, bound the loop); the tiles are fixed by the query index,
- * so the outputs do not depend on the number of threads.
+ * hstu_attention_backward (at the end) run one range per thread. The forward takes up to QUERY_TILE consecutive
+ * queries of a batch row at once, so that each key and value it loads serves all of them: over transposed keys
+ * from registers (one query at a time, the loads, not the multiply-adds, bound the loop), over keys read in place
+ * (a request) from the cache, so that a request's stored keys come from memory once, not once per query. The
+ * tiles are fixed by the query index, so the outputs do not depend on the number of threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -290,31 +291,41 @@ static inline __attribute__((always_inline)) void row_scores(
     }
 }
 
-/* head_row over keys read where the model holds them: the n stored keys and values (rows of DK and DV) of this
- * head, then the new tokens' (query i's own key is new key i). No block crosses from stored to new keys. */
-static inline __attribute__((always_inline)) void head_row_direct(
-    const int64_t DK, const int64_t DV, int64_t n, int64_t first, int64_t last, const float *qi, float alpha,
-    const float *cached_keys, const float *cached_values, const float *new_keys, const float *new_values,
-    const float *bias, const float *mask, int64_t i, float self_bias, float inv_norm, float *scores, float *out)
+/* head_rows over keys read where the model holds them, for NQ (at most QUERY_TILE) queries of one batch row: the n
+ * stored keys and values (rows of DK and DV) of this head, then the new tokens' (query q's own key is new key
+ * i + q), over the keys [first, last] (the union of what they see: a query's mask is 0 on the keys it does not
+ * see). Each block of keys is read from memory once for the NQ queries (the later ones find it in the cache);
+ * each query's sums are those it would get alone over the same blocks. No block crosses from stored to new keys. Query q's input, bias, mask and output are at q0 + q * DK, bias/mask + q * row_stride and
+ * out + q * out_stride, as in head_rows. */
+static inline __attribute__((always_inline)) void head_rows_direct(
+    const int64_t DK, const int64_t DV, int64_t NQ, int64_t n, int64_t first, int64_t last, const float *q0,
+    float alpha, const float *cached_keys, const float *cached_values, const float *new_keys,
+    const float *new_values, const float *bias, const float *mask, int64_t row_stride, int64_t i, float self_bias,
+    float inv_norm, float *scores, float *out, int64_t out_stride)
 {
-    float qs[DK], acc[DV];
-    for (int64_t d = 0; d < DK; d++) qs[d] = alpha * qi[d];
-    for (int64_t d = 0; d < DV; d++) acc[d] = 0.0f;
+    float qs[QUERY_TILE * DK], acc[QUERY_TILE * DV];
+    for (int64_t d = 0; d < NQ * DK; d++) qs[d] = alpha * q0[d];
+    for (int64_t d = 0; d < NQ * DV; d++) acc[d] = 0.0f;
     for (int64_t start = first, stop; start <= last; start = stop) {
         stop = start + KEY_BLOCK < last + 1 ? start + KEY_BLOCK : last + 1;
         if (start < n && stop > n) stop = n;
         int64_t width = stop - start;
         const float *k = start < n ? cached_keys + start * DK : new_keys + (start - n) * DK;
         const float *v = start < n ? cached_values + start * DV : new_values + (start - n) * DV;
-        row_scores(DK, width, qs, k, bias + start, scores);
-        const float *mb = mask + start;
-        for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
-        block_values(1, DV, width, scores, v, acc);
+        for (int64_t q = 0; q < NQ; q++) {
+            row_scores(DK, width, qs + q * DK, k, bias + q * row_stride + start, scores);
+            const float *mb = mask + q * row_stride + start;
+            for (int64_t j = 0; j < width; j++) scores[j] = mb[j] * silu(scores[j]);
+            block_values(1, DV, width, scores, v, acc + q * DV);
+        }
     }
-    float s = self_bias;  /* the diagonal: every query sees itself */
-    for (int64_t d = 0; d < DK; d++) s += qs[d] * new_keys[i * DK + d];
-    float w = inv_norm * silu(s);
-    for (int64_t d = 0; d < DV; d++) out[d] = acc[d] + w * new_values[i * DV + d];
+    for (int64_t q = 0; q < NQ; q++) {
+        const float *own_key = new_keys + (i + q) * DK, *own_value = new_values + (i + q) * DV;
+        float s = self_bias;  /* the diagonal: every query sees itself */
+        for (int64_t d = 0; d < DK; d++) s += qs[q * DK + d] * own_key[d];
+        float w = inv_norm * silu(s);
+        for (int64_t d = 0; d < DV; d++) out[q * out_stride + d] = acc[q * DV + d] + w * own_value[d];
+    }
 }
 
 /* one layer's bucket thresholds and bias tables */
@@ -437,11 +448,16 @@ static int hstu_attention_rows(
 
     for (int64_t row = row_begin, tile; row < row_end; row += tile) {
         int64_t b = row / T, i = row % T;
-        /* over the transposed keys, the queries i to i + QUERY_TILE - 1 of a batch row at once, for i a multiple of
-         * QUERY_TILE, so that which queries share a tile (and the order of each one's sums) does not depend on the
-         * row range (the exported forward splits the rows at tile boundaries) */
-        tile = keys_t != NULL && i % QUERY_TILE == 0 && i + QUERY_TILE <= T && row + QUERY_TILE <= row_end
-               ? QUERY_TILE : 1;
+        /* the queries i to i + QUERY_TILE - 1 of a batch row at once, for i a multiple of QUERY_TILE (over the
+         * transposed keys whole tiles only; in place, the last tile of a row shorter), so that which queries share a
+         * tile (and the order of each one's sums) does not depend on the row range (the exported forward splits
+         * the rows at tile boundaries) */
+        if (i % QUERY_TILE != 0)
+            tile = 1;
+        else if (keys_t != NULL)
+            tile = i + QUERY_TILE <= T && row + QUERY_TILE <= row_end ? QUERY_TILE : 1;
+        else  /* the rest of the row or of the range, at most QUERY_TILE */
+            tile = T - i < row_end - row ? T - i : row_end - row, tile = tile < QUERY_TILE ? tile : QUERY_TILE;
         if (b != runs_b) {
             runs_b = b;
             for (int64_t m = 0; m < Hm; m++)
@@ -462,20 +478,6 @@ static int hstu_attention_rows(
         }
         for (int64_t h = 0; h < H; h++) {
             int64_t m = h / heads_per_meta, kh = h / heads_per_key;
-            if (keys_t == NULL) {  /* the keys where the model holds them */
-                const float *qi = q + ((b * H + h) * T + i) * dk, *bm = bias + m * S, *mm = mask + m * S;
-                float *o = out + ((b * T + i) * H + h) * dv;
-                const float *ck = cached_keys + kh * cached_key_head, *cv = cached_values + kh * cached_value_head;
-                const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
-                if (dk == 16 && dv == 16)
-                    head_row_direct(16, 16, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
-                                    inv_norm, scores, o);
-                else
-                    head_row_direct(dk, dv, n, firsts[m], lasts[m], qi, alpha, ck, cv, nk, nv, bm, mm, i, self_bias,
-                                    inv_norm, scores, o);
-                continue;
-            }
-            const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
             const float *q0 = q + ((b * H + h) * T + i) * dk, *bm = bias + m * S, *mm = mask + m * S;
             float *o = out + ((b * T + i) * H + h) * dv;
             int64_t first = S, last = -1, stride = Hm * S;  /* slot t's rows of head m are at m * S + t * stride */
@@ -483,6 +485,18 @@ static int hstu_attention_rows(
                 first = firsts[t * Hm + m] < first ? firsts[t * Hm + m] : first;
                 last = lasts[t * Hm + m] > last ? lasts[t * Hm + m] : last;
             }
+            if (keys_t == NULL) {  /* the keys where the model holds them */
+                const float *ck = cached_keys + kh * cached_key_head, *cv = cached_values + kh * cached_value_head;
+                const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
+                if (dk == 16 && dv == 16)
+                    head_rows_direct(16, 16, tile, n, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride, i,
+                                     self_bias, inv_norm, scores, o, H * dv);
+                else
+                    head_rows_direct(dk, dv, tile, n, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride, i,
+                                     self_bias, inv_norm, scores, o, H * dv);
+                continue;
+            }
+            const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
             if (tile == QUERY_TILE && dk == 16 && dv == 16)
                 head_rows(QUERY_TILE, 16, 16, S, first, last, q0, alpha, kt_head, v_head, bm, mm, stride, n + i,
                           self_bias, inv_norm, scores, o, H * dv);

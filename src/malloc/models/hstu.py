@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from malloc.core.state import as_dtype
 from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
 from malloc.kernels import hstu as kernel
 from malloc.models.base import AttentionLayer, Dropout, LayerScheme, SequentialRecommender
@@ -288,7 +289,7 @@ class HSTULayer(AttentionLayer):
             if cache is not None and cache.keys.dtype != q.dtype:
                 cache = replace(cache, keys=cache.keys.to(q.dtype), values=cache.values.to(q.dtype))
             attended = kernel.pointwise_attention(
-                q, new.keys.to(q.dtype), new.values.to(q.dtype), tokens.positions, tokens.timestamps,
+                q, as_dtype(new.keys, q.dtype), as_dtype(new.values, q.dtype), tokens.positions, tokens.timestamps,
                 tokens.is_history, self.bias.tables(), self.alpha, self.normaliser, cached=cache, key_scale=scale)
             return attended.view(batch, length, -1), None
         keys = concat_keys(cache, new)
