@@ -6,6 +6,7 @@ timing and reused in turn; ``--warmup-steps`` untimed steps come first.
 
     python benchmarks/throughput.py
     python benchmarks/throughput.py --kernels on,off   # HSTU with its C kernel and without, side by side
+    python benchmarks/throughput.py --backbones hstu --scheme longformer --memory-ratio 0.25 --kernels on,off
     python benchmarks/throughput.py --json > throughput.jsonl
 """
 
@@ -26,7 +27,7 @@ from malloc.models import ModelConfig
 from malloc.models.hstu import use_kernels
 from malloc.profiling import synthetic_training_batch, time_call, training_step
 
-COLUMNS = [("backbone", ""), ("kernel", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
+COLUMNS = [("backbone", ""), ("scheme", ""), ("kernel", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
            ("ms_per_step_p50", ".1f"), ("ms_per_step_p99", ".1f"), ("steps", "d"), ("parameters", "d")]
 WIDTH = 10
 HEADERS = [name for name, _ in COLUMNS]
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--kernels", type=switch_list, default=["on"],
                         help="HSTU's C attention kernel: on, off, or on,off to time both side by side")
+    parser.add_argument("--scheme", default="native", help="trained-in scheme of the layers (malloc methods)")
+    parser.add_argument("--memory-ratio", type=float, default=1.0, help="the scheme's memory ratio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object per point, one per line")
     return parser.parse_args(argv)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                for i in range(BATCH_POOL)]
     events_per_step = batches[0].num_events
     for backbone, kernel in itertools.product(args.backbones, args.kernels):
-        cfg = ModelConfig(backbone=backbone, max_len=args.max_len)
+        cfg = ModelConfig(backbone=backbone, max_len=args.max_len, scheme=args.scheme,
+                          memory_ratio=args.memory_ratio)
         torch.manual_seed(args.seed)
         model = build_model_for(cfg, args.num_items)
         if not use_kernels(model, kernel == "on") and kernel == "off":
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=args.warmup_steps, min_repeats=args.steps, min_seconds=0.0,
                             max_repeats=args.steps)
         point = {
-            "backbone": backbone, "kernel": kernel, "max_len": args.max_len, "batch_size": args.batch_size,
+            "backbone": backbone, "scheme": args.scheme, "kernel": kernel, "max_len": args.max_len, "batch_size": args.batch_size,
             # Total events over total time: the rate a training epoch would see.
             "events_per_s": events_per_step * len(seconds) / float(seconds.sum()),
             "ms_per_step_p50": 1e3 * float(np.median(seconds)),
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             "steps": len(seconds), "parameters": sum(p.numel() for p in model.parameters()),
         }
         if args.json:
-            print(json.dumps({"benchmark": "throughput", **point, "warmup_steps": args.warmup_steps,
+            print(json.dumps({"benchmark": "throughput", **point, "memory_ratio": args.memory_ratio,
+                              "warmup_steps": args.warmup_steps,
                               "num_items": args.num_items, "dim": cfg.dim, "layers": cfg.layers,
                               "heads": cfg.heads, "head_dim": cfg.head_dim,
                               "threads": torch.get_num_threads(),

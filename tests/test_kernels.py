@@ -42,14 +42,18 @@ def test_bucket_thresholds_give_log_bucket_exactly(scale, buckets):
     assert torch.equal(from_thresholds, log_bucket(distances, scale, buckets))
 
 
-def reference(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, bias, alpha, normaliser):
-    """The model's reference for the same call: the mask rule of ``malloc.core.tokens.visibility``."""
+def reference(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, bias, alpha, normaliser,
+              window=-1, num_globals=0):
+    """The model's reference for the same call: the mask rule of ``malloc.core.tokens.visibility``, and with
+    ``window >= 0`` Longformer's (``malloc.memory.schemes.token_merge.longformer.window_mask``)."""
     batch, heads, length, _ = q.shape
     groups = heads // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     meta = heads // k_pos.shape[1]
     k_pos, k_time, k_valid = (x.repeat_interleave(meta, dim=1) for x in (k_pos, k_time, k_valid))
     visible = k_valid[:, :, None, :] & (k_pos[:, :, None, :] < q_pos[:, None, :, None])
+    if window >= 0:
+        visible &= (k_pos[:, :, None, :] >= q_pos[:, None, :, None] - window) | (k_pos[:, :, None, :] < num_globals)
     visible[:, :, torch.arange(length), cached + torch.arange(length)] = True
     scale = None
     if key_scale is not None:
@@ -92,10 +96,12 @@ def split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached):
     return (q, k[:, :, cached:], v[:, :, cached:], q_pos, q_time, k_valid[:, 0, cached:]), stored
 
 
-def run_kernel(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, tables, alpha, normaliser):
+def run_kernel(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, key_scale, tables, alpha, normaliser,
+               window=-1, num_globals=0):
     """The kernel on a :func:`case`'s joined arguments (the reference's)."""
     args, stored = split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached)
-    return kernel.pointwise_attention(*args, tables, alpha, normaliser, cached=stored, key_scale=key_scale)
+    return kernel.pointwise_attention(*args, tables, alpha, normaliser, cached=stored, key_scale=key_scale,
+                                      window=window, num_globals=num_globals)
 
 
 def relative_bias(seed, pos_buckets=64, time_buckets=64):
@@ -147,11 +153,40 @@ def test_kernel_equals_the_reference(name, few, scaled):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+# Longformer's sliding window (window, globals) on some cases: "long" has whole blocks of 256 keys outside it
+WINDOWED = {"plain": (12, 3), "per-head-metadata": (5, 0), "candidates": (4, 2), "shuffled-history": (9, 1),
+            "long": (100, 2)}
+
+
+@pytest.mark.parametrize("few", [0, 3, 7], ids=["many-queries", "3-queries", "7-queries"])
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_kernel_applies_a_sliding_window_as_the_reference(name, few):
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name), **(few_queries(name, few) if few else CASES[name]))
+    cached = k.shape[2] - q.shape[2]
+    bias = relative_bias(len(name), 64, 32)
+    args = (q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, None)
+    with torch.no_grad():
+        expected = reference(*args, bias, 0.3, 50.0, *WINDOWED[name])
+        got = run_kernel(*args, bias.tables(), 0.3, 50.0, *WINDOWED[name])
+        unwindowed = run_kernel(*args, bias.tables(), 0.3, 50.0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, unwindowed, atol=1e-3)  # the window hides keys these queries would see
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_gradients_equal_the_reference(name):
     """q, keys, values and both bias tables, for a random output gradient. The reference runs in float64: a bias
     gradient sums one term per (query, key, head), and on the "long" case the float32 reference's own rounding is
     larger than the tolerance, while the kernel sums them in float64."""
+    check_gradients(name, -1, 0)
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_kernel_gradients_within_a_sliding_window_equal_the_reference(name):
+    check_gradients(name, *WINDOWED[name])
+
+
+def check_gradients(name, window, num_globals):
     q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(len(name) + 1, **CASES[name])
     cached = k.shape[2] - q.shape[2]
     key_scale = torch.rand(q.shape[0]) * 3 if cached else None
@@ -161,19 +196,20 @@ def test_kernel_gradients_equal_the_reference(name):
         leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
         scale = None if key_scale is None else key_scale.to(dtype)
         args = (*leaves, q_pos, q_time, k_pos, k_time, k_valid, cached, scale)
-        out = (reference(*args, bias, 0.3, 50.0) if dtype == torch.float64
-               else run_kernel(*args, bias.tables(), 0.3, 50.0))
+        out = (reference(*args, bias, 0.3, 50.0, window, num_globals) if dtype == torch.float64
+               else run_kernel(*args, bias.tables(), 0.3, 50.0, window, num_globals))
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
         grads.append([x.grad.float() for x in leaves] + [bias.position_bias.grad.float(), bias.time_bias.grad.float()])
     for expected, got, what in zip(*grads, ["q", "keys", "values", "position bias", "time bias"], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m, what=what: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("scheme", ["native", "mqa", "mla"])
+@pytest.mark.parametrize("scheme", ["native", "mqa", "mla", "longformer"])
 def test_a_training_step_through_the_kernel_equals_pytorch_alone(scheme):
     """Loss and every parameter's gradient of a click loss over a batch of windows (the last rows padded),
     kernel on against PyTorch alone; dropout off so that both see the same network. MLA runs the kernel on its
-    latents (one shared head read as keys and as values)."""
+    latents (one shared head read as keys and as values); Longformer with its sliding window (14 events and 2
+    globals at this size, within windows of 50)."""
     cfg = ModelConfig(backbone="hstu", dim=16, layers=2, heads=4, head_dim=8, max_len=64, dropout=0.0,
                       scheme=scheme, memory_ratio=1.0 if scheme == "native" else 0.25)
     torch.manual_seed(0)

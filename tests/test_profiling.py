@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from malloc.errors import MallocError
 from malloc.memory.registry import build_model_for
 from malloc.models import ModelConfig
 from malloc.profiling import (
@@ -238,6 +239,13 @@ def test_throughput_benchmark_times_the_kernel_on_and_off(capsys, benchmark_scri
                         "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["kernel"] for r in rows] == ["off", "on"] and all(r["events_per_s"] > 0 for r in rows)
+    assert module.main(["--backbones", "hstu", "--scheme", "longformer", "--memory-ratio", "0.25", "--max-len", "16",
+                        "--batch-size", "2", "--num-items", "50", "--warmup-steps", "1", "--steps", "1",
+                        "--threads", "1", "--kernels", "on", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["scheme"], r["memory_ratio"]) for r in rows] == [("longformer", 0.25)]
+    with pytest.raises(MallocError, match="nosuch"):
+        module.main(["--scheme", "nosuch", "--max-len", "8", "--steps", "1"])
 
 
 def test_request_profile_benchmark_lists_operators(capsys, benchmark_script):

@@ -21,7 +21,8 @@ SOURCE = "hstu_attention.c"
 PARALLEL_MIN_WORK = 1 << 18
 
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_TABLES = [_POINTER, _POINTER, _INT, _INT] * 2  # bias, thresholds, buckets, octave: position, then time
+# bias, thresholds, buckets, octave: position, then time; then the sliding window and its globals
+_TABLES = [_POINTER, _POINTER, _INT, _INT] * 2 + [_INT, _INT]
 # the C signatures: sizes (the forward's: then the stored keys' and values' batch and head strides), tensors (the
 # forward's: stored keys and metadata, new keys, query metadata, scale), tables, alpha, 1 / N, outputs, threads
 _SIGNATURES = {
@@ -82,8 +83,10 @@ def _library() -> ctypes.CDLL | None:
 def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
                         query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor,
                         tables: BucketTables, alpha: float, normaliser: float, *, cached: StoredKeys | None = None,
-                        key_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """HSTU attention of ``T`` new tokens over ``[cached; new]`` keys with the default mask, by the C kernel.
+                        key_scale: torch.Tensor | None = None, window: int = -1, num_globals: int = 0
+                        ) -> torch.Tensor:
+    """HSTU attention of ``T`` new tokens over ``[cached; new]`` keys with the default mask, or that mask within a
+    sliding window (Longformer's), by the C kernel.
 
     The stored keys and the new tokens' are read where they are: no joined ``[cached; new]`` or transposed copy is
     made here (the C code lays out one batch row at a time). It runs as the operator
@@ -99,6 +102,9 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
         tables: the layer's relative bias. ``Hk`` and the stored metadata's ``Hm`` divide ``H``.
         cached: the ``n`` stored keys (:class:`StoredKeys`), or None (none).
         key_scale: ``(B,)`` multiplier of the stored keys' weights, or None.
+        window, num_globals: with ``window >= 0``, a query sees besides itself only the keys at positions from its
+            own minus ``window`` and those below ``num_globals`` (``malloc.memory.schemes.token_merge.longformer``);
+            ``window < 0``: every earlier key.
     Returns:
         ``(B, T, H, d_v)`` float32 outputs: the reference's, transposed.
     Raises:
@@ -115,7 +121,7 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
     inputs = (q, cached.keys, cached.values, cached.positions, cached.timestamps, cached.valid, new_keys,
               new_values, query_pos, query_time, is_history, key_scale, tables.position_bias,
               tables.position_thresholds, tables.position_octave, tables.time_bias, tables.time_thresholds,
-              tables.time_octave, alpha, normaliser)
+              tables.time_octave, alpha, normaliser, window, num_globals)
     if torch.is_grad_enabled() and any(inputs[index].requires_grad for index in _DIFFERENTIABLE.values()):
         return _Attention.apply(*inputs)
     return OPERATOR(*inputs)  # serving: no graph to record (the autograd wrapper costs more than a small call)
@@ -191,7 +197,7 @@ _ARGUMENTS = ("Tensor q, Tensor cached_keys, Tensor cached_values, Tensor cached
               "Tensor cached_valid, Tensor new_keys, Tensor new_values, Tensor query_pos, Tensor query_time, "
               "Tensor is_history, Tensor? key_scale, Tensor position_bias, Tensor position_thresholds, "
               "int position_octave, Tensor time_bias, Tensor time_thresholds, int time_octave, float alpha, "
-              "float normaliser")
+              "float normaliser, int window, int num_globals")
 _LIBRARY = torch.library.Library("malloc", "DEF")
 _LIBRARY.define(f"hstu_pointwise_attention({_ARGUMENTS}) -> Tensor")
 _LIBRARY.define(f"hstu_pointwise_attention_backward(Tensor grad, {_ARGUMENTS}) "
@@ -203,7 +209,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
                   new_keys: torch.Tensor, new_values: torch.Tensor, query_pos: torch.Tensor,
                   query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
                   *table_args: Any) -> torch.Tensor:
-    *tables, alpha, normaliser = table_args
+    *tables, alpha, normaliser, window, num_globals = table_args
     library = _library_or_raise()
     stored_keys, stored_values = _rows_readable(cached_keys), _rows_readable(cached_values)
     held = [_readable(q), stored_keys, stored_values,
@@ -217,7 +223,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     status = library.hstu_attention(
         batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *stored_keys.stride()[:2],
         *stored_values.stride()[:2], *_pointers(*held, scale),
-        *table_pointers, alpha, 1.0 / normaliser, out.data_ptr(),
+        *table_pointers, window, num_globals, alpha, 1.0 / normaliser, out.data_ptr(),
         _workers(batch * length, batch * length * (stored + length) * heads))
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
@@ -230,7 +236,7 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
                    query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
                    position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
                    time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int, alpha: float,
-                   normaliser: float) -> tuple[torch.Tensor, ...]:
+                   normaliser: float, window: int, num_globals: int) -> tuple[torch.Tensor, ...]:
     """The gradients of the forward in q, the stored keys and values, the new keys and values, position_bias and
     time_bias, given ``grad`` of its output. The C backward reads ``[cached; new]`` joined, in both layouts (it
     runs in training only, where these copies are small beside the work). Batch rows are split over threads (each
@@ -259,8 +265,8 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
     dtime = torch.zeros(workers, table_held[2].shape[0], dtype=torch.float64)
     status = library.hstu_attention_backward(
         batch, heads, keys.shape[1], meta_heads, length, width, stored, keys.shape[3], values.shape[3],
-        *_pointers(*held, scale), *table_pointers, alpha, 1.0 / normaliser, grad.data_ptr(), dq.data_ptr(),
-        dkeys.data_ptr(), dvalues.data_ptr(), dposition.data_ptr(), dtime.data_ptr(), workers)
+        *_pointers(*held, scale), *table_pointers, window, num_globals, alpha, 1.0 / normaliser, grad.data_ptr(),
+        dq.data_ptr(), dkeys.data_ptr(), dvalues.data_ptr(), dposition.data_ptr(), dtime.data_ptr(), workers)
     if status:
         raise RuntimeError(f"the C kernel {SOURCE} could not allocate its buffers")
     return (dq, dkeys[:, :, :stored], dvalues[:, :, :stored], dkeys[:, :, stored:], dvalues[:, :, stored:],

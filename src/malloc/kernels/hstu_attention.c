@@ -3,13 +3,15 @@
  *
  * For query i of batch row b and head h, over keys j = [cached (n); new (T)]:
  *
- *     visible(i, j) = (key_valid[j] && key_pos[j] < query_pos[i]) || j == n + i
+ *     visible(i, j) = (key_valid[j] && key_pos[j] < query_pos[i] && in_window(i, j)) || j == n + i
+ *     in_window(i, j) = window < 0 || key_pos[j] >= query_pos[i] - window || key_pos[j] < globals
  *     s_ij          = alpha * q_i . k_j + position_bias[pb(|query_pos[i] - key_pos[j]|)]
  *                                       + time_bias[tb(|query_time[i] - key_time[j]|)]
  *     out_i         = sum over visible j of  SiLU(s_ij) * inv_norm * scale_j * v_j
  *
  * scale_j is key_scale[b] on batch row b's n cached keys and 1 on new keys (1 everywhere when key_scale is
- * NULL). pb and tb are the log buckets of the Python reference (malloc.models.hstu.log_bucket), read from their
+ * NULL). window >= 0 is Longformer's sliding window: besides itself, a query sees the keys of the last `window`
+ * positions and the first `globals` positions only (window < 0: every earlier key). pb and tb are the log buckets of the Python reference (malloc.models.hstu.log_bucket), read from their
  * thresholds: bucket(d) is the largest c with thresholds[c] <= d, which is the reference's bucket exactly, since
  * the reference is monotone in d.
  *
@@ -53,11 +55,11 @@
     const int64_t *key_time, const uint8_t *key_valid, const float *key_scale
 #define TABLE_PARAMS const float *position_bias, const int64_t *position_thresholds, int64_t position_buckets, \
     int64_t position_octave, const float *time_bias, const int64_t *time_thresholds, int64_t time_buckets, \
-    int64_t time_octave
+    int64_t time_octave, int64_t window, int64_t globals
 #define SIZE_ARGS B, H, Hk, Hm, T, S, n, dk, dv
 #define META_ARGS query_pos, query_time, key_pos, key_time, key_valid, key_scale
 #define TABLE_ARGS position_bias, position_thresholds, position_buckets, position_octave, time_bias, \
-    time_thresholds, time_buckets, time_octave
+    time_thresholds, time_buckets, time_octave, window, globals
 
 /* exp(x) for x in [-87, 88] (clamped outside), relative error about 2e-7: a Cephes-style reduction
  * x = n ln2 + r and a degree-6 polynomial, in plain arithmetic so that the compiler vectorises its loop */
@@ -219,6 +221,15 @@ static inline __attribute__((always_inline)) void block_values(
             for (int64_t d = 0; d < DV; d++) acc[q * DV + d] += scores[q * KEY_BLOCK + j] * values[j * DV + d];
 }
 
+/* whether none of NQ queries sees any of the width keys from mask (query q's row at mask + q * row_stride): a block
+ * its queries skip (keys outside a sliding window, padding); it stops at the first key seen, at once for most blocks */
+static inline int block_unseen(int64_t NQ, int64_t width, const float *mask, int64_t row_stride) {
+    for (int64_t q = 0; q < NQ; q++)
+        for (int64_t j = 0; j < width; j++)
+            if (mask[q * row_stride + j] != 0.0f) return 0;
+    return 1;
+}
+
 /* The outputs of NQ queries of one head over the keys [first, last] (the union of what they see: a query's mask
  * is 0 on the keys it does not see), each plus its own (diagonal) key self + q; every key and value load serves
  * the NQ queries. Query q's input is q0 + q * DK, its bias and mask rows start at bias + q * row_stride and
@@ -234,6 +245,7 @@ static inline __attribute__((always_inline)) void head_rows(
     for (int64_t d = 0; d < NQ * DV; d++) acc[d] = 0.0f;
     for (int64_t start = first; start <= last; start += KEY_BLOCK) {
         int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
+        if (block_unseen(NQ, width, mask + start, row_stride)) continue;
         block_scores(NQ, DK, S, width, qs, keys_t + start, bias + start, row_stride, scores);
         for (int q = 0; q < NQ; q++) {
             const float *mb = mask + q * row_stride + start;
@@ -310,6 +322,7 @@ static inline __attribute__((always_inline)) void head_rows_direct(
         stop = start + KEY_BLOCK < last + 1 ? start + KEY_BLOCK : last + 1;
         if (start < n && stop > n) stop = n;
         int64_t width = stop - start;
+        if (block_unseen(NQ, width, mask + start, row_stride)) continue;
         const float *k = start < n ? cached_keys + start * DK : new_keys + (start - n) * DK;
         const float *v = start < n ? cached_values + start * DV : new_values + (start - n) * DV;
         for (int64_t q = 0; q < NQ; q++) {
@@ -328,11 +341,12 @@ static inline __attribute__((always_inline)) void head_rows_direct(
     }
 }
 
-/* one layer's bucket thresholds and bias tables */
+/* one layer's bucket thresholds and bias tables, and its sliding window (window < 0: none) */
 typedef struct {
     const float *position_bias, *time_bias;
     const int64_t *position_thresholds, *time_thresholds;
     int position_buckets, time_buckets, position_octave, time_octave;
+    int64_t window, globals;
 } Tables;
 
 /* the first index in [j, end) whose value exceeds limit, in values non-decreasing on [j, end): a galloping search
@@ -380,6 +394,7 @@ static inline void one_key(int64_t j, int64_t qp, int64_t qt, const int64_t *kp,
  * and last key it sees (first = S when none). Within a monotone run, the keys before the query (kp < qp, kt <= qt)
  * are a prefix whose distances shrink along the run, so both buckets are step functions of j: each step is
  * bucketed once and its end found by a search on positions and times. The rest of a run is done key by key.
+ * Then the keys outside a sliding window (t->window >= 0) are unseen.
  * buckets: where each key's (position, time) buckets go (2 S entries; 0 for unseen keys), or NULL. */
 static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt, const uint8_t *kv,
                      const int64_t *starts, int64_t runs, int64_t qp, int64_t qt, const Tables *t,
@@ -407,6 +422,12 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
         for (int64_t k = end; k < high; k++)
             one_key(k, qp, qt, kp, kt, kv, t, weight_cached, weight_new, n, bias, mask, buckets);
     }
+    if (t->window >= 0)  /* outside the sliding window: as a key not seen */
+        for (int64_t k = 0; k < S; k++)
+            if (kp[k] < qp - t->window && kp[k] >= t->globals) {
+                bias[k] = 0.0f; mask[k] = 0.0f;
+                if (buckets) buckets[2 * k] = buckets[2 * k + 1] = 0;
+            }
     int64_t j = 0;
     while (j < S && mask[j] == 0.0f) j++;
     *first = j;
@@ -440,7 +461,7 @@ static int hstu_attention_rows(
         return -1;
     }
     Tables tables = {position_bias, time_bias, position_thresholds, time_thresholds, (int)position_buckets,
-                     (int)time_buckets, (int)position_octave, (int)time_octave};
+                     (int)time_buckets, (int)position_octave, (int)time_octave, window, globals};
     int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
     int64_t slot_b[QUERY_TILE], slot_pos[QUERY_TILE], slot_time[QUERY_TILE], runs_b = -1;  /* what they hold */
     for (int t = 0; t < QUERY_TILE; t++) slot_b[t] = -1, slot_pos[t] = slot_time[t] = 0;
@@ -559,6 +580,7 @@ static inline __attribute__((always_inline)) double head_rows_backward(
         for (int64_t d = 0; d < DV; d++) douts[q * DV + d] = dout0[q * dout_stride + d];
     for (int64_t start = first; start <= last; start += KEY_BLOCK) {
         int64_t width = last + 1 - start < KEY_BLOCK ? last + 1 - start : KEY_BLOCK;
+        if (block_unseen(NQ, width, mask + start, row_stride)) continue;
         block_scores(NQ, DK, S, width, qs, keys_t + start, bias + start, row_stride, weights);
         block_scores(NQ, DV, S, width, douts, values_t + start, NULL, 0, dscores);  /* dout . v_j */
         for (int q = 0; q < NQ; q++) {
@@ -622,7 +644,7 @@ static int hstu_attention_backward_rows(
         return -1;
     }
     Tables tables = {position_bias, time_bias, position_thresholds, time_thresholds, (int)position_buckets,
-                     (int)time_buckets, (int)position_octave, (int)time_octave};
+                     (int)time_buckets, (int)position_octave, (int)time_octave, window, globals};
     int64_t heads_per_meta = H / Hm, heads_per_key = H / Hk;
     float self_bias = position_bias[0] + time_bias[0];
     double self_grad = 0.0;

@@ -263,14 +263,22 @@ class HSTULayer(AttentionLayer):
         """Which of ``keys = [cache; new]`` each new token sees: ``(B, 1 or H, T, n + T)`` bool."""
         return visibility(tokens, cache)
 
+    def kernel_window(self) -> tuple[int, int] | None:
+        """:meth:`visible` as the C kernel applies it: ``(window, globals)``, the default mask within a sliding
+        window (``window < 0``: none; see ``malloc.kernels.hstu.pointwise_attention``), or None where the kernel
+        cannot apply it. This class's mask is ``(-1, 0)``; a scheme that changes :meth:`visible` gets None unless it
+        overrides this too (Longformer does)."""
+        return (-1, 0) if type(self).visible is HSTULayer.visible else None
+
     def kernel_applies(self, q: torch.Tensor, tokens: TokenBatch, need_weights: bool) -> bool:
         """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``, forward and backward): no weights
-        asked for, float32 on the CPU, integer times, this class's mask and new keys (a scheme that changes
-        :meth:`visible` or :meth:`project` keeps the PyTorch path: the kernel reads the new keys' positions, times
-        and validity from the tokens), and the kernel built."""
+        asked for, float32 on the CPU, integer times, a mask the kernel applies (:meth:`kernel_window`) and this
+        class's new keys (a scheme that changes :meth:`project` keeps the PyTorch path, unless its new keys follow
+        the tokens: the kernel reads the new keys' positions, times and validity from the tokens), and the kernel
+        built."""
         return (self.use_kernel and not need_weights and q.device.type == "cpu"
                 and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
-                and type(self).visible is HSTULayer.visible
+                and self.kernel_window() is not None
                 and (type(self).project is HSTULayer.project or self.new_keys_follow_tokens)
                 and kernel.available())
 
@@ -285,12 +293,14 @@ class HSTULayer(AttentionLayer):
         """
         batch, _, length, _ = q.shape
         if self.kernel_applies(q, tokens, need_weights):
+            window, num_globals = self.kernel_window() or (-1, 0)
             scale = None if cache is None or cache.scale is None else cache.scale.reshape(batch)
             if cache is not None and cache.keys.dtype != q.dtype:
                 cache = replace(cache, keys=cache.keys.to(q.dtype), values=cache.values.to(q.dtype))
             attended = kernel.pointwise_attention(
                 q, as_dtype(new.keys, q.dtype), as_dtype(new.values, q.dtype), tokens.positions, tokens.timestamps,
-                tokens.is_history, self.bias.tables(), self.alpha, self.normaliser, cached=cache, key_scale=scale)
+                tokens.is_history, self.bias.tables(), self.alpha, self.normaliser, cached=cache, key_scale=scale,
+                window=window, num_globals=num_globals)
             return attended.view(batch, length, -1), None
         keys = concat_keys(cache, new)
         visible = self.visible(tokens, cache, keys)

@@ -88,6 +88,10 @@ class HSTULongformerLayer(SlidingWindowState, HSTULayer):
         super().__init__(cfg)
         self.window, self.num_globals = window, num_globals
 
+    def kernel_window(self) -> tuple[int, int]:
+        """The C kernel applies this mask itself (so training and serving run the kernel)."""
+        return self.window, self.num_globals
+
 
 class SASRecLongformerLayer(SlidingWindowState, SASRecLayer):
     def __init__(self, cfg: ModelConfig, window: int, num_globals: int) -> None:
