@@ -27,7 +27,8 @@ from malloc.models import ModelConfig
 from malloc.models.hstu import use_kernels
 from malloc.profiling import synthetic_training_batch, time_call, training_step
 
-COLUMNS = [("backbone", ""), ("scheme", ""), ("kernel", ""), ("max_len", "d"), ("batch_size", "d"), ("events_per_s", ".0f"),
+COLUMNS = [("backbone", ""), ("scheme", ""), ("kernel", ""), ("max_len", "d"), ("batch_size", "d"),
+           ("events_per_s", ".0f"),
            ("ms_per_step_p50", ".1f"), ("ms_per_step_p99", ".1f"), ("steps", "d"), ("parameters", "d")]
 WIDTH = 10
 HEADERS = [name for name, _ in COLUMNS]
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=args.warmup_steps, min_repeats=args.steps, min_seconds=0.0,
                             max_repeats=args.steps)
         point = {
-            "backbone": backbone, "scheme": args.scheme, "kernel": kernel, "max_len": args.max_len, "batch_size": args.batch_size,
+            "backbone": backbone, "scheme": args.scheme, "kernel": kernel, "max_len": args.max_len,
+            "batch_size": args.batch_size,
             # Total events over total time: the rate a training epoch would see.
             "events_per_s": events_per_step * len(seconds) / float(seconds.sum()),
             "ms_per_step_p50": 1e3 * float(np.median(seconds)),

@@ -11,7 +11,8 @@
  *
  * scale_j is key_scale[b] on batch row b's n cached keys and 1 on new keys (1 everywhere when key_scale is
  * NULL). window >= 0 is Longformer's sliding window: besides itself, a query sees the keys of the last `window`
- * positions and the first `globals` positions only (window < 0: every earlier key). pb and tb are the log buckets of the Python reference (malloc.models.hstu.log_bucket), read from their
+ * positions and the first `globals` positions only (window < 0: every earlier key). pb and tb are the log buckets
+ * of the Python reference (malloc.models.hstu.log_bucket), read from their
  * thresholds: bucket(d) is the largest c with thresholds[c] <= d, which is the reference's bucket exactly, since
  * the reference is monotone in d.
  *
@@ -307,8 +308,9 @@ static inline __attribute__((always_inline)) void row_scores(
  * stored keys and values (rows of DK and DV) of this head, then the new tokens' (query q's own key is new key
  * i + q), over the keys [first, last] (the union of what they see: a query's mask is 0 on the keys it does not
  * see). Each block of keys is read from memory once for the NQ queries (the later ones find it in the cache);
- * each query's sums are those it would get alone over the same blocks. No block crosses from stored to new keys. Query q's input, bias, mask and output are at q0 + q * DK, bias/mask + q * row_stride and
- * out + q * out_stride, as in head_rows. */
+ * each query's sums are those it would get alone over the same blocks. No block crosses from stored to new keys.
+ * Query q's input, bias, mask and output are at q0 + q * DK, bias/mask + q * row_stride and out + q * out_stride,
+ * as in head_rows. */
 static inline __attribute__((always_inline)) void head_rows_direct(
     const int64_t DK, const int64_t DV, int64_t NQ, int64_t n, int64_t first, int64_t last, const float *q0,
     float alpha, const float *cached_keys, const float *cached_values, const float *new_keys,
