@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from malloc.core.tokens import KVBlock
+from malloc.core.tokens import KVBlock, KVRows
 from malloc.kernels import build
 from malloc.kernels import hstu as kernel
 from malloc.memory.registry import WRAPPERS, build_model_for, build_policy, scheme_names
@@ -413,3 +413,71 @@ def test_kernel_reads_stored_keys_with_spare_rows_in_place(few):
         expected = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=packed)
         got = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=spread)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("few", [0, 3, 12], ids=["one-query", "3-queries", "12-queries"])
+def test_kernel_reads_each_users_rows_where_they_are(few):
+    """Stored rows of three users of different lengths, each a slice of a larger tensor whose tail is NaN (so a read
+    past a user's own keys would show): the outputs of the same keys padded into one block, and the reference's; a
+    row of the wrong shape is refused, naming it."""
+    spec = {**CASES["plain"], "cached": 40, "length": few or 1}
+    q, k, v, q_pos, q_time, k_pos, k_time, k_valid = case(11, **spec)
+    cached, lengths = 40, [40, 23, 0]
+    for b, n_b in enumerate(lengths):  # padding past each user's keys: unseen, zeros in the padded block
+        k_valid[b, :, n_b:cached] = False
+        k[b, :, n_b:cached] = 0.0
+        v[b, :, n_b:cached] = 0.0
+    args, stored = split(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached)
+
+    def roomy(x: torch.Tensor, n_b: int) -> torch.Tensor:  # x (H, n_b, d) inside a NaN-filled (H, n_b + 6, d)
+        out = torch.full((x.shape[0], n_b + 6, x.shape[2]), float("nan"))
+        out[:, :n_b] = x[:, :n_b]
+        return out[:, :n_b]
+
+    rows = KVRows(tuple(roomy(stored.keys[b], n_b) for b, n_b in enumerate(lengths)),
+                  tuple(roomy(stored.values[b], n_b) for b, n_b in enumerate(lengths)),
+                  stored.positions, stored.timestamps, stored.valid)
+    tables, bias = relative_bias(11).tables(), relative_bias(11)
+    with torch.no_grad():
+        padded = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=stored)
+        got = kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=rows)
+        expected = reference(q, k, v, q_pos, q_time, k_pos, k_time, k_valid, cached, None, bias, 0.3, 50.0)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, padded, atol=1e-6, rtol=0)  # blocks end at a user's own keys: other roundings
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(rows.block().keys, stored.keys)
+    with pytest.raises(ValueError, match=r"row_keys\[1\]"):
+        kernel.pointwise_attention(*args, tables, 0.3, 50.0, cached=replace(rows, row_keys=(
+            rows.row_keys[0], rows.row_keys[1][:, :, :5], rows.row_keys[2])))
+
+
+@pytest.mark.parametrize("scheme", ["native", "longformer", "recency"])
+def test_a_batch_of_users_is_served_from_their_own_rows(scheme):
+    """Users of different history lengths served together: the engine hands the kernel each user's stored rows
+    (no padded copy of the keys) and scores as PyTorch alone does on the padded block."""
+    trained_in = scheme != "recency"
+    cfg = ModelConfig(backbone="hstu", dim=16, layers=2, heads=4, head_dim=8, max_len=64,
+                      scheme=scheme if trained_in else "native", memory_ratio=0.25 if scheme == "longformer" else 1.0)
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 40).eval()
+    policy = None if trained_in else build_policy(scheme, 0.5)
+    events = synthetic_events(3, 60, 40, seed=4)
+    events.lengths = torch.tensor([60, 37, 9])
+    history, new = events.slice(0, 50), events.slice(50, 60)
+    items = torch.randint(1, 41, (3, 5), generator=torch.Generator().manual_seed(5))
+    times = events.timestamps[:, -1:].expand(-1, 5) + 60
+
+    def serve() -> tuple[torch.Tensor, torch.Tensor, list]:
+        engine = Engine(model, policy)
+        states = engine.write(history)
+        states, logits = engine.request(states, new.slice(0, 1), items, times)
+        return logits, engine.score(engine.append(states, new.slice(1, 10)), items, times), engine.caches(states)
+
+    with torch.no_grad():
+        use_kernels(model, True)
+        fast_request, fast_score, caches = serve()
+        use_kernels(model, False)
+        slow_request, slow_score, _ = serve()
+    assert all(isinstance(cache, KVRows) for cache in caches)
+    torch.testing.assert_close(fast_request, slow_request, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_score, slow_score, atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from malloc.core.tokens import KVBlock
+from malloc.core.tokens import KVBlock, KVRows
 
 # Bytes of the scalar bookkeeping kept per user: next position (int64) and last timestamp (int64).
 SCALAR_BYTES = 16
@@ -247,16 +247,32 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
                        _stack([v.positions for v in views]), _stack([v.timestamps for v in views]),
                        torch.ones(batch, sel, n_max, dtype=torch.bool, device=device))
     lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
-
-    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:  # B x (S, n, ...) -> (B, S, n_max, ...), zeros after n
-        return pad_sequence([t.transpose(0, 1) for t in tensors], batch_first=True).transpose(1, 2)
-
-    keys = as_dtype(padded([v.keys for v in views]), compute_dtype)
-    values = as_dtype(padded([v.values for v in views]), compute_dtype)
-    positions = padded([v.positions.expand(sel, -1) for v in views])
-    timestamps = padded([v.timestamps.expand(sel, -1) for v in views])
+    keys = as_dtype(_padded([v.keys for v in views]), compute_dtype)
+    values = as_dtype(_padded([v.values for v in views]), compute_dtype)
+    positions = _padded([v.positions.expand(sel, -1) for v in views])
+    timestamps = _padded([v.timestamps.expand(sel, -1) for v in views])
     valid = (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :].expand(-1, sel, -1)
     return KVBlock(keys, values, positions, timestamps, valid)
+
+
+def collate_rows(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVRows | None:
+    """One layer of several users' states as :class:`KVRows`: each user's keys and values where its state keeps
+    them (in ``compute_dtype``: a copy only where the state's dtype differs), the metadata padded as
+    :func:`collate_layers` pads it; None when some user's heads keep different events (per-head metadata)."""
+    views = [layer.read() for layer in stored]
+    if any(v.positions.shape[0] != 1 for v in views):
+        return None
+    n_max, device = max(v.keys.shape[1] for v in views), views[0].keys.device
+    lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
+    return KVRows(tuple(as_dtype(v.keys, compute_dtype) for v in views),
+                  tuple(as_dtype(v.values, compute_dtype) for v in views),
+                  _padded([v.positions for v in views]), _padded([v.timestamps for v in views]),
+                  (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :])
+
+
+def _padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """B x ``(S, n_b, ...)`` -> ``(B, S, n_max, ...)``, zeros past each ``n_b``."""
+    return pad_sequence([t.transpose(0, 1) for t in tensors], batch_first=True).transpose(1, 2)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -101,6 +101,43 @@ class KVBlock:
     scale: torch.Tensor | None = None
 
 
+@dataclass
+class KVRows:
+    """A batch's stored layers as HSTU's C kernel reads them: each user's keys and values where the user's state
+    keeps them, not padded into one block (for a batch of users at long histories that copy was half a request),
+    with the small metadata padded as :class:`KVBlock`'s. :meth:`block` pads them for any other reader.
+
+    Attributes:
+        row_keys: ``B`` tensors ``(H, n_b, d_k)``; row_values: ``B`` tensors ``(H, n_b, d_v)``.
+        positions, timestamps: ``(B, 1, n)`` int64, ``n`` the most ``n_b``; valid: ``(B, 1, n)`` bool, False
+            past each user's ``n_b``.
+        scale: as :class:`KVBlock`'s.
+    """
+
+    row_keys: tuple[torch.Tensor, ...]
+    row_values: tuple[torch.Tensor, ...]
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    valid: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def block(self) -> KVBlock:
+        """The same keys padded with zeros into one :class:`KVBlock`."""
+        def padded(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:  # B x (H, n_b, d) -> (B, H, n, d)
+            out = rows[0].new_zeros(len(rows), rows[0].shape[0], self.positions.shape[-1], rows[0].shape[2])
+            for b, row in enumerate(rows):
+                out[b, :, :row.shape[1]] = row
+            return out
+
+        return KVBlock(padded(self.row_keys), padded(self.row_values), self.positions, self.timestamps, self.valid,
+                       self.scale)
+
+
+def as_block(cache: KVBlock | KVRows | None) -> KVBlock | None:
+    """``cache`` as a :class:`KVBlock` (padding :class:`KVRows`)."""
+    return cache.block() if isinstance(cache, KVRows) else cache
+
+
 def visibility(query: TokenBatch, keys: KVBlock | None) -> torch.Tensor:
     """Boolean mask of which keys each query sees, for keys ``[cached; new tokens]``.
 
@@ -143,8 +180,9 @@ def _cat_heads(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.cat([cached.expand(-1, heads, *cached.shape[2:]), new.expand(-1, heads, *new.shape[2:])], dim=2)
 
 
-def concat_keys(cache: KVBlock | None, new: KVBlock) -> KVBlock:
+def concat_keys(cache: KVBlock | KVRows | None, new: KVBlock) -> KVBlock:
     """Keys ``[cached; new]`` along the token axis."""
+    cache = as_block(cache)
     if cache is None:
         return new
     return KVBlock(*(_cat_heads(c, x) for c, x in zip(

@@ -23,10 +23,10 @@ PARALLEL_MIN_WORK = 1 << 18
 _POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # bias, thresholds, buckets, octave: position, then time; then the sliding window and its globals
 _TABLES = [_POINTER, _POINTER, _INT, _INT] * 2 + [_INT, _INT]
-# the C signatures: sizes (the forward's: then the stored keys' and values' batch and head strides), tensors (the
-# forward's: stored keys and metadata, new keys, query metadata, scale), tables, alpha, 1 / N, outputs, threads
+# the C signatures: sizes, tensors (the forward's: queries, the table of stored rows, stored metadata, new keys,
+# query metadata, scale), tables, alpha, 1 / N, outputs, threads
 _SIGNATURES = {
-    "hstu_attention": [_INT] * 12 + [_POINTER] * 12 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
+    "hstu_attention": [_INT] * 8 + [_POINTER] * 11 + _TABLES + [_FLOAT, _FLOAT, _POINTER, _INT],
     "hstu_attention_backward": [_INT] * 9 + [_POINTER] * 5 + [_POINTER] * 6 + _TABLES
                                + [_FLOAT, _FLOAT] + [_POINTER] * 6 + [_INT],
 }
@@ -45,6 +45,28 @@ class StoredKeys(Protocol):
     positions: torch.Tensor
     timestamps: torch.Tensor
     valid: torch.Tensor
+
+
+class StoredRows(Protocol):
+    """Stored keys held per batch row where each user's state keeps them, not padded into one block
+    (``malloc.core.tokens.KVRows`` is one).
+
+    Attributes:
+        row_keys: ``B`` tensors ``(Hk, n_b, d_k)``; row_values: ``B`` tensors ``(Hk, n_b, d_v)``, ``n_b <= n``.
+        positions, timestamps: ``(B, Hm, n)`` int64; valid: ``(B, Hm, n)`` bool, False past each row's ``n_b``.
+    """
+
+    row_keys: tuple[torch.Tensor, ...]
+    row_values: tuple[torch.Tensor, ...]
+    positions: torch.Tensor
+    timestamps: torch.Tensor
+    valid: torch.Tensor
+
+
+# the fields of a batch row in the C forward's table of stored rows: keys' address and head stride (floats),
+# values' address and head stride, stored keys
+ROW_FIELDS = 5
+_FLOAT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,8 @@ def _library() -> ctypes.CDLL | None:
 
 def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
                         query_pos: torch.Tensor, query_time: torch.Tensor, is_history: torch.Tensor,
-                        tables: BucketTables, alpha: float, normaliser: float, *, cached: StoredKeys | None = None,
+                        tables: BucketTables, alpha: float, normaliser: float, *,
+                        cached: StoredKeys | StoredRows | None = None,
                         key_scale: torch.Tensor | None = None, window: int = -1, num_globals: int = 0
                         ) -> torch.Tensor:
     """HSTU attention of ``T`` new tokens over ``[cached; new]`` keys with the default mask, or that mask within a
@@ -100,7 +123,8 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
         query_pos, query_time: ``(B, T)`` int64, the new tokens' (as queries and as keys).
         is_history: ``(B, T)`` bool, which new tokens later tokens may see (valid history events).
         tables: the layer's relative bias. ``Hk`` and the stored metadata's ``Hm`` divide ``H``.
-        cached: the ``n`` stored keys (:class:`StoredKeys`), or None (none).
+        cached: the ``n`` stored keys (:class:`StoredKeys`), or each row's own (:class:`StoredRows`: read where
+            they are, serving only), or None (none).
         key_scale: ``(B,)`` multiplier of the stored keys' weights, or None.
         window, num_globals: with ``window >= 0``, a query sees besides itself only the keys at positions from its
             own minus ``window`` and those below ``num_globals`` (``malloc.memory.schemes.token_merge.longformer``);
@@ -117,19 +141,32 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
                          new_values.new_empty(batch, key_heads, 0, new_values.shape[3]),
                          query_pos.new_empty(batch, 1, 0), query_time.new_empty(batch, 1, 0),
                          is_history.new_empty(batch, 1, 0))
+    row_keys = getattr(cached, "row_keys", None)
+    rows, held = None, None
+    if row_keys is not None:  # each row where it is: a table of addresses, and a (B, Hk, n, d) shape for the op
+        held = [(_rows_readable(k), _rows_readable(v)) for k, v in zip(row_keys, cached.row_values, strict=True)]
+        _check_rows(held, q.shape[0], new_keys, new_values, cached.positions.shape[-1])
+        rows = torch.tensor([[k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k.shape[1]] for k, v in held],
+                            dtype=torch.int64)
+        stored = cached.positions.shape[-1]
+        cached = _NoKeys(q.new_zeros(()).expand(q.shape[0], new_keys.shape[1], stored, new_keys.shape[3]),
+                         q.new_zeros(()).expand(q.shape[0], new_keys.shape[1], stored, new_values.shape[3]),
+                         cached.positions, cached.timestamps, cached.valid)
     _check(q, cached, new_keys, new_values, query_pos, query_time, is_history, tables, key_scale)
     inputs = (q, cached.keys, cached.values, cached.positions, cached.timestamps, cached.valid, new_keys,
               new_values, query_pos, query_time, is_history, key_scale, tables.position_bias,
               tables.position_thresholds, tables.position_octave, tables.time_bias, tables.time_thresholds,
-              tables.time_octave, alpha, normaliser, window, num_globals)
+              tables.time_octave, alpha, normaliser, window, num_globals, rows)
     if torch.is_grad_enabled() and any(inputs[index].requires_grad for index in _DIFFERENTIABLE.values()):
+        if rows is not None:
+            raise ValueError("stored rows (StoredRows) are read for serving only: pass a StoredKeys block to train")
         return _Attention.apply(*inputs)
     return OPERATOR(*inputs)  # serving: no graph to record (the autograd wrapper costs more than a small call)
 
 
 @dataclass
 class _NoKeys:
-    """No stored keys: empty tensors of the shapes :class:`StoredKeys` describes."""
+    """No stored keys (empty tensors), or stand-ins of :class:`StoredKeys`' shapes: a :class:`StoredKeys`."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -157,13 +194,22 @@ def _readable(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _rows_readable(tensor: torch.Tensor) -> torch.Tensor:
-    """Stored keys or values ``(B, H, n, d)`` as the C code reads them: each row of ``d`` contiguous, and each head
-    its ``n`` rows one after the other, while heads and batch rows may lie further apart (a stored layer with spare
-    rows, read in place); a copy otherwise."""
+    """Stored keys or values ``(..., H, n, d)`` as the C code reads them: each row of ``d`` contiguous, and each
+    head its ``n`` rows one after the other, while heads and batch rows may lie further apart (a stored layer with
+    spare rows, read in place); a copy otherwise."""
     if tensor.requires_grad:
         tensor = tensor.detach()
-    rows_in_place = tensor.stride(3) == 1 and tensor.stride(2) == tensor.shape[3]
+    rows_in_place = tensor.stride(-1) == 1 and tensor.stride(-2) == tensor.shape[-1]
     return tensor if rows_in_place or tensor.is_contiguous() else tensor.contiguous()
+
+
+def _row_table(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The C forward's table of stored rows for a ``(B, Hk, n, d)`` block read in place: row ``b`` at the block's
+    address plus ``b`` batch strides, every row holding all ``n`` keys."""
+    batch, _, stored, _ = keys.shape
+    step_k, step_v = keys.stride(0) * _FLOAT_BYTES, values.stride(0) * _FLOAT_BYTES
+    return torch.tensor([[keys.data_ptr() + b * step_k, keys.stride(1), values.data_ptr() + b * step_v,
+                          values.stride(1), stored] for b in range(batch)], dtype=torch.int64)
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,7 +243,7 @@ _ARGUMENTS = ("Tensor q, Tensor cached_keys, Tensor cached_values, Tensor cached
               "Tensor cached_valid, Tensor new_keys, Tensor new_values, Tensor query_pos, Tensor query_time, "
               "Tensor is_history, Tensor? key_scale, Tensor position_bias, Tensor position_thresholds, "
               "int position_octave, Tensor time_bias, Tensor time_thresholds, int time_octave, float alpha, "
-              "float normaliser, int window, int num_globals")
+              "float normaliser, int window, int num_globals, Tensor? cached_rows")
 _LIBRARY = torch.library.Library("malloc", "DEF")
 _LIBRARY.define(f"hstu_pointwise_attention({_ARGUMENTS}) -> Tensor")
 _LIBRARY.define(f"hstu_pointwise_attention_backward(Tensor grad, {_ARGUMENTS}) "
@@ -209,10 +255,12 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
                   new_keys: torch.Tensor, new_values: torch.Tensor, query_pos: torch.Tensor,
                   query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
                   *table_args: Any) -> torch.Tensor:
-    *tables, alpha, normaliser, window, num_globals = table_args
+    *tables, alpha, normaliser, window, num_globals, cached_rows = table_args
     library = _library_or_raise()
-    stored_keys, stored_values = _rows_readable(cached_keys), _rows_readable(cached_values)
-    held = [_readable(q), stored_keys, stored_values,
+    if cached_rows is None:  # one block: its rows are read where they are
+        stored_keys, stored_values = _rows_readable(cached_keys), _rows_readable(cached_values)
+        cached_rows = _row_table(stored_keys, stored_values)
+    held = [_readable(q), _readable(cached_rows),
             *(_readable(t) for t in (cached_pos, cached_time, cached_valid, new_keys, new_values, query_pos,
                                      query_time, is_history))]
     scale = _readable(None if key_scale is None else _float32(key_scale))
@@ -221,8 +269,7 @@ def _forward_impl(q: torch.Tensor, cached_keys: torch.Tensor, cached_values: tor
     key_heads, stored, value_dim = new_keys.shape[1], cached_keys.shape[2], new_values.shape[3]
     out = torch.empty(batch, length, heads, value_dim, dtype=torch.float32)
     status = library.hstu_attention(
-        batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *stored_keys.stride()[:2],
-        *stored_values.stride()[:2], *_pointers(*held, scale),
+        batch, heads, key_heads, cached_pos.shape[1], length, stored, key_dim, value_dim, *_pointers(*held, scale),
         *table_pointers, window, num_globals, alpha, 1.0 / normaliser, out.data_ptr(),
         _workers(batch * length, batch * length * (stored + length) * heads))
     if status:
@@ -236,7 +283,8 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, cached_keys: torch.Tenso
                    query_time: torch.Tensor, is_history: torch.Tensor, key_scale: torch.Tensor | None,
                    position_bias: torch.Tensor, position_thresholds: torch.Tensor, position_octave: int,
                    time_bias: torch.Tensor, time_thresholds: torch.Tensor, time_octave: int, alpha: float,
-                   normaliser: float, window: int, num_globals: int) -> tuple[torch.Tensor, ...]:
+                   normaliser: float, window: int, num_globals: int, cached_rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, ...]:
     """The gradients of the forward in q, the stored keys and values, the new keys and values, position_bias and
     time_bias, given ``grad`` of its output. The C backward reads ``[cached; new]`` joined, in both layouts (it
     runs in training only, where these copies are small beside the work). Batch rows are split over threads (each
@@ -299,6 +347,23 @@ class _Attention(torch.autograd.Function):
                   for tensor, number in zip(ctx.saved_tensors, ctx.numbers, strict=True)]
         grads = dict(zip(_DIFFERENTIABLE.values(), BACKWARD(grad, *inputs), strict=True))
         return tuple(grads.get(index) for index in range(len(inputs)))
+
+
+def _check_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], batch: int, new_keys: torch.Tensor,
+                new_values: torch.Tensor, stored: int) -> None:
+    """Raise ValueError unless each of the ``batch`` stored rows is a CPU float32 ``(Hk, n_b, d_k)`` keys and
+    ``(Hk, n_b, d_v)`` values pair with ``n_b <= stored``."""
+    if len(rows) != batch:
+        raise ValueError(f"row_keys: expected {batch} rows (one per batch row), got {len(rows)}")
+    key_heads, key_dim, value_dim = new_keys.shape[1], new_keys.shape[3], new_values.shape[3]
+    for b, (keys, values) in enumerate(rows):
+        count = keys.shape[1] if keys.dim() == 3 else -1
+        for name, tensor, dim in (("row_keys", keys, key_dim), ("row_values", values, value_dim)):
+            if (tensor.dtype != torch.float32 or not tensor.is_cpu or tensor.dim() != 3 or tensor.shape[0] != key_heads
+                    or tensor.shape[1] != count or not 0 <= count <= stored or tensor.shape[2] != dim):
+                raise ValueError(f"{name}[{b}]: expected a CPU float32 tensor of shape ({key_heads}, n <= {stored}, "
+                                 f"{dim}) with as many keys as row_keys[{b}], got {tensor.dtype} "
+                                 f"{tuple(tensor.shape)} on {tensor.device}")
 
 
 def _check(q: torch.Tensor, cached: StoredKeys, new_keys: torch.Tensor, new_values: torch.Tensor,

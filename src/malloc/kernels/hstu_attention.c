@@ -48,6 +48,11 @@
 #define DIRECT_ROWS 8
 /* queries computed together over the transposed keys, sharing each key and value load (at most 4) */
 #define QUERY_TILE 4
+/* the fields of a batch row's entry in the forward's table of stored rows (see hstu_attention) */
+#define ROW_FIELDS 5
+
+/* a stored row's address, as the table of stored rows holds it */
+static inline const float *stored_rows(int64_t address) { return (const float *)(intptr_t)address; }
 
 /* the parameter lists every entry point shares (the header gives their layouts), and the same as arguments */
 #define SIZE_PARAMS int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t S, int64_t n, int64_t dk, \
@@ -312,7 +317,8 @@ static inline __attribute__((always_inline)) void row_scores(
  * Query q's input, bias, mask and output are at q0 + q * DK, bias/mask + q * row_stride and out + q * out_stride,
  * as in head_rows. */
 static inline __attribute__((always_inline)) void head_rows_direct(
-    const int64_t DK, const int64_t DV, int64_t NQ, int64_t n, int64_t first, int64_t last, const float *q0,
+    const int64_t DK, const int64_t DV, int64_t NQ, int64_t n, int64_t stored, int64_t first, int64_t last,
+    const float *q0,
     float alpha, const float *cached_keys, const float *cached_values, const float *new_keys,
     const float *new_values, const float *bias, const float *mask, int64_t row_stride, int64_t i, float self_bias,
     float inv_norm, float *scores, float *out, int64_t out_stride)
@@ -321,7 +327,12 @@ static inline __attribute__((always_inline)) void head_rows_direct(
     for (int64_t d = 0; d < NQ * DK; d++) qs[d] = alpha * q0[d];
     for (int64_t d = 0; d < NQ * DV; d++) acc[d] = 0.0f;
     for (int64_t start = first, stop; start <= last; start = stop) {
+        if (start >= stored && start < n) {  /* padding past this row's stored keys: unseen, and not there to read */
+            stop = n;
+            continue;
+        }
         stop = start + KEY_BLOCK < last + 1 ? start + KEY_BLOCK : last + 1;
+        if (start < stored && stop > stored) stop = stored;
         if (start < n && stop > n) stop = n;
         int64_t width = stop - start;
         if (block_unseen(NQ, width, mask + start, row_stride)) continue;
@@ -439,12 +450,13 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
 }
 
 /* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header; B is 1 where the keys are
- * read in place, and head kh's stored keys and values start at kh * cached_key_head and kh * cached_value_head).
- * Returns 0, or -1 when its buffers could not be allocated (then those rows of out are not written). */
+ * read in place, head kh's stored keys and values start at kh * cached_key_head and kh * cached_value_head, and the
+ * row holds `stored` of the n stored keys: the rest is padding, never read). Returns 0, or -1 when its buffers could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
     SIZE_PARAMS,
     const float *q, const float *keys_t, const float *values, const float *cached_keys, const float *cached_values,
-    int64_t cached_key_head, int64_t cached_value_head, const float *new_keys, const float *new_values,
+    int64_t cached_key_head, int64_t cached_value_head, int64_t stored, const float *new_keys,
+    const float *new_values,
     META_PARAMS,
     TABLE_PARAMS,
     float alpha, float inv_norm, float *out, int64_t row_begin, int64_t row_end)
@@ -512,11 +524,11 @@ static int hstu_attention_rows(
                 const float *ck = cached_keys + kh * cached_key_head, *cv = cached_values + kh * cached_value_head;
                 const float *nk = new_keys + (b * Hk + kh) * T * dk, *nv = new_values + (b * Hk + kh) * T * dv;
                 if (dk == 16 && dv == 16)
-                    head_rows_direct(16, 16, tile, n, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride, i,
-                                     self_bias, inv_norm, scores, o, H * dv);
+                    head_rows_direct(16, 16, tile, n, stored, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride,
+                                     i, self_bias, inv_norm, scores, o, H * dv);
                 else
-                    head_rows_direct(dk, dv, tile, n, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride, i,
-                                     self_bias, inv_norm, scores, o, H * dv);
+                    head_rows_direct(dk, dv, tile, n, stored, first, last, q0, alpha, ck, cv, nk, nv, bm, mm, stride,
+                                     i, self_bias, inv_norm, scores, o, H * dv);
                 continue;
             }
             const float *kt_head = keys_t + (b * Hk + kh) * dk * S, *v_head = values + (b * Hk + kh) * S * dv;
@@ -762,25 +774,28 @@ static int alloc_row_keys(RowKeys *r, int64_t Hk, int64_t Hm, int64_t S, int64_t
     return -1;
 }
 
-/* Fill r with batch row b's keys: the cached ones (n per head, rows of dk; strides: the forward's key_batch,
- * key_head, value_batch, value_head) transposed, then the new tokens' (T per head), whose position, time and
- * validity are the queries' own (query_pos, query_time, is_history); the keys and values only when with_keys (else
- * the metadata alone). The pointers are those of the whole batch. */
+/* Fill r with batch row b's keys: the cached ones (row: its entry of the forward's table of stored rows; the n -
+ * stored past its own are zeros) transposed, then the new tokens' (T per head), whose position, time and validity
+ * are the queries' own (query_pos, query_time, is_history); the keys and values only when with_keys (else the
+ * metadata alone). The other pointers are those of the whole batch. */
 static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
-                            const float *cached_keys, const float *cached_values, const int64_t *strides,
+                            const int64_t *row,
                             const int64_t *cached_pos, const int64_t *cached_time, const uint8_t *cached_valid,
                             const float *new_keys, const float *new_values, const int64_t *query_pos,
                             const int64_t *query_time, const uint8_t *is_history, int with_keys, RowKeys *r) {
-    int64_t S = n + T;
+    int64_t S = n + T, stored = row[4];
     for (int64_t kh = 0; kh < Hk && with_keys; kh++) {
-        const float *ck = cached_keys + b * strides[0] + kh * strides[1], *nk = new_keys + (b * Hk + kh) * T * dk;
+        const float *ck = stored_rows(row[0]) + kh * row[1], *nk = new_keys + (b * Hk + kh) * T * dk;
         float *kt = r->keys_t + kh * dk * S;
-        for (int64_t j = 0; j < n; j++)
+        for (int64_t j = 0; j < stored; j++)
             for (int64_t d = 0; d < dk; d++) kt[d * S + j] = ck[j * dk + d];
+        for (int64_t j = stored; j < n; j++)
+            for (int64_t d = 0; d < dk; d++) kt[d * S + j] = 0.0f;
         for (int64_t j = 0; j < T; j++)
             for (int64_t d = 0; d < dk; d++) kt[d * S + n + j] = nk[j * dk + d];
         float *v = r->values + kh * S * dv;
-        if (n > 0) memcpy(v, cached_values + b * strides[2] + kh * strides[3], sizeof(float) * (size_t)(n * dv));
+        if (stored > 0) memcpy(v, stored_rows(row[2]) + kh * row[3], sizeof(float) * (size_t)(stored * dv));
+        for (int64_t x = stored * dv; x < n * dv; x++) v[x] = 0.0f;
         memcpy(v + n * dv, new_values + (b * Hk + kh) * T * dv, sizeof(float) * (size_t)(T * dv));
     }
     for (int64_t m = 0; m < Hm; m++) {
@@ -799,13 +814,14 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * thread of an OpenMP team of `threads` (built with -fopenmp, this is the OpenMP runtime PyTorch already loaded,
  * so the kernel's threads are PyTorch's own and do not compete with them); without OpenMP, one range.
  *
- * The forward reads the stored keys and the new tokens' apart, as the model holds them (no joined or transposed
- * copy made by the caller): cached_keys (B, Hk, n, dk) and cached_values (B, Hk, n, dv), whose rows are contiguous
- * but whose heads and batch rows may lie further apart (a stored layer with spare rows): batch row b's head kh
- * starts at b * key_batch + kh * key_head for the keys, b * value_batch + kh * value_head for the values (in
- * floats); cached_pos, cached_time (B, Hm, n) int64 and cached_valid (B, Hm, n) uint8; new_keys (B, Hk, T, dk),
- * new_values (B, Hk, T, dv), and the new keys' metadata is the queries' (query_pos, query_time) with is_history
- * (B, T) uint8 as their validity.
+ * The forward reads the stored keys and the new tokens' apart, as the model holds them (no joined, padded or
+ * transposed copy made by the caller): rows (B, ROW_FIELDS) int64 gives batch row b's stored keys and values where
+ * they are, each user's own tensors (a stored layer with spare rows, or one row of a padded batch): the address of
+ * its keys and their head stride (in floats), the address of its values and their head stride, and how many keys
+ * it holds (at most n; the rest of the n are padding, which cached_valid marks unseen and the kernel never reads);
+ * each head's rows of dk (dv) floats are contiguous. cached_pos, cached_time (B, Hm, n) int64 and cached_valid
+ * (B, Hm, n) uint8; new_keys (B, Hk, T, dk), new_values (B, Hk, T, dv), and the new keys' metadata is the
+ * queries' (query_pos, query_time) with is_history (B, T) uint8 as their validity.
  * Each thread lays out the metadata of one batch row at a time (gather_row_keys), and its keys and values
  * transposed when the row has more than DIRECT_ROWS queries (else they are read in place), and computes that
  * row's queries of its range. The backward reads the joined layout of the header; its thread w accumulates its
@@ -813,8 +829,7 @@ static void gather_row_keys(int64_t b, int64_t Hk, int64_t Hm, int64_t T, int64_
  * thread could not allocate its buffers. */
 int hstu_attention(
     int64_t B, int64_t H, int64_t Hk, int64_t Hm, int64_t T, int64_t n, int64_t dk, int64_t dv,
-    int64_t key_batch, int64_t key_head, int64_t value_batch, int64_t value_head,
-    const float *q, const float *cached_keys, const float *cached_values, const int64_t *cached_pos,
+    const float *q, const int64_t *rows, const int64_t *cached_pos,
     const int64_t *cached_time, const uint8_t *cached_valid, const float *new_keys, const float *new_values,
     const int64_t *query_pos, const int64_t *query_time, const uint8_t *is_history, const float *key_scale,
     TABLE_PARAMS,
@@ -822,7 +837,6 @@ int hstu_attention(
 {
     int failed = 0;
     int64_t S = n + T;
-    const int64_t strides[4] = {key_batch, key_head, value_batch, value_head};
     if (B * T == 0) return 0;  /* no queries */
     (void)threads;  /* read by the pragma only */
     #pragma omp parallel num_threads(threads > 0 ? (int)threads : 1) reduction(| : failed)
@@ -839,13 +853,13 @@ int hstu_attention(
         } else if (begin < end) {
             for (int64_t b = begin / T; b * T < end && !failed; b++) {
                 int64_t first = begin > b * T ? begin - b * T : 0, last = end < (b + 1) * T ? end - b * T : T;
-                gather_row_keys(b, Hk, Hm, T, n, dk, dv, cached_keys, cached_values, strides, cached_pos,
-                                cached_time, cached_valid, new_keys, new_values, query_pos, query_time, is_history,
-                                transpose, &r);
+                const int64_t *row = rows + ROW_FIELDS * b;
+                gather_row_keys(b, Hk, Hm, T, n, dk, dv, row, cached_pos, cached_time, cached_valid, new_keys,
+                                new_values, query_pos, query_time, is_history, transpose, &r);
                 failed |= hstu_attention_rows(
                     1, H, Hk, Hm, T, S, n, dk, dv, q + b * H * T * dk, transpose ? r.keys_t : NULL,
-                    transpose ? r.values : NULL, cached_keys + b * key_batch, cached_values + b * value_batch,
-                    key_head, value_head, new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T,
+                    transpose ? r.values : NULL, stored_rows(row[0]), stored_rows(row[2]), row[1], row[3], row[4],
+                    new_keys + b * Hk * T * dk, new_values + b * Hk * T * dv, query_pos + b * T,
                     query_time + b * T,
                     r.pos, r.time, r.valid, key_scale != NULL ? key_scale + b : NULL, TABLE_ARGS, alpha, inv_norm,
                     out + b * T * H * dv, first, last) != 0;

@@ -23,8 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from malloc.core.state import as_dtype
-from malloc.core.tokens import KVBlock, TokenBatch, concat_keys, group_mean, split_heads, to_query_heads, visibility
+from malloc.core.state import StoredLayer, as_dtype, collate_rows
+from malloc.core.tokens import (
+    KVBlock,
+    KVRows,
+    TokenBatch,
+    as_block,
+    concat_keys,
+    group_mean,
+    split_heads,
+    to_query_heads,
+    visibility,
+)
 from malloc.kernels import hstu as kernel
 from malloc.models.base import AttentionLayer, Dropout, LayerScheme, SequentialRecommender
 from malloc.models.config import ModelConfig
@@ -272,17 +282,30 @@ class HSTULayer(AttentionLayer):
 
     def kernel_applies(self, q: torch.Tensor, tokens: TokenBatch, need_weights: bool) -> bool:
         """Whether :meth:`attend` runs the C kernel (``malloc.kernels.hstu``, forward and backward): no weights
-        asked for, float32 on the CPU, integer times, a mask the kernel applies (:meth:`kernel_window`) and this
-        class's new keys (a scheme that changes :meth:`project` keeps the PyTorch path, unless its new keys follow
-        the tokens: the kernel reads the new keys' positions, times and validity from the tokens), and the kernel
-        built."""
-        return (self.use_kernel and not need_weights and q.device.type == "cpu"
-                and q.dtype == torch.float32 and tokens.timestamps.dtype == torch.int64
-                and self.kernel_window() is not None
+        asked for, float32 on the CPU, integer times, and a layer the kernel serves (:meth:`kernel_layer`)."""
+        return (not need_weights and q.device.type == "cpu" and q.dtype == torch.float32
+                and tokens.timestamps.dtype == torch.int64 and self.kernel_layer())
+
+    def kernel_layer(self) -> bool:
+        """Whether the kernel may run this layer: turned on, a mask it applies (:meth:`kernel_window`), this class's
+        new keys (a scheme that changes :meth:`project` keeps the PyTorch path, unless its new keys follow the
+        tokens: the kernel reads the new keys' positions, times and validity from the tokens), and built."""
+        return (self.use_kernel and self.kernel_window() is not None
                 and (type(self).project is HSTULayer.project or self.new_keys_follow_tokens)
                 and kernel.available())
 
-    def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | None, new: KVBlock,
+    def collate(self, stored: list[StoredLayer], dtype: torch.dtype) -> KVBlock | KVRows:
+        """Several users' stored layers as :class:`KVRows` (each read where its state keeps it, no padded copy)
+        where this class's :meth:`attend` may run the kernel on float32 CPU keys; one padded block otherwise (and
+        for one user, whose block is a view)."""
+        if (len(stored) > 1 and dtype == torch.float32 and type(self).attend is HSTULayer.attend
+                and self.uvqk.weight.device.type == "cpu" and self.kernel_layer()):
+            rows = collate_rows(stored, dtype)
+            if rows is not None:
+                return rows
+        return super().collate(stored, dtype)
+
+    def attend(self, q: torch.Tensor, tokens: TokenBatch, cache: KVBlock | KVRows | None, new: KVBlock,
                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries ``(B, H, T, d_k)`` over ``[cache; new]`` -> ``(B, T, H d_v)`` and weights per stored head.
 
@@ -295,13 +318,14 @@ class HSTULayer(AttentionLayer):
         if self.kernel_applies(q, tokens, need_weights):
             window, num_globals = self.kernel_window() or (-1, 0)
             scale = None if cache is None or cache.scale is None else cache.scale.reshape(batch)
-            if cache is not None and cache.keys.dtype != q.dtype:
+            if isinstance(cache, KVBlock) and cache.keys.dtype != q.dtype:
                 cache = replace(cache, keys=cache.keys.to(q.dtype), values=cache.values.to(q.dtype))
             attended = kernel.pointwise_attention(
                 q, as_dtype(new.keys, q.dtype), as_dtype(new.values, q.dtype), tokens.positions, tokens.timestamps,
                 tokens.is_history, self.bias.tables(), self.alpha, self.normaliser, cached=cache, key_scale=scale,
                 window=window, num_globals=num_globals)
             return attended.view(batch, length, -1), None
+        cache = as_block(cache)
         keys = concat_keys(cache, new)
         visible = self.visible(tokens, cache, keys)
         k, v = (to_query_heads(x.to(q.dtype), self.heads) for x in (keys.keys, keys.values))

@@ -120,7 +120,7 @@ class Engine:
             return blocks
         return [replace(block, scale=torch.tensor(
             [[s.next_position / max(s.layers[index].num_tokens, 1)] for s in states], dtype=dtype,
-            device=block.keys.device)) for index, block in enumerate(blocks)]
+            device=self.device)) for index, block in enumerate(blocks)]
 
     # -- requests ---------------------------------------------------------------------------------------------
     @torch.no_grad()
