@@ -63,9 +63,8 @@ class StoredRows(Protocol):
     valid: torch.Tensor
 
 
-# the fields of a batch row in the C forward's table of stored rows: keys' address and head stride (floats),
-# values' address and head stride, stored keys
-ROW_FIELDS = 5
+# a batch row's entry in the C forward's table of stored rows is (keys' address, their head stride in floats,
+# values' address, their head stride, stored keys); addresses are in bytes
 _FLOAT_BYTES = 4
 
 
@@ -142,8 +141,9 @@ def pointwise_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: tor
                          query_pos.new_empty(batch, 1, 0), query_time.new_empty(batch, 1, 0),
                          is_history.new_empty(batch, 1, 0))
     row_keys = getattr(cached, "row_keys", None)
-    rows, held = None, None
+    rows = None
     if row_keys is not None:  # each row where it is: a table of addresses, and a (B, Hk, n, d) shape for the op
+        # the rows as the C code reads them, held (with any copy made here) until the call returns
         held = [(_rows_readable(k), _rows_readable(v)) for k, v in zip(row_keys, cached.row_values, strict=True)]
         _check_rows(held, q.shape[0], new_keys, new_values, cached.positions.shape[-1])
         rows = torch.tensor([[k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k.shape[1]] for k, v in held],

@@ -451,7 +451,8 @@ static void fill_row(int64_t S, int64_t n, const int64_t *kp, const int64_t *kt,
 
 /* The outputs of the (b, i) rows in [row_begin, row_end) (arguments as in the header; B is 1 where the keys are
  * read in place, head kh's stored keys and values start at kh * cached_key_head and kh * cached_value_head, and the
- * row holds `stored` of the n stored keys: the rest is padding, never read). Returns 0, or -1 when its buffers could not be allocated (then those rows of out are not written). */
+ * row holds `stored` of the n stored keys: the rest is padding, never read). Returns 0, or -1 when its buffers
+ * could not be allocated (then those rows of out are not written). */
 static int hstu_attention_rows(
     SIZE_PARAMS,
     const float *q, const float *keys_t, const float *values, const float *cached_keys, const float *cached_values,
