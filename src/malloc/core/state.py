@@ -246,13 +246,11 @@ def collate_layers(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVB
                        as_dtype(_stack([v.values for v in views]), compute_dtype),
                        _stack([v.positions for v in views]), _stack([v.timestamps for v in views]),
                        torch.ones(batch, sel, n_max, dtype=torch.bool, device=device))
-    lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
     keys = as_dtype(_padded([v.keys for v in views]), compute_dtype)
     values = as_dtype(_padded([v.values for v in views]), compute_dtype)
     positions = _padded([v.positions.expand(sel, -1) for v in views])
     timestamps = _padded([v.timestamps.expand(sel, -1) for v in views])
-    valid = (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :].expand(-1, sel, -1)
-    return KVBlock(keys, values, positions, timestamps, valid)
+    return KVBlock(keys, values, positions, timestamps, _valid(views, n_max).expand(-1, sel, -1))
 
 
 def collate_rows(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVRows | None:
@@ -262,12 +260,17 @@ def collate_rows(stored: list[StoredLayer], compute_dtype: torch.dtype) -> KVRow
     views = [layer.read() for layer in stored]
     if any(v.positions.shape[0] != 1 for v in views):
         return None
-    n_max, device = max(v.keys.shape[1] for v in views), views[0].keys.device
-    lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
     return KVRows(tuple(as_dtype(v.keys, compute_dtype) for v in views),
                   tuple(as_dtype(v.values, compute_dtype) for v in views),
                   _padded([v.positions for v in views]), _padded([v.timestamps for v in views]),
-                  (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :])
+                  _valid(views, max(v.keys.shape[1] for v in views)))
+
+
+def _valid(views: list[LayerView], n_max: int) -> torch.Tensor:
+    """``(B, 1, n_max)`` bool: which of ``n_max`` padded positions hold one of each view's events."""
+    device = views[0].keys.device
+    lengths = torch.tensor([v.keys.shape[1] for v in views], device=device)
+    return (torch.arange(n_max, device=device)[None, :] < lengths[:, None])[:, None, :]
 
 
 def _padded(tensors: list[torch.Tensor]) -> torch.Tensor:

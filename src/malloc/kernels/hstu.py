@@ -1,9 +1,10 @@
 """HSTU's pointwise attention as one compiled CPU kernel, forward and backward, float32: ``hstu_attention.c``.
 
 It computes the outputs of ``malloc.models.hstu.hstu_attention`` with its default mask (a key is seen when it is
-valid and earlier, and each query sees itself) and its relative bias, reading every ``(query, key)`` pair once: no
-``(T, S)`` bias, mask or score tensor exists. Its gradients recompute the scores. The reference stays the oracle
-(tests/test_kernels.py) and the path for other dtypes, other masks, attention weights and GPUs.
+valid and earlier, and each query sees itself; optionally within Longformer's sliding window) and its relative
+bias, reading every ``(query, key)`` pair once: no ``(T, S)`` bias, mask or score tensor exists. Its gradients
+recompute the scores. The reference stays the oracle (tests/test_kernels.py) and the path for other dtypes, other
+masks, attention weights and GPUs.
 """
 
 from __future__ import annotations
